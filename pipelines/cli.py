@@ -1,0 +1,163 @@
+"""The ``ptune`` command.
+
+    ptune stage <name> ...   one DVC stage (dvc.yaml calls these; paths come from there)
+    ptune register           after `dvc repro`: commit, GTO version + stages, dvc push (gate permitting)
+    ptune registry           registered versions, their stages and key metrics
+    ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
+
+Errors a user can fix (bad params, bad input, failed validation) are printed as one
+readable message and exit 1; there is no traceback for them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from pipelines.common import StageError, setup_logging, write_json
+from pipelines.config import ConfigError, load_params
+
+log = logging.getLogger("ptune")
+
+
+def _write_metrics(path: str | None, stats) -> None:
+    if path:
+        write_json(Path(path), asdict(stats) if is_dataclass(stats) else stats)
+
+
+def _stage(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    from pipelines.tasks import get_task
+
+    task = get_task(params.task.name)
+    name = args.stage
+    if name == "base_model":
+        from pipelines import base_model
+        stats = base_model.run(params.base_model, Path(args.out))
+    elif name == "collect":
+        from pipelines import collect
+        stats = collect.run(params.collect, task, Path("."), Path(args.out))
+    elif name == "clean":
+        from pipelines import clean
+        stats = clean.run(params.clean, task, Path(args.raw), Path(args.out))
+    elif name == "tokenize":
+        from pipelines import tokenize
+        stats = tokenize.run(params.tokenize, task, Path(args.clean), Path(args.base), Path(args.out))
+    elif name == "tune":
+        from pipelines import tune
+        stats = tune.run(params.tune, Path(args.shards), Path(args.base), Path(args.out), Path(args.live))
+    elif name == "evaluate":
+        from pipelines import evaluate
+        stats = evaluate.run(params.evaluate, task, Path(args.clean), Path(args.base),
+                             Path(args.adapter), Path(args.out))
+    elif name == "register":
+        from pipelines import registry
+        stats = registry.run(params.register, Path(args.metrics), Path(args.out), Path("."))
+    else:  # argparse restricts the choices; this is a programming error
+        raise AssertionError(name)
+    _write_metrics(getattr(args, "stats", None), stats)
+
+
+def _register(args: argparse.Namespace) -> None:
+    from pipelines import registry
+
+    params = load_params(args.params)
+    result = registry.register(Path("."), params.register, Path(args.gate), Path(args.metrics))
+    print(result.message)
+
+
+def _registry(args: argparse.Namespace) -> None:
+    from pipelines import registry
+
+    params = load_params(args.params)
+    versions = registry.list_versions(Path("."), params.register.artifact)
+    if not versions:
+        print(f"no registered versions of {params.register.artifact} yet (run `make run`)")
+        return
+    print(f"{params.register.artifact}: {len(versions)} version(s), newest first")
+    for v in versions:
+        print("  " + registry.format_version(v))
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from flows.retrain import retrain
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-S {item!r}: expected key=value, e.g. -S tune.method=prompt")
+        overrides[key] = value
+    retrain(repo=str(Path(".").resolve()), params_overrides=overrides or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("stage", help="run one pipeline stage (as dvc.yaml does)")
+    stages = st.add_subparsers(dest="stage", required=True)
+    s = stages.add_parser("base_model")
+    s.add_argument("--out", required=True)
+    s.add_argument("--stats")
+    s = stages.add_parser("collect")
+    s.add_argument("--out", required=True)
+    s.add_argument("--stats")
+    s = stages.add_parser("clean")
+    s.add_argument("--raw", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--stats")
+    s = stages.add_parser("tokenize")
+    s.add_argument("--clean", required=True)
+    s.add_argument("--base", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--stats")
+    s = stages.add_parser("tune")
+    s.add_argument("--shards", required=True)
+    s.add_argument("--base", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--live", required=True, help="DVCLive directory (metrics and plots)")
+    s.add_argument("--stats")
+    s = stages.add_parser("evaluate")
+    s.add_argument("--clean", required=True)
+    s.add_argument("--base", required=True)
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--out", required=True)
+    s = stages.add_parser("register", help="the promotion gate's decision (the DVC stage)")
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--out", required=True)
+    st.set_defaults(func=_stage)
+
+    r = sub.add_parser("register", help="after dvc repro: commit, version with GTO, push (if the gate passed)")
+    r.add_argument("--gate", default="data/eval/gate.json")
+    r.add_argument("--metrics", default="data/eval/metrics.json")
+    r.set_defaults(func=_register)
+
+    sub.add_parser("registry", help="list registered versions").set_defaults(func=_registry)
+
+    t = sub.add_parser("retrain", help="run the Prefect retrain flow (PREFECT_API_URL or ephemeral)")
+    t.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="override a parameter for this run, like `dvc exp run -S`")
+    t.set_defaults(func=_retrain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except (StageError, ConfigError) as exc:
+        where = f"ptune {args.command}" + (f" {args.stage}" if args.command == "stage" else "")
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
