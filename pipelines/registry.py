@@ -23,8 +23,10 @@ from pipelines.config import RegisterConfig
 log = logging.getLogger(__name__)
 
 METRICS = "data/eval/metrics.json"
+# What the commit of a version holds besides code: the lock (every output's hash) and
+# the small outputs DVC leaves to git (cache: false): metrics, plots, validation results.
 COMMITTED = ["dvc.lock", "params.yaml", "data/eval/metrics.json", "data/eval/gate.json",
-             "data/metrics", "data/tune_live/metrics.json"]
+             "data/eval/scores.csv", "data/eval/validation.json", "data/metrics", "data/tune_live"]
 
 
 @dataclass

@@ -87,6 +87,36 @@ def build_peft_config(cfg: TuneConfig, base_dir: Path):
                                encoder_hidden_size=cfg.encoder_hidden_size)
 
 
+def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eval: bool,
+                       device: str, dtype: torch.dtype):
+    """The Trainer's arguments for ``cfg``: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=round(est_steps * cfg.warmup_ratio),
+        lr_scheduler_type=cfg.lr_scheduler,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=max(1, min(10, est_steps // 4)),  # a loss curve even for tiny runs
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
 class PadCollator:
     """Right-pads a batch to its longest example; padded positions carry no loss."""
 
@@ -109,7 +139,7 @@ class PadCollator:
 def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) -> TuneStats:
     from dvclive import Live
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
     from transformers.integrations import DVCLiveCallback
 
     if cfg.num_threads:
@@ -142,29 +172,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     est_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         len(train) / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
     with tempfile.TemporaryDirectory(prefix="ptune-trainer-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=round(est_steps * cfg.warmup_ratio),
-            lr_scheduler_type=cfg.lr_scheduler,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            logging_steps=max(1, min(10, est_steps // 4)),  # a loss curve even for tiny runs
-            eval_strategy="epoch" if evalset is not None else "no",
-            save_strategy="no",
-            report_to=[],
-            seed=cfg.seed,
-            bf16=device == "cuda" and dtype == torch.bfloat16,
-            fp16=device == "cuda" and dtype == torch.float16,
-            use_cpu=device == "cpu",
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            disable_tqdm=False,
-        )
+        args = training_arguments(cfg, scratch, est_steps, evalset is not None, device, dtype)
         live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False)
         trainer = Trainer(model=model, args=args, train_dataset=train.remove_columns(["id"]),
                           eval_dataset=evalset.remove_columns(["id"]) if evalset is not None else None,
