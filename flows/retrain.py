@@ -8,7 +8,9 @@ workspace lock so two runs never drive DVC in one repository at once.
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -71,7 +73,10 @@ def run_stage(repo: str, stage: str) -> dict | None:
         out = root / VALIDATION[stage]
         failed_report = out.parent / f"{out.name}.validation-failed.json"
         failed_report.unlink(missing_ok=True)
-    proc = subprocess.Popen([tool("dvc"), "repro", "--single-item", stage], cwd=root,
+    # The stage commands (`ptune stage ...`) live beside this interpreter; a worker's
+    # PATH need not include the project's environment.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([tool("dvc"), "repro", "--single-item", stage], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: deque[str] = deque(maxlen=30)
     for line in proc.stdout:
