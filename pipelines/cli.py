@@ -71,14 +71,14 @@ def _register(args: argparse.Namespace) -> None:
 def _registry(args: argparse.Namespace) -> None:
     from pipelines import registry
 
-    params = load_params(args.params)
-    versions = registry.list_versions(Path("."), params.register.artifact)
-    if not versions:
-        print(f"no registered versions of {params.register.artifact} yet (run `make run`)")
-        return
-    print(f"{params.register.artifact}: {len(versions)} version(s), newest first")
-    for v in versions:
-        print("  " + registry.format_version(v))
+    artifacts = registry.artifacts(Path("."))
+    if not artifacts:
+        print("no registered versions yet (`make run` registers the first)")
+    for artifact in artifacts:
+        versions = registry.list_versions(Path("."), artifact)
+        print(f"{artifact}: {len(versions)} version(s), newest first")
+        for v in versions:
+            print("  " + registry.format_version(v))
 
 
 def _retrain(args: argparse.Namespace) -> None:

@@ -85,3 +85,5 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request / tokenizer choice
+        logging.getLogger(noisy).setLevel(logging.WARNING)

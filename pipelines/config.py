@@ -98,7 +98,6 @@ class EvaluateConfig(_Section):
 
 
 class RegisterConfig(_Section):
-    artifact: str
     min_margin_over_zero_shot: float = Field(ge=0)
     prod_tolerance: float = Field(ge=0)
     remote: str | None = None

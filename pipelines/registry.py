@@ -23,6 +23,7 @@ from pipelines.config import RegisterConfig
 log = logging.getLogger(__name__)
 
 METRICS = "data/eval/metrics.json"
+ADAPTER = "data/models/adapter"
 # What the commit of a version holds besides code: the lock (every output's hash) and
 # the small outputs DVC leaves to git (cache: false): metrics, plots, validation results.
 COMMITTED = ["dvc.lock", "params.yaml", "data/eval/metrics.json", "data/eval/gate.json",
@@ -65,6 +66,19 @@ def _gto_json(repo: Path, *args: str):
     if proc.returncode != 0:
         return None  # no such artifact or stage yet
     return json.loads(proc.stdout or "null")
+
+
+def artifact_name(repo: Path) -> str:
+    """The dvc.yaml ``artifacts:`` entry of the adapter, resolved for the current params."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        found = [name for artifacts in dvc_repo.artifacts.read().values()
+                 for name, a in artifacts.items() if a.path.rstrip("/") == ADAPTER]
+    if len(found) != 1:
+        raise StageError(f"dvc.yaml: expected one entry under `artifacts:` with path {ADAPTER}, "
+                         f"found {found or 'none'}")
+    return found[0]
 
 
 def prod_version(repo: Path, artifact: str) -> dict | None:
@@ -110,11 +124,9 @@ def gate(cfg: RegisterConfig, metrics: dict, prod: dict | None) -> dict:
 def run(cfg: RegisterConfig, metrics_path: Path, out: Path, repo: Path) -> dict:
     """The DVC ``register`` stage: record the gate's decision (a refusal is not an error)."""
     metrics = read_json(metrics_path)
-    prod = prod_version(repo, cfg.artifact)
+    prod = prod_version(repo, artifact_name(repo))
     if prod:
         prod["metrics"] = metrics_at(repo, prod["commit"])
-        if prod["metrics"] and prod["metrics"].get("task") != metrics["task"]:
-            prod["metrics"] = None  # another task's scores are no yardstick
     decision = gate(cfg, metrics, prod)
     write_json(out, decision)
     for reason in decision["reasons"]:
@@ -137,32 +149,38 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
                          "Run `dvc repro` to completion before registering.")
     metrics = read_json(repo / metrics_path)
     key = metrics["primary_metric"]
+    artifact = artifact_name(repo)
     paths = [p for p in COMMITTED if (repo / p).exists()]
     _git(repo, "add", "--", *paths)
     if _git(repo, "diff", "--cached", "--quiet", check=False).returncode != 0:
         _git(repo, "commit", "-q", "-m",
-             f"ptune: {cfg.artifact} candidate — {metrics['task']}/{metrics['method']} "
+             f"ptune: {artifact} candidate — {metrics['task']}/{metrics['method']} "
              f"{key} {metrics['tuned'][key]:.2f} (zero-shot {metrics['zero_shot'][key]:.2f})")
     commit = _git(repo, "rev-parse", "HEAD").stdout.strip()
 
-    existing = _gto_json(repo, cfg.artifact) or []
+    existing = _gto_json(repo, artifact) or []
     same = [v for v in existing if v["commit_hexsha"] == commit]
     if same:
         version = same[0]["version"]  # this commit is already a version: only (re)assign stages
     else:
         bump = ["--bump-minor"] if existing else []  # GTO refuses to bump the very first version
-        _run(repo, tool("gto"), "register", cfg.artifact, commit, *bump, "-m",
+        _run(repo, tool("gto"), "register", artifact, commit, *bump, "-m",
              f"{metrics['task']}/{metrics['method']}: {key} {metrics['tuned'][key]:.2f}")
-        version = _gto_json(repo, cfg.artifact)[0]["version"]
+        version = _gto_json(repo, artifact)[0]["version"]
     for stage in ("staging", "prod"):
-        _run(repo, tool("gto"), "assign", cfg.artifact, "--version", version, "--stage", stage,
+        _run(repo, tool("gto"), "assign", artifact, "--version", version, "--stage", stage,
              "-m", f"gate passed: {'; '.join(decision['reasons'])}")
     push = [tool("dvc"), "push", "-q"] + (["-r", cfg.remote] if cfg.remote else [])
     _run(repo, *push)
     return RegistrationResult(
-        True, f"registered {cfg.artifact} {version} (commit {commit[:10]}) in staging and prod; "
+        True, f"registered {artifact} {version} (commit {commit[:10]}) in staging and prod; "
               f"{key} {metrics['tuned'][key]:.2f} vs zero-shot {metrics['zero_shot'][key]:.2f}; "
               "data pushed to the DVC remote", version, commit, ["staging", "prod"], True)
+
+
+def artifacts(repo: Path) -> list[str]:
+    """Every artifact with at least one registered version (one per task)."""
+    return sorted((_gto_json(repo) or {}).keys())
 
 
 def list_versions(repo: Path, artifact: str) -> list[dict]:

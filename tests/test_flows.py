@@ -32,7 +32,7 @@ def test_retrain_runs_every_stage_publishes_and_registers(tmp_path, monkeypatch)
                                       "register.min_margin_over_zero_shot": 0.0})
     monkeypatch.setenv("PYTHONPATH", str(project))
     result = retrain(repo=str(project), params_overrides={"tune.learning_rate": "2e-3"})
-    assert result["registration"].startswith("registered ptune-adapter v0.0.1")
+    assert result["registration"].startswith("registered e2e-adapter v0.0.1")
     assert "tune.learning_rate" not in (project / "params.yaml").read_text()  # nested, not flat
     assert "learning_rate: 0.002" in (project / "params.yaml").read_text()
     status = run(project, "dvc", "status", "--json")

@@ -47,20 +47,20 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
     again = run(project, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
     out = run(project, "ptune", "register").stdout
-    assert "registered ptune-adapter v0.0.1" in out
+    assert "registered e2e-adapter v0.0.1" in out
     assert any(p.is_file() for p in (project / "dvc-remote").rglob("*")), "dvc push put nothing in the remote"
     committed = git(project, "show", "--stat", "--format=%s", "HEAD")
     assert "dvc.lock" in committed and "data/eval/metrics.json" in committed
-    assert "ptune-adapter#prod" in git(project, "tag", "-l")
+    assert "e2e-adapter#prod" in git(project, "tag", "-l")
 
     # A changed parameter makes a new candidate, judged against prod and versioned up.
     update_params(project, {"tune.seed": 1})
     run(project, "dvc", "repro")
     gate = json.loads((project / "data/eval/gate.json").read_text())
     assert gate["prod"]["version"] == "v0.0.1"
-    assert "registered ptune-adapter v0.1.0" in run(project, "ptune", "register").stdout
+    assert "registered e2e-adapter v0.1.0" in run(project, "ptune", "register").stdout
     listing = run(project, "ptune", "registry").stdout
-    assert "ptune-adapter: 2 version(s)" in listing
+    assert "e2e-adapter: 2 version(s)" in listing
     assert listing.splitlines()[1].split()[:2] == ["v0.1.0", "prod,staging"]
 
 

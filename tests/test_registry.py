@@ -3,7 +3,7 @@ import pytest
 from pipelines.config import RegisterConfig
 from pipelines.registry import gate
 
-CFG = RegisterConfig(artifact="ptune-adapter", min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
+CFG = RegisterConfig(min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
 
 
 def metrics(tuned, zero, task="e2e"):
