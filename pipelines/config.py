@@ -95,6 +95,7 @@ class EvaluateConfig(_Section):
     num_beams: int = Field(default=1, gt=0)
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = Field(default=0, ge=0)
+    min_nonempty_fraction: float = Field(default=0.95, gt=0, le=1)
 
 
 class RegisterConfig(_Section):

@@ -208,7 +208,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
                        "prediction_chars": [len(p["prediction"]) for p in tuned_rows],
                        "score": [p["score"] for p in tuned_rows]})
     try:
-        validate("predictions", df, {"expected_rows": len(rows)},
+        validate("predictions", df, {"expected_rows": len(rows), "min_nonempty_fraction": cfg.min_nonempty_fraction},
                  out / "validation.json")
     except StageError:
         (out / "predictions.jsonl").unlink()  # nothing downstream may read a failed evaluation

@@ -1,31 +1,38 @@
 """Great Expectations validation of every stage's output.
 
-The suites live in git as JSON in a GX 1.x file context (``gx/expectations/<suite>.json``)
-and are read-only at run time; values that depend on params (``max_length``,
-``min_chars`` ...) are GX suite parameters (``{"$PARAMETER": "max_length"}``) supplied
-by the stage. A stage calls ``validate`` on a DataFrame it derives from its output;
-the summary is always written next to the output, and a failure raises
-``ValidationFailed`` whose message says which expectation failed on which column,
-with the observed or unexpected values.
+The suites live in git as JSON in a GX 1.x file context (``gx/expectations/<suite>.json``).
+Each suite has a dataframe asset of the same name with a whole-dataframe batch
+definition ``whole`` under the pandas data source ``ptune`` in ``gx/great_expectations.yml``
+(``python -m pipelines.validation declare <suite>`` adds one). Values that depend on
+params (``max_length``, ``min_chars`` ...) are GX suite parameters
+(``{"$PARAMETER": "max_length"}``) supplied by the stage.
+
+Nothing under ``gx/`` is written at run time: the validation definition of a run and
+GX's own copy of its result live in in-memory stores (see the yml), so concurrent
+stages and test copies cannot race on files, and git sees no churn. The record of a
+run is the summary that ``validate`` writes next to the stage's output.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import logging
-import os
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from pipelines.common import StageError
+from pipelines.common import StageError, write_json
 
 log = logging.getLogger(__name__)
-# GX logs its own import-time bookkeeping at INFO; a stage's log should show the verdict.
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
-GX_ROOT = Path(__file__).resolve().parents[1]  # the project root holds gx/
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GX_DIR = PROJECT_ROOT / "gx"
+DATA_SOURCE = "ptune"
+BATCH = "whole"
+SAMPLE = 5  # unexpected values kept per failure: enough to recognise the fault, short enough to read
 
 
 @dataclass
@@ -35,6 +42,9 @@ class ValidationSummary:
     evaluated: int
     successful: int
     rows: int
+    # Each: expectation, column, kwargs (parameters resolved), observed_value, unexpected_count,
+    # unexpected_sample, missing (columns), error (GX could not evaluate it, e.g. no such column),
+    # and observed: those in one readable phrase.
     failures: list[dict] = field(default_factory=list)
 
     def to_markdown(self) -> str:
@@ -42,9 +52,10 @@ class ValidationSummary:
                 f"{self.successful}/{self.evaluated} expectations met on {self.rows} rows.\n")
         if not self.failures:
             return head
-        lines = ["", "| expectation | column | observed / unexpected |", "|---|---|---|"]
+        lines = ["", "| expectation | column | arguments | observed / unexpected |", "|---|---|---|---|"]
         for f in self.failures:
-            lines.append(f"| {f['expectation']} | {f.get('column') or ''} | {f['observed']} |")
+            cells = [f["expectation"], f.get("column") or "", _kwargs_text(f["kwargs"]), f["observed"]]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return head + "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -53,8 +64,9 @@ class ValidationSummary:
         parts = [f"validation failed: suite {self.suite!r}, {self.evaluated - self.successful} of "
                  f"{self.evaluated} expectations unmet on {self.rows} rows:"]
         for f in self.failures:
-            col = f" column {f['column']!r}" if f.get("column") else ""
-            parts.append(f"  - {f['expectation']}{col} {f['kwargs']}: {f['observed']}")
+            col = f" on column {f['column']!r}" if f.get("column") else ""
+            args = f" ({_kwargs_text(f['kwargs'])})" if f["kwargs"] else ""
+            parts.append(f"  - {f['expectation']}{col}{args}: {f['observed']}")
         return "\n".join(parts)
 
 
@@ -64,58 +76,153 @@ class ValidationFailed(StageError):
         self.summary = summary
 
 
-@lru_cache(maxsize=1)
-def _context():
-    import great_expectations as gx
-
-    return gx.get_context(mode="file", project_root_dir=str(GX_ROOT))
+def _kwargs_text(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _observed(result: dict) -> str:
-    if result.get("observed_value") is not None:
-        return f"observed {result['observed_value']!r}"
-    if result.get("unexpected_count"):
-        sample = result.get("partial_unexpected_list") or []
-        return f"{result['unexpected_count']} unexpected, e.g. {sample[:5]!r}"
+def _observed_text(f: dict) -> str:
+    if f.get("error"):
+        return f"could not be evaluated: {f['error']}"
+    if f.get("unexpected_count"):
+        return f"{f['unexpected_count']} unexpected, e.g. {f['unexpected_sample']!r}"
+    if f.get("missing"):
+        return f"missing {f['missing']!r}"
+    if f.get("observed_value") is not None:
+        return f"observed {f['observed_value']!r}"
     return "not met"
 
 
-def validate(suite: str, df: pd.DataFrame, parameters: dict, result_path: Path) -> ValidationSummary:
-    """Validate ``df`` with ``gx/expectations/<suite>.json``; write the summary; raise on failure."""
-    ctx = _context()
+@lru_cache(maxsize=1)
+def _context():
+    if not (GX_DIR / "great_expectations.yml").is_file():
+        # get_context would scaffold a fresh, empty project here instead of failing.
+        raise StageError(f"{GX_DIR}/great_expectations.yml is missing: the GX project must be "
+                         f"checked out with the code")
+    gx_log = logging.getLogger("great_expectations")
+    if gx_log.level == logging.NOTSET:  # GX reports its bookkeeping at INFO; a stage's log wants the verdict
+        gx_log.setLevel(logging.WARNING)
+    import great_expectations as gx
+
+    return gx.get_context(mode="file", project_root_dir=str(PROJECT_ROOT))
+
+
+def _definition(ctx, suite: str):
+    """The run's ValidationDefinition, kept in the in-memory store for later calls."""
+    import great_expectations as gx
+    from great_expectations.exceptions import DataContextError
+
+    try:
+        return ctx.validation_definitions.get(suite)
+    except DataContextError:
+        pass
     try:
         expectations = ctx.suites.get(suite)
-    except Exception as exc:  # GX raises its own not-found types
-        raise StageError(f"gx/expectations/{suite}.json: cannot load suite {suite!r}: {exc}") from None
-    try:  # declared in gx/great_expectations.yml: nothing is written to the context at run time
-        batch_def = ctx.data_sources.get("ptune").get_asset(suite).get_batch_definition("whole")
-    except Exception as exc:
-        raise StageError(f"gx/great_expectations.yml: no dataframe asset {suite!r} with batch "
-                         f"definition 'whole' in data source 'ptune': {exc}") from None
-    batch = batch_def.get_batch(batch_parameters={"dataframe": df})
-    result = batch.validate(expectations, expectation_parameters=parameters)
+    except DataContextError:
+        known = sorted(p.stem for p in (GX_DIR / "expectations").glob("*.json"))
+        raise StageError(f"gx/expectations/{suite}.json: no suite {suite!r} (known: {known})") from None
+    try:
+        batch_def = ctx.data_sources.get(DATA_SOURCE).get_asset(suite).get_batch_definition(BATCH)
+    except (LookupError, ValueError) as exc:
+        raise StageError(f"gx/great_expectations.yml: suite {suite!r} has no dataframe asset {suite!r} with "
+                         f"batch definition {BATCH!r} in data source {DATA_SOURCE!r} ({exc}); add it with "
+                         f"`python -m pipelines.validation declare {suite}`") from None
+    return ctx.validation_definitions.add(gx.ValidationDefinition(name=suite, data=batch_def, suite=expectations))
 
-    failures = []
-    for r in result.results:
-        if r.success:
-            continue
-        kwargs = {k: v for k, v in r.expectation_config.kwargs.items() if k not in ("column", "batch_id")}
-        info = r.exception_info or {}
-        failures.append({"expectation": r.expectation_config.type,
-                         "column": r.expectation_config.kwargs.get("column"),
-                         "kwargs": json.loads(json.dumps(kwargs, default=str)),
-                         "observed": f"error: {info.get('exception_message')}"
-                         if info.get("raised_exception") else _observed(r.result or {})})
-    summary = ValidationSummary(suite=suite, success=bool(result.success),
-                                evaluated=len(result.results),
-                                successful=sum(1 for r in result.results if r.success),
-                                rows=len(df), failures=failures)
-    result_path = Path(result_path)
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps({**asdict(summary), "parameters": parameters}, indent=2, default=str) + "\n")
-    os.replace(tmp, result_path)
+
+def _parameter_names(definition) -> set[str]:
+    """Names used as ``{"$PARAMETER": name}`` in the suite (plain names; no GX expressions)."""
+    return {v["$PARAMETER"] for e in definition.suite.expectations
+            for v in e.configuration.kwargs.values() if isinstance(v, dict) and "$PARAMETER" in v}
+
+
+def _failure(r) -> dict:
+    data = r.to_json_dict()  # plain JSON types: numpy scalars and NaN converted
+    kwargs = data["expectation_config"]["kwargs"]  # suite parameters already substituted
+    result = data["result"] or {}
+    columns = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+    failure = {"expectation": data["expectation_config"]["type"],
+               "column": ", ".join(columns) or None,
+               "kwargs": {k: v for k, v in kwargs.items() if k not in ("column", "column_A", "column_B", "batch_id")},
+               "observed_value": result.get("observed_value"),
+               "unexpected_count": result.get("unexpected_count"),
+               "unexpected_sample": (result.get("partial_unexpected_list") or [])[:SAMPLE],
+               # column-set expectations: the required columns the frame lacks
+               "missing": ((result.get("details") or {}).get("mismatched") or {}).get("missing"),
+               "error": _error(r.exception_info or {})}
+    return {**failure, "observed": _observed_text(failure)}
+
+
+def _error(info: dict) -> str | None:
+    """GX's message for an expectation it could not evaluate, else None.
+
+    ``exception_info`` is flat for an expectation-level error and keyed by metric for a
+    metric that raised (a missing column, a type the metric cannot compare).
+    """
+    entries = [info] if "raised_exception" in info else info.values()
+    return next((e["exception_message"] for e in entries if isinstance(e, dict) and e.get("exception_message")),
+                None)
+
+
+def validate(suite: str, df: pd.DataFrame, parameters: dict[str, Any], result_path: Path) -> ValidationSummary:
+    """Validate ``df`` with ``gx/expectations/<suite>.json`` and its suite ``parameters``.
+
+    Writes the summary (with the parameters) to ``result_path`` in every case, then
+    raises ``ValidationFailed`` if any expectation is unmet.
+    """
+    from great_expectations.compatibility.pydantic import ValidationError
+    from great_expectations.exceptions import SuiteParameterError
+
+    ctx = _context()
+    definition = _definition(ctx, suite)
+    needed = _parameter_names(definition)
+    if needed != set(parameters):
+        raise StageError(f"validate({suite!r}): gx/expectations/{suite}.json takes parameters {sorted(needed)}, "
+                         f"got {sorted(parameters)}; pass exactly the suite's parameters")
+    try:
+        result = definition.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters,
+                                result_format="SUMMARY")
+    except (SuiteParameterError, ValidationError) as exc:
+        raise StageError(f"validate({suite!r}): GX rejected parameters {parameters}: {exc}") from None
+
+    summary = ValidationSummary(suite=suite, success=bool(result.success), evaluated=len(result.results),
+                                successful=sum(1 for r in result.results if r.success), rows=len(df),
+                                failures=[_failure(r) for r in result.results if not r.success])
+    write_json(Path(result_path), {**asdict(summary), "parameters": parameters})
     if not summary.success:
         raise ValidationFailed(summary)
     log.info("%s", summary)
     return summary
+
+
+def declare(suite: str) -> None:
+    """Add the dataframe asset and batch definition a new suite needs to gx/great_expectations.yml.
+
+    A one-off when a suite is added, not a run-time step: GX rewrites the yml.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", suite):
+        raise StageError(f"suite name {suite!r}: use lower-case letters, digits and '_'")
+    from great_expectations.exceptions import DataContextError
+
+    ctx = _context()
+    try:
+        ctx.suites.get(suite)
+    except DataContextError:
+        raise StageError(f"gx/expectations/{suite}.json: write the suite before declaring it") from None
+    source = ctx.data_sources.get(DATA_SOURCE)
+    asset = (source.get_asset(suite) if suite in {a.name for a in source.assets}
+             else source.add_dataframe_asset(suite))
+    if BATCH not in {b.name for b in asset.batch_definitions}:
+        asset.add_batch_definition_whole_dataframe(BATCH)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.validation", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("declare", help="add the asset a new suite in gx/expectations needs").add_argument("suite")
+    args = parser.parse_args(argv)
+    declare(args.suite)
+    print(f"gx/great_expectations.yml: asset {args.suite!r} with batch definition {BATCH!r}")
+
+
+if __name__ == "__main__":
+    main()
