@@ -11,20 +11,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import deque
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import StageError, read_json
-from pipelines.config import load_params
+from pipelines.config import ConfigError, load_params, parse_params
 from pipelines.registry import register, tool
 from pipelines.validation import ValidationSummary
 
 STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "register")
-# Where each stage leaves its Great Expectations summary (see dvc.yaml's outs).
+# Where each stage leaves its Great Expectations summary (beside its outputs in dvc.yaml).
 VALIDATION = {
     "base_model": "data/models/base",
     "collect": "data/raw",
@@ -33,7 +38,11 @@ VALIDATION = {
     "tune": "data/models/adapter",
     "evaluate": "data/eval",
 }
-FETCHING = {"base_model", "collect"}  # may hit the network: worth a retry
+FETCHING = {"base_model", "collect"}  # they may reach a hub or a source: worth a retry
+METRICS = Path("data/eval/metrics.json")
+GATE = Path("data/eval/gate.json")
+LOCK = Path(".dvc/tmp/ptune-retrain.lock")
+LOCK_TIMEOUT_S = 2.0  # long enough to ride out a run that is just releasing it
 
 
 class ValidationStopped(StageError):
@@ -41,130 +50,215 @@ class ValidationStopped(StageError):
 
 
 class WorkspaceBusy(StageError):
-    pass
-
-
-def _summary(repo: Path, stage: str) -> ValidationSummary | None:
-    out = repo / VALIDATION[stage]
-    for path in (out / "validation.json", out.parent / f"{out.name}.validation-failed.json"):
-        if path.is_file():
-            data = read_json(path)
-            return ValidationSummary(**{k: data[k] for k in ValidationSummary.__dataclass_fields__})
-    return None
+    """Another retrain holds this workspace."""
 
 
 def _transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except ValidationStopped:
-        return False
-    except Exception:
-        return True
-    return False
+    """Retry only failures that may pass on a second try (network, a busy DVC lock)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (ValidationStopped, ConfigError))
 
 
-@task(name="dvc-stage", task_run_name="{stage}")
+def _summary(root: Path, stage: str, succeeded: bool, started: float) -> ValidationSummary | None:
+    """This run's validation summary of ``stage``, if it wrote one.
+
+    A failed stage leaves its report beside the output (``<out>.validation-failed.json``,
+    see ``pipelines.common.atomic_dir``) or in place; a report older than the run is not
+    this run's. A stage DVC skipped as up to date keeps the summary of the run it records.
+    """
+    out = root / VALIDATION[stage]
+    failed = out.parent / f"{out.name}.validation-failed.json"
+    candidates = [out / "validation.json"] if succeeded else [failed, out / "validation.json"]
+    for path in candidates:
+        if path.is_file() and (succeeded or path.stat().st_mtime >= started - 1):
+            data = read_json(path)
+            try:
+                return ValidationSummary(**{k: data[k] for k in ValidationSummary.__dataclass_fields__})
+            except (KeyError, TypeError) as exc:
+                raise StageError(f"{path}: not a validation summary (missing {exc})") from None
+    return None
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")  # observed values may hold either
+
+
+def _validation_markdown(stage: str, s: ValidationSummary) -> str:
+    result = "passed" if s.success else "FAILED"
+    lines = [f"### Validation of `{stage}`: {result}", "",
+             "| suite | result | expectations met | rows |", "|---|---|---|---|",
+             f"| {_cell(s.suite)} | {result} | {s.successful}/{s.evaluated} | {s.rows} |"]
+    if s.failures:
+        lines += ["", "| failed expectation | column | observed / unexpected |", "|---|---|---|"]
+        lines += [f"| {_cell(f.get('expectation', '?'))} | {_cell(f.get('column') or '')} | "
+                  f"{_cell(f.get('observed', ''))} |" for f in s.failures]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(repo: str, stage: str) -> dict | None:
-    """``dvc repro --single-item <stage>``; its output streamed to the run log."""
+    """``dvc repro --single-item <stage>``, its output streamed to the run log.
+
+    Publishes the stage's validation summary and fails on a failed validation even if
+    the command itself exited 0.
+    """
     logger = get_run_logger()
     root = Path(repo)
-    failed_report = None
-    if stage in VALIDATION:
-        out = root / VALIDATION[stage]
-        failed_report = out.parent / f"{out.name}.validation-failed.json"
-        failed_report.unlink(missing_ok=True)
     # The stage commands (`ptune stage ...`) live beside this interpreter; a worker's
     # PATH need not include the project's environment.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = time.time()
     proc = subprocess.Popen([tool("dvc"), "repro", "--single-item", stage], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: deque[str] = deque(maxlen=30)
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and not line.endswith("it/s]"):  # progress bars are noise in a run log
+    for raw in proc.stdout:
+        line = raw.rstrip().rsplit("\r", 1)[-1]  # a progress bar's redraws: keep its last state
+        if line:
             logger.info(line)
             tail.append(line)
     code = proc.wait()
-    summary = _summary(root, stage) if stage in VALIDATION else None
+    if code != 0 and any("Unable to acquire lock" in line for line in tail):
+        # DVC's own lock is not a queue: say who holds it instead of its traceback.
+        raise StageError(f"DVC's lock on {root} is held by another `dvc` process (not a retrain: "
+                         "one started from a shell?); try again when it has finished")
+
+    summary = _summary(root, stage, code == 0, started) if stage in VALIDATION else None
     if summary is not None:
-        create_markdown_artifact(key=f"validation-{stage.replace('_', '-')}", markdown=summary.to_markdown(),
-                                 description=f"Great Expectations: {stage}")
+        create_markdown_artifact(key=f"validation-{stage.replace('_', '-')}",
+                                 markdown=_validation_markdown(stage, summary),
+                                 description=f"Great Expectations summary of the {stage} stage")
+        if not summary.success:
+            raise ValidationStopped(f"{stage}: {summary}")
     if code != 0:
-        message = f"dvc repro --single-item {stage} exited {code}:\n" + "\n".join(tail)
-        if failed_report is not None and failed_report.is_file():
-            raise ValidationStopped(message)
-        raise StageError(message)
+        raise StageError(f"dvc repro --single-item {stage} exited {code}:\n" + "\n".join(tail))
+    if stage in VALIDATION and summary is None:
+        raise StageError(f"{stage}: no validation summary at {VALIDATION[stage]}/validation.json; "
+                         "every stage validates its outputs (pipelines/validation.py)")
     return None if summary is None else {"suite": summary.suite, "success": summary.success}
 
 
-@task(name="publish-metrics")
+@task(name="publish-metrics", task_run_name="publish-metrics", cache_policy=NO_CACHE)
 def publish_metrics(repo: str) -> dict:
-    metrics = read_json(Path(repo) / "data/eval/metrics.json")
-    rows = [{"system": system, **metrics[system], "tokens_per_s": metrics["tokens_per_s"].get(system)}
-            for system in ("tuned", "zero_shot")]
-    create_table_artifact(key="evaluation", table=rows,
-                          description=f"{metrics['task']}: {metrics['method']} adapter vs the zero-shot "
-                                      f"prompt on {metrics['rows']} test rows")
-    gate = read_json(Path(repo) / "data/eval/gate.json")
-    create_markdown_artifact(key="promotion-gate", markdown=(
-        f"### Promotion gate: {'passed' if gate['passed'] else 'refused'}\n\n"
-        + "\n".join(f"- {r}" for r in gate["reasons"]) + "\n"))
+    """The evaluation table: every metric, tuned adapter vs the zero-shot prompt."""
+    metrics = read_json(Path(repo) / METRICS)
+    tuned, zero = metrics["tuned"], metrics["zero_shot"]
+    rows = [{"metric": key + (" (primary)" if key == metrics.get("primary_metric") else ""),
+             "tuned": tuned[key], "zero_shot": zero.get(key),
+             "delta": None if zero.get(key) is None else round(tuned[key] - zero[key], 2)}
+            for key in tuned]
+    create_table_artifact(key="evaluation", table=rows, description=(
+        f"{metrics.get('task')}: {metrics.get('method')} adapter vs the zero-shot prompt on "
+        f"{metrics.get('rows')} test rows (points, 0-100)"))
     return metrics
 
 
-@task(name="register")
-def register_version(repo: str) -> str:
+@task(name="publish-gate", task_run_name="publish-gate", cache_policy=NO_CACHE)
+def publish_gate(repo: str) -> dict:
+    decision = read_json(Path(repo) / GATE)
+    create_markdown_artifact(key="promotion-gate", description="the register stage's decision", markdown=(
+        f"### Promotion gate: {'passed' if decision['passed'] else 'refused'}\n\n"
+        + "\n".join(f"- {r}" for r in decision["reasons"]) + "\n"))
+    return decision
+
+
+@task(name="register-version", task_run_name="register-version", cache_policy=NO_CACHE)
+def register_version(repo: str) -> dict:
+    """``ptune register``: commit, GTO version and stages, ``dvc push`` (if the gate passed)."""
     root = Path(repo)
     params = load_params(root / "params.yaml")
-    result = register(root, params.register, Path("data/eval/gate.json"), Path("data/eval/metrics.json"))
-    create_markdown_artifact(key="registration", markdown=f"### Registration\n\n{result.message}\n")
+    result = register(root, params.register, GATE, METRICS)
+    create_markdown_artifact(key="registration", markdown=f"### Registration\n\n{result.message}\n",
+                             description="ptune register after the graph")
     get_run_logger().info(result.message)
-    return result.message
+    return asdict(result)
 
 
 def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
-    """Set dotted params like ``dvc exp run -S`` (comments in params.yaml are kept)."""
-    from ruamel.yaml import YAML
+    """Set dotted params in params.yaml like ``dvc exp run -S`` (its comments are kept).
 
-    from pipelines.config import parse_params
+    Values given as strings are read as YAML (``"2e-3"`` is a float, ``"null"`` None).
+    Every key must exist already, and the result must validate, or nothing is written.
+    """
+    from ruamel.yaml import YAML, YAMLError
 
-    yaml = YAML()
     path = repo / "params.yaml"
-    doc = yaml.load(path.read_text())
+    rt = YAML()
+    rt.preserve_quotes = True
+    # ruamel writes None as an empty value; keep the file's (and DVC's) spelling, `null`.
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
     for dotted, raw in overrides.items():
         node = doc
         *parents, leaf = dotted.split(".")
         for key in parents:
-            if key not in node:
-                raise StageError(f"-S {dotted}: params.yaml has no section {key!r}")
-            node = node[key]
-        if leaf not in node:
-            raise StageError(f"-S {dotted}: params.yaml has no key {dotted!r}")
-        node[leaf] = YAML(typ="safe").load(str(raw)) if isinstance(raw, str) else raw
-    parse_params(dict(doc), where=f"params.yaml with {overrides}")  # reject before writing
+            node = node.get(key) if hasattr(node, "get") else None
+            if node is None:
+                raise ConfigError(f"override {dotted}: params.yaml has no section {key!r}")
+        if not hasattr(node, "get") or leaf not in node:
+            raise ConfigError(f"override {dotted}: params.yaml has no key {dotted!r}")
+        try:
+            node[leaf] = YAML(typ="safe").load(raw) if isinstance(raw, str) else raw
+        except YAMLError as exc:
+            raise ConfigError(f"override {dotted}: {raw!r} is not a YAML value: {exc}") from None
+    parse_params(dict(doc), where=f"params.yaml with overrides {overrides}")
     with open(path, "w") as f:
-        yaml.dump(doc, f)
+        rt.dump(doc, f)
+
+
+def _check_graph(root: Path) -> None:
+    """The flow runs STAGES; a stage it does not know would leave the workspace unfinished."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as dvc_repo:
+        names = {stage.name for stage in dvc_repo.index.stages}
+    if names != set(STAGES):
+        raise StageError(f"{root}/dvc.yaml has stages {sorted(names)}, but the retrain flow runs "
+                         f"{list(STAGES)}: update flows/retrain.py with the graph")
+
+
+@contextmanager
+def workspace_lock(root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One retrain per workspace: DVC's repo lock fails a second run, it does not queue it."""
+    if not (root / ".dvc").is_dir():
+        raise StageError(f"{root}: not a DVC project (no .dvc/); pass the project root as repo")
+    (root / LOCK).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise WorkspaceBusy(f"another retrain is running in {root}; try again later") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(repo: str = ".", params_overrides: dict[str, object] | None = None) -> dict:
-    """Run the pipeline (every DVC stage in order), publish its results, and register."""
+def retrain(repo: str = ".", params_overrides: dict[str, str | int | float | bool | None] | None = None) -> dict:
+    """Every DVC stage in order, the evaluation and the gate as artifacts, then registration.
+
+    ``params_overrides`` ({"tune.method": "prompt"}) are written to params.yaml first,
+    as ``dvc exp run -S`` does, and stay there (the registered commit records them).
+    """
     root = Path(repo).resolve()
-    lock = FileLock(str(root / ".dvc" / "tmp" / "ptune-retrain.lock"))
-    (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
-    try:
-        lock.acquire(timeout=1)
-    except Timeout:
-        raise WorkspaceBusy(f"another retrain is running in {root}; try again when it has finished") from None
-    try:
+    with workspace_lock(root):
         if params_overrides:
             apply_overrides(root, params_overrides)
+        _check_graph(root)
+        metrics = None
         for stage in STAGES:
             options = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient} \
                 if stage in FETCHING else {}
-            run_stage.with_options(**options)(str(root), stage)
-        metrics = publish_metrics(str(root))
-        message = register_version(str(root))
-        return {"metrics": metrics, "registration": message}
-    finally:
-        lock.release()
+            run_stage.with_options(name=stage, **options)(str(root), stage)
+            if stage == "evaluate":
+                metrics = publish_metrics(str(root))
+        decision = publish_gate(str(root))
+        registration = register_version(str(root))
+    return {"metrics": metrics, "gate": decision, "registration": registration}
+
+
+def run_retrain(repo: str | Path = ".", overrides: dict[str, object] | None = None):
+    """Run the flow and return its final Prefect state (``.is_completed()``, ``.result()``)."""
+    return retrain(repo=str(repo), params_overrides=overrides or None, return_state=True)

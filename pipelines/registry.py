@@ -2,15 +2,21 @@
 
 A GTO version names a git commit, so it cannot be made inside ``dvc repro``: the
 ``register`` stage only decides (``gate.json``: passed or not, with one sentence per
-check), and ``ptune register`` then acts on that decision: it refuses a workspace that
-does not match ``dvc.lock`` (a failed or unfinished run), commits ``dvc.lock``,
-``params.yaml`` and the metrics, tags a new semantic version of the artifact with GTO,
-assigns ``staging`` and ``prod``, and pushes the data to the DVC remote.
+check), and ``ptune register`` then acts on that decision. It registers nothing from a
+workspace that does not match ``dvc.lock`` (a failed or unfinished run) or whose
+pipeline inputs are not committed; it pushes the data to the DVC remote, commits what
+DVC leaves to git (``dvc.lock``, ``params.yaml``, the ``cache: false`` metrics and the
+``.gitignore`` files beside cached outputs), tags a new semantic version of the
+artifact with GTO and assigns ``staging``, then ``prod``.
+
+git runs as a subprocess; DVC and GTO through their Python APIs, which give typed
+errors instead of console text and cost a tenth of a CLI start each.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,18 +28,15 @@ from pipelines.config import RegisterConfig
 
 log = logging.getLogger(__name__)
 
-METRICS = "data/eval/metrics.json"
-ADAPTER = "data/models/adapter"
-# What the commit of a version holds besides code: the lock (every output's hash) and
-# the small outputs DVC leaves to git (cache: false): metrics, plots, validation results.
-COMMITTED = ["dvc.lock", "params.yaml", "data/eval/metrics.json", "data/eval/gate.json",
-             "data/eval/scores.csv", "data/eval/validation.json", "data/metrics", "data/tune_live"]
+STAGES = ("staging", "prod")  # assigned in this order; the gate has already compared with prod
+FALLBACK_AUTHOR = ("ptune", "ptune@localhost")  # only where git has no user configured
 
 
 @dataclass
 class RegistrationResult:
     registered: bool
     message: str
+    artifact: str | None = None
     version: str | None = None
     commit: str | None = None
     stages: list[str] = field(default_factory=list)
@@ -41,156 +44,296 @@ class RegistrationResult:
 
 
 def tool(name: str) -> str:
-    """The CLI installed beside this interpreter (gto, dvc), so the venv need not be on PATH."""
+    """The CLI installed beside this interpreter (dvc, gto), so the venv need not be on PATH."""
     path = Path(sys.executable).with_name(name)
     return str(path) if path.exists() else name
 
 
-def _run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=repo, capture_output=True, text=True)
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise StageError(f"`{' '.join(cmd)}` failed in {repo} (exit {proc.returncode}):\n"
+        raise StageError(f"`git {' '.join(args)}` failed in {repo} (exit {proc.returncode}):\n"
                          f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc
 
 
-def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # Commits and tags need an identity; use the user's, or a neutral one if none is set.
-    has_user = _run(repo, "git", "config", "user.email", check=False).stdout.strip()
-    ident = [] if has_user else ["-c", "user.name=ptune", "-c", "user.email=ptune@localhost"]
-    return _run(repo, "git", *ident, *args, check=check)
+def _has_commit(repo: Path) -> bool:
+    return _git(repo, "rev-parse", "--verify", "-q", "HEAD", check=False).returncode == 0
 
 
-def _gto_json(repo: Path, *args: str):
-    proc = _run(repo, tool("gto"), "show", *args, "--json", check=False)
-    if proc.returncode != 0:
-        return None  # no such artifact or stage yet
-    return json.loads(proc.stdout or "null")
+def _author(repo: Path) -> tuple[str, str] | None:
+    """None where git has an identity; else ours. GTO will not tag without one."""
+    configured = all(_git(repo, "config", key, check=False).stdout.strip() for key in ("user.name", "user.email"))
+    return None if configured else FALLBACK_AUTHOR
 
 
-def artifact_name(repo: Path) -> str:
-    """The dvc.yaml ``artifacts:`` entry of the adapter, resolved for the current params."""
-    from dvc.repo import Repo
+def _versions(repo: Path, artifact: str) -> list[dict]:
+    """GTO's versions of ``artifact`` (newest first; ``artifact#stage`` for a stage); [] if none."""
+    from gto import api
+    from gto.exceptions import ArtifactNotFound
 
-    with Repo(str(repo)) as dvc_repo:
-        found = [name for artifacts in dvc_repo.artifacts.read().values()
-                 for name, a in artifacts.items() if a.path.rstrip("/") == ADAPTER]
+    if not _has_commit(repo):
+        return []
+    try:
+        return api.show(str(repo), artifact)
+    except ArtifactNotFound:
+        return []
+
+
+def next_version(versions: list[str]) -> str:
+    """GTO's first number (v0.0.1), then a minor bump of the highest: each adapter is a release."""
+    numbers = [tuple(int(x) for x in m.groups()) for v in versions
+               if (m := re.match(r"v(\d+)\.(\d+)\.(\d+)", v))]
+    if not numbers:
+        return "v0.0.1"
+    major, minor, _ = max(numbers)
+    return f"v{major}.{minor + 1}.0"
+
+
+def _rel(repo: Path, path: Path) -> str:
+    """``path`` (absolute, or relative to the working directory) as a git path in ``repo``."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    try:
+        return path.resolve().relative_to(Path(repo).resolve()).as_posix()
+    except ValueError:
+        raise StageError(f"{path}: not inside the repository {repo}") from None
+
+
+def _artifact_name(dvc_repo, where: Path) -> str:
+    found = sorted(name for artifacts in dvc_repo.artifacts.read().values()
+                   for name, a in artifacts.items() if a.type == "model")
     if len(found) != 1:
-        raise StageError(f"dvc.yaml: expected one entry under `artifacts:` with path {ADAPTER}, "
-                         f"found {found or 'none'}")
+        raise StageError(f"{where}/dvc.yaml: expected exactly one `artifacts:` entry with "
+                         f"`type: model` (the adapter), found {found or 'none'}")
     return found[0]
 
 
+def artifact_name(repo: Path) -> str:
+    """The one ``type: model`` entry under ``artifacts:`` in dvc.yaml (interpolated by DVC)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return _artifact_name(dvc_repo, repo)
+
+
 def prod_version(repo: Path, artifact: str) -> dict | None:
-    """{version, commit} of the version in ``prod``, or None (no repo, no tags, no prod)."""
-    if _run(repo, "git", "rev-parse", "--verify", "HEAD", check=False).returncode != 0:
-        return None
-    found = _gto_json(repo, f"{artifact}#prod")
-    if not found:
-        return None
-    return {"version": found[0]["version"], "commit": found[0]["commit_hexsha"]}
+    """{version, commit} of the version in ``prod``; None without a commit, a version or prod."""
+    found = _versions(repo, f"{artifact}#prod")
+    return {"version": found[0]["version"], "commit": found[0]["commit_hexsha"]} if found else None
 
 
-def metrics_at(repo: Path, commit: str) -> dict | None:
-    proc = _run(repo, "git", "show", f"{commit}:{METRICS}", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
+def metrics_at(repo: Path, commit: str, metrics_path: str) -> dict | None:
+    """The metrics file as committed at ``commit``, or None if that commit has none."""
+    proc = _git(repo, "show", f"{commit}:{metrics_path}", check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def _scores(metrics: dict, where: str) -> tuple[str, float, float]:
+    try:
+        key = metrics["primary_metric"]
+        return key, float(metrics["tuned"][key]), float(metrics["zero_shot"][key])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StageError(f"{where}: expected primary_metric and its value under `tuned` and "
+                         f"`zero_shot` (as the evaluate stage writes them); missing {exc}") from None
 
 
 def gate(cfg: RegisterConfig, metrics: dict, prod: dict | None) -> dict:
-    """Decide promotion. ``prod`` is {version, metrics} of the current prod version or None."""
-    key = metrics["primary_metric"]
-    cand, zero = metrics["tuned"][key], metrics["zero_shot"][key]
+    """Decide promotion of the candidate described by ``metrics`` (the evaluate stage's).
+
+    ``prod`` is ``{"version": ..., "metrics": <that version's metrics or None>}`` for the
+    version now in prod, or None when there is none. Pure: no I/O.
+    """
+    key, cand, zero = _scores(metrics, "metrics")
     margin = cand - zero
-    reasons, passed = [], True
-    ok = margin >= cfg.min_margin_over_zero_shot
-    passed &= ok
-    reasons.append(f"{'pass' if ok else 'FAIL'}: {key} {cand:.2f} is {margin:+.2f} over the zero-shot "
-                   f"prompt ({zero:.2f}); at least {cfg.min_margin_over_zero_shot:+.2f} required")
-    prod_info = None
-    if prod and prod.get("metrics") and key in prod["metrics"].get("tuned", {}):
-        ref = prod["metrics"]["tuned"][key]
-        prod_info = {"version": prod["version"], "value": ref}
-        ok = cand >= ref - cfg.prod_tolerance
-        passed &= ok
-        reasons.append(f"{'pass' if ok else 'FAIL'}: {key} {cand:.2f} vs prod {prod['version']} "
-                       f"{ref:.2f} ({cand - ref:+.2f}); at most {cfg.prod_tolerance:.2f} worse allowed")
+    ok_zero = margin >= cfg.min_margin_over_zero_shot
+    reasons = [f"{'pass' if ok_zero else 'FAIL'}: {key} {cand:.2f} is {margin:+.2f} over the zero-shot "
+               f"prompt ({zero:.2f}); at least {cfg.min_margin_over_zero_shot:+.2f} required"]
+    ok_prod, prod_info = True, None
+    if prod is None:
+        reasons.append("pass: no version in prod yet, nothing to compare against")
     else:
-        reasons.append("pass: no version of this task in prod yet, nothing to compare against")
-    return {"passed": bool(passed), "reasons": reasons, "primary_metric": key, "candidate": cand,
-            "zero_shot": zero, "prod": prod_info,
+        ref = ((prod.get("metrics") or {}).get("tuned") or {}).get(key)
+        prod_info = {"version": prod["version"], "value": ref}
+        if ref is None:
+            # A prod version we cannot compare with is no evidence that the candidate is better.
+            ok_prod = False
+            reasons.append(f"FAIL: prod {prod['version']} has no committed {key} to compare against; "
+                           f"re-register it with its metrics, or move prod off it with `gto`")
+        else:
+            ok_prod = cand >= ref - cfg.prod_tolerance
+            reasons.append(f"{'pass' if ok_prod else 'FAIL'}: {key} {cand:.2f} vs prod {prod['version']} "
+                           f"{ref:.2f} ({cand - ref:+.2f}); at most {cfg.prod_tolerance:.2f} worse allowed")
+    return {"passed": bool(ok_zero and ok_prod), "reasons": reasons, "primary_metric": key,
+            "candidate": cand, "zero_shot": zero, "prod": prod_info,
             "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def run(cfg: RegisterConfig, metrics_path: Path, out: Path, repo: Path) -> dict:
-    """The DVC ``register`` stage: record the gate's decision (a refusal is not an error)."""
+    """The DVC ``register`` stage: record the gate's decision. A refusal is not an error."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        raise StageError(f"{metrics_path}: not found; the evaluate stage writes it")
     metrics = read_json(metrics_path)
     prod = prod_version(repo, artifact_name(repo))
     if prod:
-        prod["metrics"] = metrics_at(repo, prod["commit"])
+        prod["metrics"] = metrics_at(repo, prod.pop("commit"), _rel(repo, metrics_path))
     decision = gate(cfg, metrics, prod)
     write_json(out, decision)
     for reason in decision["reasons"]:
         log.info("gate: %s", reason)
+    log.info("gate: %s", "passed" if decision["passed"] else "refused (nothing will be registered)")
     return decision
 
 
-def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path) -> RegistrationResult:
-    """After ``dvc repro``: commit, version, assign stages and push, if the gate passed."""
-    if not (repo / gate_path).is_file():
-        raise StageError(f"{gate_path}: missing; run `dvc repro` first")
-    decision = read_json(repo / gate_path)
-    if not decision["passed"]:
-        return RegistrationResult(False, "not registered: the gate refused this candidate:\n  "
-                                  + "\n  ".join(decision["reasons"]))
-    status = _run(repo, tool("dvc"), "status", "--json")
-    if json.loads(status.stdout or "{}"):
-        raise StageError("the workspace does not match dvc.lock (a stage failed, or inputs changed "
-                         f"since the last run): {status.stdout.strip()[:1500]}\n"
-                         "Run `dvc repro` to completion before registering.")
-    metrics = read_json(repo / metrics_path)
-    key = metrics["primary_metric"]
-    artifact = artifact_name(repo)
-    paths = [p for p in COMMITTED if (repo / p).exists()]
-    _git(repo, "add", "--", *paths)
-    if _git(repo, "diff", "--cached", "--quiet", check=False).returncode != 0:
-        _git(repo, "commit", "-q", "-m",
-             f"ptune: {artifact} candidate — {metrics['task']}/{metrics['method']} "
-             f"{key} {metrics['tuned'][key]:.2f} (zero-shot {metrics['zero_shot'][key]:.2f})")
-    commit = _git(repo, "rev-parse", "HEAD").stdout.strip()
+def _git_paths(dvc_repo, root: Path) -> tuple[list[str], list[str]]:
+    """(the stages' inputs that git holds, the paths DVC leaves to git).
 
-    existing = _gto_json(repo, artifact) or []
-    same = [v for v in existing if v["commit_hexsha"] == commit]
-    if same:
-        version = same[0]["version"]  # this commit is already a version: only (re)assign stages
+    The second list: the ``cache: false`` outputs (metrics, plots, small results) and the
+    ``.gitignore`` files DVC writes beside its cached outputs.
+    """
+    from dvc.dependency.param import ParamsDependency
+
+    root = root.resolve()
+
+    def inside(fs_path: str) -> str | None:
+        try:
+            return Path(fs_path).resolve().relative_to(root).as_posix()
+        except ValueError:
+            return None
+
+    deps, outs, to_git = set(), set(), set()
+    for stage in dvc_repo.index.stages:
+        deps.update(p for d in stage.deps if not isinstance(d, ParamsDependency) if (p := inside(d.fs_path)))
+    for out in dvc_repo.index.outs:
+        if (rel := inside(out.fs_path)) is None:
+            continue
+        outs.add(rel)
+        to_git.add((Path(rel).parent / ".gitignore").as_posix() if out.use_cache else rel)
+    # An input another stage produces is DVC's to check (`dvc status`), not git's.
+    sources = {d for d in deps if not any(d == o or d.startswith(o + "/") for o in outs)}
+    return sorted(sources), sorted(to_git)
+
+
+def _check_workspace(dvc_repo, repo: Path, sources: list[str]) -> None:
+    stale = dvc_repo.status()
+    if stale:
+        raise StageError(
+            "the workspace does not match dvc.lock, so nothing is registered (a stage failed its "
+            "validation or did not run, or its inputs changed since): "
+            + "; ".join(f"{stage}: {json.dumps(change, default=str)}" for stage, change in stale.items())[:1500]
+            + "\nRun `dvc repro` to completion, then register.")
+    # The version's commit must hold the code and data that produced it: `dvc repro` at
+    # that commit has to give the same dvc.lock. Outputs are git-ignored and never show here.
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=all", "--", "dvc.yaml",
+                 *sources).stdout.rstrip()
+    if dirty:
+        raise StageError("these pipeline inputs differ from the last commit, so a version made "
+                         "now would not name the code that produced it:\n" + dirty
+                         + "\nCommit them (or restore them and run `dvc repro`), then register.")
+
+
+def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path) -> RegistrationResult:
+    """After ``dvc repro``: push, commit, version with GTO and assign stages, if the gate passed.
+
+    Paths are relative to ``repo`` (or absolute). Running it again on the same commit
+    registers nothing new.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from gto import api
+
+    repo = Path(repo)
+    gate_file, metrics_file = repo / gate_path, repo / metrics_path
+    if not gate_file.is_file():
+        raise StageError(f"{gate_file}: missing; run `dvc repro` (its register stage writes it) first")
+    decision = read_json(gate_file)
+    if not decision.get("passed"):
+        return RegistrationResult(False, "not registered: the promotion gate refused this candidate:\n  "
+                                  + "\n  ".join(decision.get("reasons", [])))
+    if not _has_commit(repo):
+        raise StageError(f"{repo}: not a git repository with a first commit; GTO versions are git "
+                         "tags on commits (`git init` and commit the project first)")
+    with Repo(str(repo)) as dvc_repo:
+        sources, to_git = _git_paths(dvc_repo, repo)
+        _check_workspace(dvc_repo, repo, sources)
+        artifact = _artifact_name(dvc_repo, repo)
+        metrics = read_json(metrics_file)
+        key, cand, zero = _scores(metrics, str(metrics_file))
+        summary = f"{metrics.get('task', '?')}/{metrics.get('method', '?')} {key} {cand:.2f} (zero-shot {zero:.2f})"
+
+        paths = sorted({"dvc.lock", "params.yaml", _rel(repo, metrics_file), _rel(repo, gate_file), *to_git})
+        paths = [p for p in paths if (repo / p).exists()]
+        changed = bool(_git(repo, "status", "--porcelain", "--untracked-files=all", "--", *paths).stdout.strip())
+        versions = _versions(repo, artifact)
+        head = _git(repo, "rev-parse", "HEAD").stdout.strip()
+        existing = None if changed else next((v for v in versions if v["commit_hexsha"] == head), None)
+        if existing is None:
+            # The gate compared the candidate with the prod of its time; a version assigned
+            # to prod since then has not been compared with it.
+            prod = prod_version(repo, artifact)
+            decided = (decision.get("prod") or {}).get("version")
+            if (prod or {}).get("version") != decided:
+                raise StageError(f"{artifact}'s prod is now {prod and prod['version']}, but the gate compared "
+                                 f"the candidate with {decided}: run `dvc repro --force --single-item "
+                                 "register` to decide again, then register")
+
+        # Data first: a version is never announced whose data the remote lacks.
+        try:
+            dvc_repo.push(remote=cfg.remote)
+        except DvcException as exc:
+            raise StageError(f"dvc push failed, so nothing is registered: {exc}\nSet a default DVC "
+                             "remote (`dvc remote add -d <name> <url>`) or register.remote.") from None
+
+    author = _author(repo)
+    who = {"author": author[0], "author_email": author[1]} if author else {}
+    if existing is not None:
+        version = existing["version"]
+        held = {s["stage"] for s in existing.get("stages", [])}
     else:
-        bump = ["--bump-minor"] if existing else []  # GTO refuses to bump the very first version
-        _run(repo, tool("gto"), "register", artifact, commit, *bump, "-m",
-             f"{metrics['task']}/{metrics['method']}: {key} {metrics['tuned'][key]:.2f}")
-        version = _gto_json(repo, artifact)[0]["version"]
-    for stage in ("staging", "prod"):
-        _run(repo, tool("gto"), "assign", artifact, "--version", version, "--stage", stage,
-             "-m", f"gate passed: {'; '.join(decision['reasons'])}")
-    push = [tool("dvc"), "push", "-q"] + (["-r", cfg.remote] if cfg.remote else [])
-    _run(repo, *push)
+        version, held = next_version([v["version"] for v in versions]), set()
+        if changed:
+            _git(repo, "add", "--", *paths)
+            # Only these paths: whatever else the user has staged stays staged, uncommitted.
+            ident = ["-c", f"user.name={author[0]}", "-c", f"user.email={author[1]}"] if author else []
+            _git(repo, *ident, "commit", "-q", "-m", f"ptune: register {artifact} {version} — {summary}",
+                 "--", *paths)
+            head = _git(repo, "rev-parse", "HEAD").stdout.strip()
+        api.register(str(repo), artifact, head, version=version, message=f"ptune: {summary}", **who)
+    for stage in STAGES:
+        if stage not in held:
+            api.assign(str(repo), artifact, stage, version=version,
+                       message="gate passed: " + "; ".join(decision["reasons"]), **who)
+    again = "" if existing is None else " (already registered at this commit)"
     return RegistrationResult(
-        True, f"registered {artifact} {version} (commit {commit[:10]}) in staging and prod; "
-              f"{key} {metrics['tuned'][key]:.2f} vs zero-shot {metrics['zero_shot'][key]:.2f}; "
-              "data pushed to the DVC remote", version, commit, ["staging", "prod"], True)
+        True, f"registered {artifact} {version} (commit {head[:10]}) in {' and '.join(STAGES)}{again}; "
+              f"{summary}; data pushed to the DVC remote", artifact, version, head, list(STAGES), True)
 
 
 def artifacts(repo: Path) -> list[str]:
     """Every artifact with at least one registered version (one per task)."""
-    return sorted((_gto_json(repo) or {}).keys())
+    from gto import api
+
+    return sorted(api.show(str(repo)).keys()) if _has_commit(repo) else []
 
 
-def list_versions(repo: Path, artifact: str) -> list[dict]:
+def list_versions(repo: Path, artifact: str, metrics_path: str = "data/eval/metrics.json") -> list[dict]:
+    """Versions of ``artifact``, newest first, with their stages and the metrics at their commit."""
     versions = []
-    for v in _gto_json(repo, artifact) or []:
-        m = metrics_at(repo, v["commit_hexsha"]) or {}
+    for v in _versions(repo, artifact):
+        m = metrics_at(repo, v["commit_hexsha"], metrics_path) or {}
+        created = v.get("created_at")
         versions.append({"version": v["version"], "commit": v["commit_hexsha"],
                          "stages": sorted(s["stage"] for s in v.get("stages", [])),
-                         "created_at": v.get("created_at"), "task": m.get("task"),
-                         "method": m.get("method"), "primary_metric": m.get("primary_metric"),
+                         "created_at": created.isoformat() if isinstance(created, datetime) else created,
+                         "task": m.get("task"), "method": m.get("method"),
+                         "primary_metric": m.get("primary_metric"),
                          "tuned": m.get("tuned", {}), "zero_shot": m.get("zero_shot", {})})
     return versions
 

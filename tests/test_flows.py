@@ -1,5 +1,8 @@
-"""The Prefect `retrain` flow over a tiny project: the DVC stages as tasks, artifacts,
-registration, a validation failure that stops the run, and the workspace lock."""
+"""The Prefect `retrain` flow over a stand-in project (tests/test_registry.py builds it):
+every DVC stage as a task in order, the artifacts, registration, a failed validation
+that stops the run, the workspace lock and parameter overrides."""
+from __future__ import annotations
+
 import asyncio
 import json
 
@@ -7,69 +10,156 @@ import pytest
 from filelock import FileLock
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.retrain import WorkspaceBusy, retrain
-from tests.conftest import build_tiny_model
-from tests.pipeline_project import make_project, run
-from tests.test_pipeline import TINY
+from prefect import flow, task
+
+from flows.retrain import (LOCK, STAGES, ValidationStopped, WorkspaceBusy, _transient, apply_overrides,
+                           retrain, run_retrain)
+from pipelines.common import StageError
+from pipelines.config import ConfigError
+from tests.conftest import ROOT
+from tests.test_registry import ALL_STAGES, make_repo, sh, tags
+
+assert STAGES == ALL_STAGES  # the stand-in project has the real graph's stages
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def prefect_api():
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
 
-async def _artifacts():
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    # The stand-in's register stage runs `python -m pipelines.cli` from this checkout.
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    return make_repo(tmp_path, stages=ALL_STAGES)
+
+
+async def _read_run(flow_run_id):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterId, LogFilter, LogFilterFlowRunId)
 
     async with get_client() as client:
-        return {a.key: a for a in await client.read_artifacts()}
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    task_runs = sorted(task_runs, key=lambda t: t.start_time or t.expected_start_time)
+    names = {t.id: t.name for t in task_runs}
+    by_task = {}
+    for log in logs:
+        by_task.setdefault(names.get(log.task_run_id), []).append(log.message)
+    return task_runs, {a.key: a for a in artifacts}, by_task
 
 
-def test_retrain_runs_every_stage_publishes_and_registers(tmp_path, monkeypatch):
-    base = build_tiny_model(tmp_path / "tiny_base")
-    project = make_project(tmp_path, {**TINY, "base_model.source": str(base),
-                                      "register.min_margin_over_zero_shot": 0.0})
-    monkeypatch.setenv("PYTHONPATH", str(project))
-    result = retrain(repo=str(project), params_overrides={"tune.learning_rate": "2e-3"})
-    assert result["registration"].startswith("registered e2e-adapter v0.0.1")
-    assert "tune.learning_rate" not in (project / "params.yaml").read_text()  # nested, not flat
-    assert "learning_rate: 0.002" in (project / "params.yaml").read_text()
-    status = run(project, "dvc", "status", "--json")
-    assert json.loads(status.stdout) == {}  # the same dvc.lock that `dvc repro` leaves
-    artifacts = asyncio.run(_artifacts())
-    for key in ("validation-base-model", "validation-collect", "validation-clean", "validation-tokenize",
-                "validation-tune", "validation-evaluate", "evaluation", "promotion-gate", "registration"):
-        assert key in artifacts, key
-    assert "passed" in artifacts["validation-tokenize"].data
+def read_run(state):
+    """(task runs in start order, artifacts by key, log messages by task run name) of a flow run."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)  # logs reach the API in batches
+    return asyncio.run(_read_run(state.state_details.flow_run_id))
+
+
+def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
+    state = run_retrain(project, {"register.prod_tolerance": "2.5"})
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["registration"]["version"] == "v0.0.1" and result["gate"]["passed"]
+    assert "e2e-adapter#prod#2" in tags(project)
+    assert (project / "dvc.lock").is_file()
+    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}  # as `dvc repro` leaves it
+    # The override went to its dotted place; the file's comment survived; it was committed.
+    params = (project / "params.yaml").read_text()
+    assert params.startswith("# stand-in project\n") and "prod_tolerance: 2.5" in params
+    assert sh(project, "git", "status", "--porcelain", "params.yaml").stdout == ""
+
+    task_runs, artifacts, logs = read_run(state)
+    names = [t.name for t in task_runs]
+    assert [n for n in names if n in STAGES] == list(STAGES)
+    assert names.index("publish-metrics") == names.index("evaluate") + 1
+    assert names[-1] == "register-version"
+    assert all(t.state.is_completed() and t.run_count == 1 for t in task_runs)
+    assert "Running stage 'tune':" in logs["tune"] and "> python stage.py tune data/models/adapter" in logs["tune"]
+
+    for stage in STAGES[:-1]:
+        md = artifacts[f"validation-{stage.replace('_', '-')}"].data
+        assert md.startswith(f"### Validation of `{stage}`: passed") and f"| {stage} | passed | 2/2 | 3 |" in md
     table = json.loads(artifacts["evaluation"].data)
-    assert [row["system"] for row in table] == ["tuned", "zero_shot"]
+    assert table[0] == {"metric": "bleu (primary)", "tuned": 41.2, "zero_shot": 9.1, "delta": 32.1}
+    assert "pass: bleu 41.20 is +32.10 over the zero-shot prompt" in artifacts["promotion-gate"].data
+    assert "registered e2e-adapter v0.0.1" in artifacts["registration"].data
 
 
-def test_validation_failure_fails_the_run_and_registers_nothing(tmp_path, monkeypatch):
-    bad = build_tiny_model(tmp_path / "mismatched", vocab_slack=-200)
-    project = make_project(tmp_path, {**TINY, "base_model.source": str(bad)})
-    monkeypatch.setenv("PYTHONPATH", str(project))
-    with pytest.raises(Exception, match="validation failed: suite 'base_model'"):
-        retrain(repo=str(project))
-    assert not (project / "data/eval").exists()
-    assert run(project, "git", "tag", "-l").stdout == ""
+@pytest.mark.parametrize("failing, exits", [("tokenize", False), ("collect", True)],
+                         ids=["json-says-failed", "stage-exits-nonzero"])
+def test_a_failed_validation_fails_the_run_and_stops_everything_after_it(project, failing, exits):
+    (project / "control.json").write_text(json.dumps(
+        {"tuned": 41.2, "zero_shot": 9.1, "fail": failing, "exit_on_failure": exits}))
+
+    state = run_retrain(project)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=f"validation failed: suite '{failing}'"):
+        state.result()
+    task_runs, artifacts, _ = read_run(state)
+    done = STAGES[:STAGES.index(failing) + 1]
+    assert [t.name for t in task_runs] == list(done)
+    # A failed validation is not transient: the stages that retry did not retry it.
+    assert task_runs[-1].state.is_failed() and task_runs[-1].run_count == 1
+    assert "FAILED" in artifacts[f"validation-{failing}"].data
+    assert "| expect_column_values_to_not_be_null | text | 1 unexpected |" in artifacts[f"validation-{failing}"].data
+    assert not (project / "data/models/adapter").exists() and not (project / "data/eval").exists()
+    assert tags(project) == [] and "registration" not in artifacts
 
 
-def test_a_second_run_in_the_same_workspace_is_refused(tmp_path):
-    project = make_project(tmp_path, {})
-    (project / ".dvc" / "tmp").mkdir(exist_ok=True)
-    with FileLock(str(project / ".dvc" / "tmp" / "ptune-retrain.lock")):
-        with pytest.raises(WorkspaceBusy, match="another retrain is running"):
+def test_a_crashing_stage_fails_the_run_with_the_tail_of_its_output(project):
+    (project / "control.json").write_text(json.dumps({"tuned": 41.2, "zero_shot": 9.1, "crash": "clean"}))
+    sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@l", "commit", "-qam", "break a stage")
+    state = run_retrain(project)
+    with pytest.raises(StageError, match=r"dvc repro --single-item clean exited \d+:\n(.*\n)*clean: out of disk space"):
+        state.result()
+    task_runs, _, _ = read_run(state)
+    assert [t.name for t in task_runs] == ["base_model", "collect", "clean"]
+    assert task_runs[-1].run_count == 1  # clean does not fetch: no retries
+
+
+def test_only_failures_that_may_pass_on_a_second_try_are_retried():
+    attempts = []
+
+    @task(retries=1, retry_delay_seconds=0, retry_condition_fn=_transient)
+    def flaky(error: Exception) -> None:
+        attempts.append(type(error).__name__)
+        if len(attempts) == 1:
+            raise error
+
+    @flow
+    def both() -> None:
+        flaky(StageError("connection reset"))
+        attempts.clear()
+        flaky(ValidationStopped("validation failed"))
+
+    with pytest.raises(ValidationStopped):
+        both()
+    assert attempts == ["ValidationStopped"]
+
+
+def test_a_second_run_in_the_same_workspace_is_refused(project):
+    with FileLock(str(project / LOCK)):
+        with pytest.raises(WorkspaceBusy, match=f"another retrain is running in {project}; try again later"):
             retrain(repo=str(project))
-
-
-def test_bad_override_is_rejected_before_anything_runs(tmp_path):
-    project = make_project(tmp_path, {})
-    before = (project / "params.yaml").read_text()
-    with pytest.raises(Exception, match=r"tune\.learning_rate"):
-        retrain(repo=str(project), params_overrides={"tune.learning_rate": "-1"})
-    with pytest.raises(Exception, match="no key 'tune.lr'"):
-        retrain(repo=str(project), params_overrides={"tune.lr": "1"})
-    assert (project / "params.yaml").read_text() == before
     assert not (project / "dvc.lock").exists()
+
+
+def test_bad_overrides_are_rejected_before_anything_is_written(project):
+    before = (project / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"tune\.learning_rate: Input should be greater than 0"):
+        apply_overrides(project, {"tune.learning_rate": "-1"})
+    with pytest.raises(ConfigError, match="no key 'tune.lr'"):
+        apply_overrides(project, {"tune.lr": "1"})
+    with pytest.raises(ConfigError, match="no section 'tuning'"):
+        apply_overrides(project, {"tuning.lr": "1"})
+    assert (project / "params.yaml").read_text() == before
+    apply_overrides(project, {"tune.learning_rate": "2e-3", "tune.method": "prompt"})
+    changed = [(a, b) for a, b in zip(before.splitlines(), (project / "params.yaml").read_text().splitlines())
+               if a != b]
+    assert changed == [("  method: lora", "  method: prompt"), ("  learning_rate: 0.1", "  learning_rate: 0.002")]
