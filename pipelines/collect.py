@@ -1,112 +1,273 @@
 """collect: read a task's declared sources into one raw record file.
 
-Each raw record keeps where it came from (``source``, ``location`` as file:line) and a
-stable ``id`` (source name and line), so any later output can be traced back to the
-exact line of the exact source file. Rows that cannot become records (a wrong number
-of fields, an empty required field) are quarantined with their reason, never dropped.
+Sources are declared per task in params.yaml (``collect.sources.<task>``): files or
+globs under the project, http(s) URLs pinned by sha256, Hugging Face datasets, any
+fsspec URL; as csv, tsv, jsonl, parquet, txt or Stack Exchange Posts.xml.
+``pipelines/sources.py`` reads them, streaming.
+
+Each raw record keeps where it came from (``source``; ``location``, file:line or
+file:row) and a stable ``id`` (source name and line, row index or post Id, or the
+source's own id column), so any later output traces back to the exact place in the
+exact file. A row that cannot become a record is quarantined with its reason, never
+dropped: per source, rows read = records + quarantined.
+
+Outputs: ``records.jsonl``, ``quarantine.jsonl``, ``sources.json`` (each source's uri,
+format, files with their sha256, splits and counts; the clean stage takes the splits
+from here) and ``validation.json``.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import shutil
+import sqlite3
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import pandas as pd
 
-from pipelines.common import StageError, atomic_dir, sha256_file
-from pipelines.config import CollectConfig
-from pipelines.tasks import Source, Task
+from pipelines import sources
+from pipelines.common import StageError, atomic_dir, read_json, write_json
+from pipelines.config import CollectConfig, SourceConfig
+from pipelines.tasks import Task
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
+
+PREVIEW = 1000  # characters of each value kept in quarantine.jsonl: enough to judge the row, bounded
 
 
 @dataclass
 class CollectStats:
     records: int = 0
     quarantined: int = 0
+    skipped: int = 0  # what the format says is no record: blank lines, answers and tag wikis in Posts.xml
     per_source: dict[str, dict] = field(default_factory=dict)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
 
 
-def _read_delimited(source: Source, path: Path, limit: int | None
-                    ) -> Iterator[tuple[int, dict | None, tuple[str, str] | None]]:
-    """Yield (line, fields, problem) for every data row; problem is (reason, detail)."""
-    delimiter = "\t" if source.format == "tsv" else ","
-    quoting = csv.QUOTE_NONE if source.quoting == "none" else csv.QUOTE_MINIMAL
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-            header = next(reader, None)
-            if header is None:
-                raise StageError(f"{path}: empty file (source {source.name!r} needs a header row)")
-            missing = [c for c in source.columns if c not in header]
-            if missing:
-                raise StageError(f"{path}:1: source {source.name!r} lacks column(s) {missing}; "
-                                 f"header is {header}")
-            index = {c: header.index(c) for c in source.columns}
-            n = 0
-            for row in reader:
-                if limit is not None and n >= limit:
-                    return
-                n += 1
-                line = reader.line_num
-                if len(row) != len(header):
-                    yield line, None, ("field_count", f"expected {len(header)} fields, found {len(row)}")
-                    continue
-                fields = {task_field: row[i] for (col, i), task_field
-                          in zip(index.items(), source.columns.values())}
-                empty = [k for k, v in fields.items() if not v.strip()]
-                yield line, fields, (("empty_field", f"empty {empty}") if empty else None)
-    except UnicodeDecodeError as exc:
-        raise StageError(f"{path}: not valid UTF-8 at byte {exc.start} (source {source.name!r}); "
-                         "re-encode the file as UTF-8") from None
-    except csv.Error as exc:
-        raise StageError(f"{path}: malformed {source.format.upper()} (source {source.name!r}): {exc}") from None
+class _Ids:
+    """The ids already written, in a scratch SQLite file.
+
+    On disk rather than in a Python set: a set of ids (or even of 8-byte hashes, ~70
+    bytes each with the set's overhead) grows with the corpus, while SQLite's page
+    cache stays bounded, and the exact ids (no hash collisions) let a duplicate name
+    the location of the first one.
+    """
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(path)
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                              "CREATE TABLE ids (id TEXT PRIMARY KEY, location TEXT) WITHOUT ROWID;")
+
+    def first_location(self, rec_id: str, location: str) -> str | None:
+        """Register ``rec_id``; None if new, else where it was first seen."""
+        try:
+            self.db.execute("INSERT INTO ids VALUES (?, ?)", (rec_id, location))
+            return None
+        except sqlite3.IntegrityError:
+            return self.db.execute("SELECT location FROM ids WHERE id = ?", (rec_id,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _RawValidation:
+    """GX validation of the records, a chunk at a time, so memory does not grow with the corpus.
+
+    Each chunk is a light frame: the record's id, source and location, its field values
+    cut short (enough for the schema check), and derived columns. Id uniqueness across
+    chunks is the stage's own check (``_Ids``); GX checks it within each chunk.
+    """
+
+    CUT = 64  # characters of each field value in the frame
+
+    def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], path: Path):
+        self.fields, self.chunk_rows, self.path = task.fields, cfg.validation_chunk_rows, path
+        self.parameters = {"required_columns": ["id", "source", "location", *task.fields],
+                           "sources": source_names, "max_record_bytes": cfg.max_record_bytes}
+        self.rows: list[dict] = []
+        self.validated = self.chunks = 0
+
+    def add(self, record: dict, size: int) -> None:
+        self.rows.append({"id": record["id"], "source": record["source"], "location": record["location"],
+                          **{f: record[f][:self.CUT] for f in self.fields},
+                          "id_source": record["id"].partition(":")[0],
+                          "empty_fields": sum(not record[f].strip() for f in self.fields),
+                          "record_bytes": size})
+        if len(self.rows) >= self.chunk_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        validate("raw", pd.DataFrame(self.rows), self.parameters, self.path)
+        self.validated += len(self.rows)
+        self.chunks += 1
+        self.rows = []
+
+    def finish(self) -> None:
+        if self.rows:
+            self._flush()
+        write_json(self.path, {**read_json(self.path), "rows": self.validated, "chunks": self.chunks})
+
+
+def _preview(values: dict | None) -> dict | None:
+    if values is None:
+        return None
+    return {k: (v[:PREVIEW] + f"... [{len(v) - PREVIEW:,} more characters]"
+                if isinstance(v, str) and len(v) > PREVIEW else v) for k, v in values.items()}
+
+
+def _text(value: Any) -> str | None:
+    """A source value as record text; None for one that is not text (a list, a mapping)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)  # 1 -> "1", True -> "true": as the value reads in the source
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, (dict, list, tuple)):
+        return None
+    return str(value)
+
+
+def task_fields(src: SourceConfig, values: dict, max_bytes: int
+                ) -> tuple[dict[str, str] | None, int, tuple[str, str] | None]:
+    """(task fields, their size in bytes, problem) of a row read from ``src``."""
+    fields = {}
+    for column, name in src.columns.items():
+        value = values.get(column)
+        if value is None:
+            return None, 0, ("missing_field", f"no value for column {column!r}")
+        text = _text(value)
+        if text is None:
+            return None, 0, ("bad_value", f"column {column!r} holds a {type(value).__name__}, not text")
+        fields[name] = text
+    for name, text in fields.items():
+        if bad := sources.undecodable(text):
+            return None, 0, ("invalid_utf8", f"field {name!r}: {bad}")
+        if (nul := text.find("\x00")) >= 0:
+            return None, 0, ("nul_byte", f"field {name!r} holds a NUL byte at character {nul + 1}")
+    size = sum(len(t.encode("utf-8")) for t in fields.values())
+    if size > max_bytes:
+        return None, size, ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})")
+    if empty := [k for k, v in fields.items() if not v.strip()]:
+        return None, size, ("empty_field", f"empty {empty}")
+    return fields, size, None
+
+
+class _Sink:
+    """Where rows go: a record (id checked unique, validated) or a quarantine entry."""
+
+    def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], staging: Path, scratch: Path):
+        self.max_bytes = cfg.max_record_bytes
+        self.records = open(staging / "records.jsonl", "w", encoding="utf-8")
+        # A quarantined value may hold undecodable bytes (as surrogates): written escaped, not refused.
+        self.quarantine = open(staging / "quarantine.jsonl", "w", encoding="utf-8", errors="backslashreplace")
+        self.ids = _Ids(scratch / "ids.sqlite")
+        self.checks = _RawValidation(cfg, task, source_names, staging / "validation.json")
+
+    def take(self, src: SourceConfig, file: sources.SourceFile, row: sources.Row) -> str | None:
+        """Write ``row`` as a record, or quarantine it; the quarantine reason, or None."""
+        rec_id = f"{src.name}:{file.key + ':' if file.key else ''}{row.key}"
+        fields, size, problem = None, 0, row.problem
+        if problem is None:
+            fields, size, problem = task_fields(src, row.fields, self.max_bytes)
+        if problem is None and src.id_column:
+            own = _text(row.fields.get(src.id_column))
+            if own is None or not own.strip():
+                problem = ("missing_id", f"no value in id column {src.id_column!r}")
+            else:
+                rec_id = f"{src.name}:{own.strip()}"
+        if problem is None and (first := self.ids.first_location(rec_id, row.location)):
+            problem = ("duplicate_id", f"id {rec_id!r} already used at {first}")
+        if problem:
+            reason, detail = problem
+            self.quarantine.write(json.dumps({"id": rec_id, "source": src.name, "location": row.location,
+                                              "reason": reason, "detail": detail, "fields": _preview(row.fields)},
+                                             ensure_ascii=False, default=str) + "\n")
+            return reason
+        record = {"id": rec_id, "source": src.name, "location": row.location, **fields}
+        self.records.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.checks.add(record, size)
+        return None
+
+    def close(self) -> None:
+        self.records.close()
+        self.quarantine.close()
+        self.ids.close()
+
+
+def _collect_source(src: SourceConfig, cfg: CollectConfig, root: Path, scratch: Path, sink: _Sink
+                    ) -> tuple[dict, dict]:
+    """Read one source into ``sink``: (its sources.json entry, its stats)."""
+    t0 = time.perf_counter()
+    ctx = sources.ReadContext(cfg.max_record_bytes, scratch)
+    outcomes: Counter[str] = Counter()  # "record" or the quarantine reason
+    files: list[dict] = []
+    cap = cfg.max_records_per_source
+    for file in sources.open_files(src, root, root / cfg.download_dir):
+        if cap is not None and outcomes.total() >= cap:
+            break
+        try:
+            files += _checked_hashes(src, file)
+            rows = sources.read(src, file, ctx)
+            for row in rows:
+                outcomes[sink.take(src, file, row) or "record"] += 1
+                if cap is not None and outcomes.total() >= cap:
+                    rows.close()
+                    break
+        except OSError as exc:
+            raise StageError(f"{file.display}: cannot read (source {src.name!r}): {exc.strerror or exc}") from None
+    kept = outcomes.pop("record", 0)
+    dropped = dict(sorted(outcomes.items()))
+    skipped = dict(sorted(ctx.skipped.items()))
+    if kept + sum(dropped.values()) == 0:
+        raise StageError(f"{src.uri}: source {src.name!r} holds no rows (skipped: {skipped or 'nothing'})")
+    log.info("collect: %s (%s): %d records, %d quarantined %s, skipped %s in %.1f s", src.name, src.uri,
+             kept, sum(dropped.values()), dropped, skipped, time.perf_counter() - t0)
+    entry = {"uri": src.uri, "format": src.format, "files": files, "splits": dict(src.splits),
+             "records": kept, "quarantined": sum(dropped.values()), "skipped": skipped}
+    return entry, {"rows": kept + sum(dropped.values()), "records": kept, "quarantined": sum(dropped.values()),
+                   "quarantine_reasons": dropped, "skipped": skipped}
 
 
 def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
+    if problems := cfg.source_problems(task.name, task.fields):
+        raise StageError("; ".join(problems))
+    declared = cfg.sources[task.name]
     stats = CollectStats()
-    reasons: Counter[str] = Counter()
+    described: dict[str, dict] = {}
     with atomic_dir(out) as staging:
-        records_f = open(staging / "records.jsonl", "w", encoding="utf-8")
-        quarantine_f = open(staging / "quarantine.jsonl", "w", encoding="utf-8")
-        rows = []
-        with records_f, quarantine_f:
-            for source in task.sources:
-                path = root / source.path
-                if not path.is_file():
-                    raise StageError(f"{source.path}: source {source.name!r} of task {task.name!r} "
-                                     "does not exist")
-                kept = dropped = 0
-                for line, fields, problem in _read_delimited(source, path, cfg.max_records_per_source):
-                    rec = {"id": f"{source.name}:{line}", "source": source.name,
-                           "location": f"{source.path}:{line}"}
-                    if problem:
-                        reason, detail = problem
-                        quarantine_f.write(json.dumps({**rec, "reason": reason, "detail": detail,
-                                                       "fields": fields}, ensure_ascii=False) + "\n")
-                        reasons[reason] += 1
-                        dropped += 1
-                        continue
-                    rec.update(fields)
-                    records_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    rows.append(rec)
-                    kept += 1
-                stats.per_source[source.name] = {"path": source.path, "sha256": sha256_file(path),
-                                                 "records": kept, "quarantined": dropped}
-                stats.records += kept
-                stats.quarantined += dropped
-                log.info("collect: %s: %d records, %d quarantined", source.path, kept, dropped)
-        stats.quarantine_reasons = dict(reasons)
-        if not rows:
-            raise StageError(f"collect: task {task.name!r} produced no records from "
-                             f"{[s.path for s in task.sources]}")
-        validate("raw", pd.DataFrame(rows),
-                 {"required_columns": ["id", "source", "location", *task.fields]},
-                 staging / "validation.json")
+        scratch = staging / ".scratch"
+        scratch.mkdir()
+        sink = _Sink(cfg, task, [s.name for s in declared], staging, scratch)
+        try:
+            for src in declared:
+                described[src.name], stats.per_source[src.name] = _collect_source(src, cfg, root, scratch, sink)
+        finally:
+            sink.close()
+        shutil.rmtree(scratch)
+        reasons: Counter[str] = Counter()
+        for s in stats.per_source.values():
+            stats.records += s["records"]
+            stats.quarantined += s["quarantined"]
+            stats.skipped += sum(s["skipped"].values())
+            reasons.update(s["quarantine_reasons"])
+        stats.quarantine_reasons = dict(sorted(reasons.items()))
+        if not stats.records:
+            raise StageError(f"collect: task {task.name!r} produced no records; every row was quarantined "
+                             f"{stats.quarantine_reasons}: check the sources' `columns` and `format`")
+        write_json(staging / "sources.json", described)
+        sink.checks.finish()
     return stats
+
+
+def _checked_hashes(src: SourceConfig, file: sources.SourceFile) -> list[dict]:
+    hashes = sources.file_hashes(file)
+    if src.sha256 and not file.sha256 and hashes[0]["sha256"] != src.sha256:  # (a download is checked as it arrives)
+        raise StageError(f"{file.display}: sha256 mismatch (source {src.name!r}): expected {src.sha256}, got "
+                         f"{hashes[0]['sha256']}; the file changed, or `sha256` in collect.sources is wrong")
+    return hashes

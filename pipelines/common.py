@@ -66,6 +66,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed with SIGKILL leaves its scratch directory behind; only this function
+    # makes `.<name>.*` directories, and DVC's lock rules out a concurrent run writing one.
+    for stale in out.parent.glob(f".{out.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     failed_report = out.parent / f"{out.name}.validation-failed.json"

@@ -1,8 +1,8 @@
 """Task definitions: what a task reads, how it is prompted, and how it is scored.
 
-A task is data, not code. Adding one means adding an entry to ``TASKS`` (and its
-source files under ``data/sources/<name>/``); no stage changes. Templates are Jinja2
-over the record's fields.
+A task is data, not code. Adding one means adding an entry to ``TASKS`` and declaring
+its sources under ``collect.sources.<name>`` in params.yaml (files committed under
+``data/sources/<name>/``); no stage changes. Templates are Jinja2 over the record's fields.
 """
 from __future__ import annotations
 
@@ -11,24 +11,11 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
-class Source:
-    name: str
-    path: str  # relative to the project root
-    format: Literal["csv", "tsv"]
-    columns: dict[str, str]  # column in the file -> field of the task
-    # Fractions of this source's groups per split; a source that *is* a split
-    # (the SST-2 dev set used as test) says so with {"test": 1.0}.
-    splits: dict[str, float]
-    quoting: Literal["minimal", "none"] = "minimal"  # GLUE TSVs carry raw quote characters
-
-
-@dataclass(frozen=True)
 class Task:
     name: str
     kind: Literal["generation", "classification"]
     fields: tuple[str, ...]
     group_key: str  # records sharing this field always land in the same split
-    sources: tuple[Source, ...]
     prompt: str  # Jinja2 template of the tuned model's input
     target: str  # Jinja2 template of what the model learns to produce
     zero_shot: str  # hand-written instruction for the untuned base model (chat template)
@@ -47,15 +34,6 @@ TASKS: dict[str, Task] = {
             kind="generation",
             fields=("mr", "ref"),
             group_key="mr",  # all references of one meaning representation share a split
-            sources=(
-                Source(
-                    name="e2e_devel_fixed",
-                    path="data/sources/e2e/devel-fixed.no-ol.csv",
-                    format="csv",
-                    columns={"mr": "mr", "ref": "ref"},
-                    splits={"train": 0.8, "validation": 0.05, "test": 0.15},
-                ),
-            ),
             prompt="Attributes: {{ mr }}\nDescription:",
             target=" {{ ref }}",
             zero_shot=(
@@ -71,24 +49,6 @@ TASKS: dict[str, Task] = {
             kind="classification",
             fields=("sentence", "label"),
             group_key="sentence",
-            sources=(
-                Source(
-                    name="sst2_train",
-                    path="data/sources/sst2/train.tsv",
-                    format="tsv",
-                    columns={"sentence": "sentence", "label": "label"},
-                    splits={"train": 0.99, "validation": 0.01},
-                    quoting="none",
-                ),
-                Source(
-                    name="sst2_dev",
-                    path="data/sources/sst2/dev.tsv",
-                    format="tsv",
-                    columns={"sentence": "sentence", "label": "label"},
-                    splits={"test": 1.0},  # GLUE's labelled test set is not public
-                    quoting="none",
-                ),
-            ),
             prompt="Review: {{ sentence }}\nSentiment:",
             target=" {{ verbalizer }}",
             zero_shot=(
@@ -99,6 +59,23 @@ TASKS: dict[str, Task] = {
             labels={"0": "negative", "1": "positive"},
             text_fields=("sentence",),
             primary_metric="accuracy",
+        ),
+        Task(
+            # Stack Exchange question -> its accepted answer. The dirty corpus: raw HTML
+            # bodies, code blocks, LaTeX, duplicates (the clean stage turns them into text).
+            name="stackexchange_qa",
+            kind="generation",
+            fields=("title", "question", "answer"),
+            group_key="title",  # one question per record; equal titles (reposts) share a split
+            prompt="Question: {{ title }}\n{{ question }}\nAnswer:",
+            target=" {{ answer }}",
+            zero_shot=(
+                "Answer this question from a Stack Exchange site in a few sentences.\n"
+                "Question: {{ title }}\n{{ question }}"
+            ),
+            target_field="answer",
+            text_fields=("title", "question", "answer"),
+            primary_metric="rouge_l",  # answers are free text with many valid wordings; BLEU is too strict
         ),
     )
 }

@@ -14,7 +14,8 @@ from pipelines.common import StageError
 from pipelines.validation import GX_DIR, PROJECT_ROOT, ValidationFailed, ValidationSummary, validate
 
 SHARDS_PARAMS = {"max_length": 10, "vocab_size": 100}
-CLEAN_PARAMS = {"min_chars": 2, "max_chars": 100, "min_rows": 2}
+CLEAN_PARAMS = {"min_chars": 2, "max_chars": 100, "min_words": 1, "max_words": None, "min_rows": 2,
+                "sources": ["e2e"], "max_pii_left": 0}
 
 
 def gx_files(root: Path = GX_DIR) -> dict[str, bytes | None]:
@@ -38,12 +39,19 @@ def base_model_frame(**overrides):
 
 def raw_frame():
     return pd.DataFrame({"id": ["e2e:2", "e2e:3"], "source": ["e2e", "e2e"], "location": ["e2e.csv:2", "e2e.csv:3"],
-                         "mr": ["name[Aromi]", "name[Alimentum]"], "ref": ["Aromi is ...", "Alimentum is ..."]})
+                         "mr": ["name[Aromi]", "name[Alimentum]"], "ref": ["Aromi is ...", "Alimentum is ..."],
+                         "id_source": ["e2e", "e2e"], "empty_fields": [0, 0], "record_bytes": [40, 44]})
+
+
+def raw_params(**overrides):
+    return {"required_columns": ["id", "source", "location", "mr", "ref"], "sources": ["e2e"],
+            "max_record_bytes": 1000, **overrides}
 
 
 def clean_frame():
-    return pd.DataFrame({"id": ["a", "b", "c"], "split": ["train", "validation", "test"], "text_chars": [5, 60, 7],
-                         "group_splits": [1, 1, 1], "label_ok": [True, True, True]})
+    return pd.DataFrame({"id": ["a", "b", "c"], "source": ["e2e"] * 3, "split": ["train", "validation", "test"],
+                         "text_chars": [5, 60, 7], "text_words": [1, 9, 2], "label_ok": [True, True, True],
+                         "pii_left": [0, 0, 0]})
 
 
 def shards_frame(length=5, max_id=10):
@@ -59,7 +67,7 @@ def predictions_frame():
 # One passing frame per suite; each also checks that the passing summary is written.
 PASSING = {
     "base_model": (base_model_frame, {}),
-    "raw": (raw_frame, {"required_columns": ["id", "source", "location", "mr", "ref"]}),
+    "raw": (raw_frame, raw_params()),
     "clean": (clean_frame, CLEAN_PARAMS),
     "shards": (shards_frame, SHARDS_PARAMS),
     "tune": (lambda: pd.DataFrame({"step": [0, 10], "loss": [2.0, 1.5]}), {}),
@@ -99,7 +107,8 @@ def test_base_model_needs_files_a_sane_probe_and_room_for_every_token(tmp_path):
 def test_raw_needs_the_task_columns_and_unique_ids(tmp_path):
     df = pd.concat([raw_frame(), raw_frame().iloc[:1]], ignore_index=True)
     with pytest.raises(ValidationFailed) as err:
-        validate("raw", df, {"required_columns": ["id", "source", "location", "mr", "target"]}, tmp_path / "v.json")
+        validate("raw", df, raw_params(required_columns=["id", "source", "location", "mr", "target"]),
+                 tmp_path / "v.json")
     assert failed(err) == {("expect_table_columns_to_match_set", None), ("expect_column_values_to_be_unique", "id")}
     columns = next(f for f in err.value.summary.failures if f["expectation"] == "expect_table_columns_to_match_set")
     assert columns["kwargs"]["column_set"] == ["id", "source", "location", "mr", "target"]
@@ -112,25 +121,36 @@ def test_raw_needs_the_task_columns_and_unique_ids(tmp_path):
 def test_raw_provenance_must_not_be_null(tmp_path):
     df = raw_frame().assign(location=["e2e.csv:2", None])
     with pytest.raises(ValidationFailed) as err:
-        validate("raw", df, {"required_columns": ["id"]}, tmp_path / "v.json")
-    assert failed(err) == {("expect_column_values_to_not_be_null", "location")}
+        validate("raw", df, raw_params(), tmp_path / "v.json")
+    # a null location also fails its file:line pattern
+    assert ("expect_column_values_to_not_be_null", "location") in failed(err)
 
 
-def test_clean_catches_leakage_duplicates_bad_splits_and_labels(tmp_path):
-    df = pd.DataFrame({"id": ["a", "a", "c"], "split": ["train", "test", "dev"], "text_chars": [5, 6, 7],
-                       "group_splits": [1, 2, 1], "label_ok": [True, False, True]})
+def test_raw_ids_name_their_source_and_records_fit_the_size_bound(tmp_path):
+    df = raw_frame().assign(id_source=["e2e", "other"], source=["e2e", "e2e"], record_bytes=[40, 5000])
+    with pytest.raises(ValidationFailed) as err:
+        validate("raw", df, raw_params(), tmp_path / "v.json")
+    assert failed(err) == {("expect_column_pair_values_to_be_equal", "id_source, source"),
+                           ("expect_column_values_to_be_between", "record_bytes")}
+
+
+def test_clean_catches_duplicates_bad_splits_labels_and_leftover_pii(tmp_path):
+    # Leakage across splits is checked by the clean stage on its own index (tests/test_clean.py).
+    df = clean_frame().assign(id=["a", "a", "c"], split=["train", "test", "dev"], label_ok=[True, False, True],
+                              pii_left=[0, 1, 0])
     with pytest.raises(ValidationFailed) as err:
         validate("clean", df, CLEAN_PARAMS, tmp_path / "v.json")
     assert failed(err) == {("expect_column_values_to_be_unique", "id"),
                            ("expect_column_values_to_be_in_set", "split"),
-                           ("expect_column_values_to_be_between", "group_splits"),
+                           ("expect_column_values_to_be_between", "pii_left"),
                            ("expect_column_values_to_be_in_set", "label_ok")}
     assert "on column 'split'" in str(err.value) and "e.g. ['dev']" in str(err.value)
 
 
 def test_clean_limits_come_from_the_parameters(tmp_path):
     with pytest.raises(ValidationFailed) as err:
-        validate("clean", clean_frame(), {"min_chars": 6, "max_chars": 50, "min_rows": 4}, tmp_path / "v.json")
+        validate("clean", clean_frame(), {**CLEAN_PARAMS, "min_chars": 6, "max_chars": 50, "min_rows": 4},
+                 tmp_path / "v.json")
     (length,) = [f for f in err.value.summary.failures if f["column"] == "text_chars"]
     assert length["kwargs"] == {"min_value": 6, "max_value": 50} and length["unexpected_sample"] == [5, 60]
     assert ("expect_table_row_count_to_be_between", None) in failed(err)

@@ -1,0 +1,173 @@
+"""A corpus of malformed input: every kind ends as a clear error naming the source and
+the place, or as a quarantined row with its reason; never a traceback, never a silent drop."""
+import hashlib
+import os
+
+import pytest
+import yaml
+
+from pipelines import clean, cli, collect
+from pipelines.common import StageError, read_json, read_jsonl
+from pipelines.config import CleanConfig
+from tests.collect_fixtures import config, make_task, serve, source
+from tests.conftest import ROOT
+
+SST = ("sentence", "label")
+QA = ("title", "question", "answer")
+LABELS = {"0": "negative", "1": "positive"}
+TEN_MB = 10 * 2**20
+
+# name -> (file, bytes, extra source options): each file holds one or more bad rows among good ones
+QUARANTINE_CORPUS = {
+    "utf8": ("utf8.csv", b"sentence,label\ngood one,1\ncaf\xe9 au lait,0\n", {}),
+    "nul": ("nul.csv", b"sentence,label\nnul\x00 inside,1\nfine,0\n", {}),
+    "truncated": ("truncated.csv", b'sentence,label\nfine,1\nno label column\n"cut off in the mid', {}),
+    "missing": ("missing.jsonl", b'{"sentence": "no label"}\n{"sentence": "ok", "label": 1}\n{"sentence": "br\n',
+                {}),
+    "big": ("big.jsonl", None, {}),  # written at run time: one 10 MB record, then a normal one
+    "dupes": ("dupes.csv", b"key,sentence,label\nr1,first,1\nr1,second,0\nr2,third,0\n", {"id_column": "key"}),
+    "labels": ("labels.csv", b"sentence,label\nwrong label,2\nalso wrong,positive\nright,0\n", {}),
+}
+
+EXPECTED_QUARANTINE = [  # (id, location, reason, words of the detail)
+    ("utf8:3", "utf8.csv:3", "invalid_utf8", "column 'sentence': byte 0xe9 at character 4 is not valid UTF-8"),
+    ("nul:2", "nul.csv:2", "nul_byte", "field 'sentence' holds a NUL byte at character 4"),
+    ("truncated:3", "truncated.csv:3", "field_count", "expected 2 fields, found 1"),
+    ("truncated:4", "truncated.csv:4", "truncated_row", "ends inside a quoted field that starts at line 4"),
+    ("missing:1", "missing.jsonl:1", "missing_field", "no value for column 'label'"),
+    ("missing:3", "missing.jsonl:3", "bad_json", "Unterminated string starting at"),
+    ("big:1", "big.jsonl:1", "too_large", "line 1 is 10,485,"),
+    ("dupes:r1", "dupes.csv:3", "duplicate_id", "id 'dupes:r1' already used at dupes.csv:2"),
+]
+
+
+@pytest.fixture
+def bad_corpus(tmp_path):
+    declared = []
+    for name, (file, data, options) in QUARANTINE_CORPUS.items():
+        if data is None:
+            data = (b'{"sentence": "' + b"x" * TEN_MB + b'", "label": "1"}\n'
+                    + b'{"sentence": "after the big one", "label": "0"}\n')
+        (tmp_path / file).write_bytes(data)
+        declared.append(source(name, file, columns=SST, **options))
+    return tmp_path, config(*declared)
+
+
+def test_bad_rows_are_quarantined_with_their_reason_and_place(bad_corpus):
+    root, cfg = bad_corpus
+    stats = collect.run(cfg, make_task(SST, LABELS), root, root / "raw")
+    quarantined = read_jsonl(root / "raw" / "quarantine.jsonl")
+    got = [(q["id"], q["location"], q["reason"]) for q in quarantined]
+    assert got == [e[:3] for e in EXPECTED_QUARANTINE]
+    for q, (*_, words) in zip(quarantined, EXPECTED_QUARANTINE):
+        assert words in q["detail"], (q["reason"], q["detail"])
+    records = read_jsonl(root / "raw" / "records.jsonl")
+    assert [r["id"] for r in records] == ["utf8:2", "nul:3", "truncated:2", "missing:2", "big:2", "dupes:r1",
+                                          "dupes:r2", "labels:2", "labels:3", "labels:4"]
+    # every row read is accounted for, per source
+    assert stats.records == 10 and stats.quarantined == 8 and stats.skipped == 0
+    assert all(s["rows"] == s["records"] + s["quarantined"] for s in stats.per_source.values())
+    assert stats.per_source["truncated"]["quarantine_reasons"] == {"field_count": 1, "truncated_row": 1}
+    # the 10 MB row is audited by its size and first bytes, not copied whole
+    assert (root / "raw" / "quarantine.jsonl").stat().st_size < 20_000
+
+
+def test_wrong_labels_are_collected_then_removed_by_clean_as_bad_label(bad_corpus):
+    root, cfg = bad_corpus
+    task = make_task(SST, LABELS)
+    collect.run(cfg, task, root, root / "raw")
+    clean_cfg = CleanConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["clean"])
+    clean.run(clean_cfg, task, root / "raw", root / "clean")
+    removed = read_jsonl(root / "clean" / "removed" / "bad_label.jsonl")
+    assert sorted((r["id"], r["label"]) for r in removed) == [("labels:2", "2"), ("labels:3", "positive")]
+
+
+def _unreadable(path):
+    path.write_text("sentence,label\na,1\n")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: a file that no one can read instead
+        path.unlink()
+        path.symlink_to("/proc/self/mem")
+
+
+MALFORMED_XML = ('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n'
+                 '  <row Id="1" PostTypeId="1" AcceptedAnswerId="2" Title="t" Body="q" />\n'
+                 '  <row Id="2" PostTypeId="2" Body="unclosed <b> tag" />\n</posts>\n')
+
+ERROR_CASES = {  # name -> (files, source, task fields, message pattern)
+    "empty file": ({"empty.csv": b""}, source("empty", "empty.csv", columns=SST), SST,
+                   r"^empty\.csv: empty file \(source 'empty'\)"),
+    "missing columns": ({"cols.csv": b"sentence,score\na,1\n"}, source("cols", "cols.csv", columns=SST), SST,
+                        r"^cols\.csv:1: source 'cols' lacks column\(s\) \['label'\]; header is \['sentence', 'score'\]"),
+    "malformed XML": ({"Posts.xml": MALFORMED_XML.encode()}, source("se", "Posts.xml", columns=QA), QA,
+                      r"^Posts\.xml:4: malformed XML \(source 'se'\): Unescaped '<' not allowed in attributes"),
+    "XML not UTF-8": ({"Posts.xml": MALFORMED_XML.replace("t\"", "caf\xe9\"", 1).encode("latin-1")},
+                      source("se", "Posts.xml", columns=QA), QA,
+                      r"^Posts\.xml:3: malformed XML \(source 'se'\): Invalid bytes in character encoding"),
+    "unreadable file": ({"locked.csv": _unreadable}, source("locked", "locked.csv", columns=SST), SST,
+                        r"^locked\.csv: cannot read \(source 'locked'\): \w"),
+    "corrupt parquet": ({"t.parquet": b"PAR1 not really"}, source("pq", "t.parquet", columns=SST), SST,
+                        r"^t\.parquet: not a readable Parquet file \(source 'pq'\)"),
+    "no such file": ({}, source("gone", "gone.csv", columns=SST), SST, r"^gone\.csv: no such file \(source 'gone'\)"),
+    "hub dataset offline": ({}, source("hub", "hf:nobody/no-such-dataset", columns=SST), SST,
+                            r"^hf:nobody/no-such-dataset: cannot load the Hugging Face dataset \(source 'hub', "
+                            r"split 'train'\) \(HF_HUB_OFFLINE is set"),
+    "pinned file changed": ({"a.csv": b"sentence,label\na,1\n"},
+                            source("pinned", "a.csv", columns=SST, sha256="0" * 64), SST,
+                            r"^a\.csv: sha256 mismatch \(source 'pinned'\): expected 0{64}, got [0-9a-f]{64}"),
+    "header only": ({"h.csv": b"sentence,label\n"}, source("h", "h.csv", columns=SST), SST,
+                    r"^h\.csv: source 'h' holds no rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_unusable_sources_are_errors_naming_source_and_place(tmp_path, case):
+    files, declared, fields, message = ERROR_CASES[case]
+    for name, data in files.items():
+        data(tmp_path / name) if callable(data) else (tmp_path / name).write_bytes(data)
+    with pytest.raises(StageError, match=message):
+        collect.run(config(declared), make_task(fields), tmp_path, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()  # no partial output left behind
+
+
+def test_http_404_and_checksum_mismatch_are_errors_naming_the_url(tmp_path):
+    body = b"sentence,label\na,1\n"
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "a.csv").write_bytes(body)
+    wrong = "0" * 64
+    with serve(tmp_path / "served") as url:
+        with pytest.raises(StageError, match=rf"^{url}/missing\.csv: HTTP 404 File not found \(source 'web'\)"):
+            collect.run(config(source("web", f"{url}/missing.csv", columns=SST, sha256=wrong)), make_task(SST),
+                        tmp_path, tmp_path / "raw")
+        with pytest.raises(StageError, match=rf"^{url}/a\.csv: sha256 mismatch \(source 'web'\): expected {wrong}, "
+                                             rf"got {hashlib.sha256(body).hexdigest()}"):
+            collect.run(config(source("web", f"{url}/a.csv", columns=SST, sha256=wrong)), make_task(SST),
+                        tmp_path, tmp_path / "raw")
+    assert list((tmp_path / ".ptune" / "downloads").iterdir()) == []  # nothing unverified is kept
+
+
+def _cli_project(tmp_path, declared: dict) -> list[str]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["task"]["name"] = "sst2"
+    params["collect"]["sources"]["sst2"] = [declared]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", str(tmp_path / "params.yaml"), "stage", "collect", "--out", "data/raw",
+            "--stats", "data/metrics/collect.json"]
+
+
+def test_cli_prints_one_line_and_exits_1_on_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cols.csv").write_text("sentence,score\na,1\n")
+    assert cli.main(_cli_project(tmp_path, source("cols", "cols.csv", columns=SST))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("ptune stage collect: error: cols.csv:1: source 'cols' lacks column(s) ['label']; "
+                   "header is ['sentence', 'score']")
+
+
+def test_cli_writes_quarantine_counts_as_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.csv").write_bytes(b"sentence,label\ngood,1\nbad\xff,0\nshort\n")
+    assert cli.main(_cli_project(tmp_path, source("a", "a.csv", columns=SST))) == 0
+    metrics = read_json(tmp_path / "data" / "metrics" / "collect.json")
+    assert (metrics["records"], metrics["quarantined"]) == (1, 2)
+    assert metrics["quarantine_reasons"] == {"field_count": 1, "invalid_utf8": 1}
