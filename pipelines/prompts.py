@@ -1,40 +1,78 @@
-"""Rendering a task's Jinja2 templates for a record (training, evaluation, baselines)."""
+"""Rendering a task's Jinja2 templates for a record (training, evaluation, baselines).
+
+Templates run in Jinja2's immutable sandbox (a template can neither reach Python
+internals nor change its inputs) with ``StrictUndefined``: a template naming a field the
+record lacks fails with the field and the record's id, never renders an empty string
+into the training data.
+
+``PromptFormat`` is how ``tokenize`` turns a record into a source and a target: the
+task's prompt, optionally preceded by few-shot demonstrations (``FEW_SHOT``), optionally
+wrapped by the base model's chat template (each demonstration a user/assistant
+exchange, the prompt the last user turn); the target is the task's target template (the
+assistant's answer in chat mode).
+"""
 from __future__ import annotations
 
+import json
+import random
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import jinja2
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipelines.common import sha256_text
+from pipelines.common import StageError, sha256_text
 from pipelines.tasks import Task
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                          autoescape=False)
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                     autoescape=False)
+# Demonstrations in plain (non-chat) mode: each a rendered prompt and target, then a blank
+# line, then the example's own prompt, so the model sees the task's format k times.
+FEW_SHOT = "{% for d in demonstrations %}{{ d.prompt }}{{ d.target }}\n\n{% endfor %}{{ prompt }}"
 
 
 @lru_cache(maxsize=64)
-def _template(source: str) -> jinja2.Template:
-    return _ENV.from_string(source)
+def _template(source: str) -> tuple[jinja2.Template, tuple[str, ...]]:
+    """The compiled template and the variables it reads (sorted)."""
+    return _ENV.from_string(source), tuple(sorted(jinja2.meta.find_undeclared_variables(_ENV.parse(source))))
 
 
 def context(task: Task, record: dict) -> dict:
-    ctx = {f: record[f] for f in task.fields}
+    try:
+        ctx = {f: record[f] for f in task.fields}
+    except KeyError:
+        missing = [f for f in task.fields if f not in record]
+        raise StageError(f"record {record.get('id', '?')}: no field {', '.join(map(repr, missing))} "
+                         f"(task {task.name} needs {', '.join(task.fields)}); re-run the clean stage") from None
     if task.labels:
-        ctx["verbalizer"] = task.labels.get(str(record[task.target_field]), "")
+        label = str(record[task.target_field])
+        if label not in task.labels:
+            raise StageError(f"record {record.get('id', '?')}: label {label!r} has no verbalizer "
+                             f"(task {task.name} knows {sorted(task.labels)})")
+        ctx["verbalizer"] = task.labels[label]
     return ctx
 
 
+def render(source: str, ctx: dict, record_id: str = "?") -> str:
+    try:
+        return _template(source)[0].render(ctx)
+    except jinja2.TemplateError as exc:  # UndefinedError, SecurityError, a template syntax slip
+        raise StageError(f"record {record_id}: template {source!r}: {exc}") from None
+
+
 def render_prompt(task: Task, record: dict) -> str:
-    return _template(task.prompt).render(context(task, record))
+    return render(task.prompt, context(task, record), record.get("id", "?"))
 
 
 def render_target(task: Task, record: dict) -> str:
-    return _template(task.target).render(context(task, record))
+    return render(task.target, context(task, record), record.get("id", "?"))
 
 
 def render_zero_shot(task: Task, record: dict, tokenizer) -> str:
     """The hand-written instruction, wrapped in the base model's chat template if it has one."""
-    text = _template(task.zero_shot).render(context(task, record))
+    text = render(task.zero_shot, context(task, record), record.get("id", "?"))
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -43,8 +81,96 @@ def render_zero_shot(task: Task, record: dict, tokenizer) -> str:
 
 def verbalizers(task: Task) -> dict[str, str]:
     """label -> the target text the tuned model is scored on (the rendered target)."""
-    return {label: _template(task.target).render(verbalizer=word) for label, word in task.labels.items()}
+    return {label: render(task.target, {"verbalizer": word}) for label, word in task.labels.items()}
 
 
-def template_hash(task: Task) -> str:
-    return sha256_text("\x1e".join([task.prompt, task.target, task.zero_shot]))
+@dataclass(frozen=True)
+class Demo:
+    """A few-shot demonstration: a train record's rendered prompt and target."""
+    id: str
+    group: str
+    prompt: str
+    target: str
+
+
+def draw_demos(pool: Sequence[Demo], record: dict, k: int, seed: int) -> list[Demo]:
+    """``k`` pool entries for ``record``, seeded by its id (the same in every run and process,
+    whatever the order); never the record itself nor its group (another reference of the
+    same E2E input would hand the model its answer)."""
+    rng = random.Random(f"{seed}\x1f{record['id']}")  # str seeds hash with SHA-512: stable across runs
+    rid, gid = str(record["id"]), str(record.get("group", record["id"]))
+    chosen, seen = [], set()
+    while len(chosen) < k and len(seen) < len(pool):
+        i = rng.randrange(len(pool))
+        if i not in seen:
+            seen.add(i)
+            if pool[i].id != rid and pool[i].group != gid:
+                chosen.append(pool[i])
+    return chosen
+
+
+class PromptFormat:
+    """Source and target text of a record, per ``tokenize.chat_template`` and few-shot demos."""
+
+    def __init__(self, task: Task, tokenizer=None, chat_template: bool = False):
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise StageError("params.yaml: tokenize.chat_template is true, but the base model's tokenizer "
+                             "has no chat template; set it to false")
+        self.task, self.tokenizer, self.chat = task, tokenizer, chat_template
+        # Only the variables a template reads key its cache: SST-2's target reads just the
+        # verbalizer, so two renders serve 67k records.
+        self._render_prompt = self._cached(task.prompt)
+        self._render_target = self._cached(task.target)
+
+    @staticmethod
+    def _cached(source: str):
+        names = _template(source)[1]
+
+        @lru_cache(maxsize=4096)
+        def by_values(values: tuple) -> str:
+            return _template(source)[0].render(dict(zip(names, values)))
+
+        def render_record(ctx: dict, record_id: str) -> str:
+            try:
+                return by_values(tuple(ctx[n] for n in names))
+            except (KeyError, jinja2.TemplateError):
+                return render(source, ctx, record_id)  # the same failure, reported with the record
+        return render_record
+
+    def prompt(self, record: dict) -> str:
+        return self._render_prompt(context(self.task, record), record.get("id", "?"))
+
+    def target(self, record: dict) -> str:
+        text = self._render_target(context(self.task, record), record.get("id", "?"))
+        # The chat template already separates the turns; a leading space would be a token the
+        # model never produces after "assistant\n".
+        return text.lstrip() if self.chat else text
+
+    def demo(self, record: dict) -> Demo:
+        return Demo(str(record["id"]), str(record.get("group", record["id"])), self.prompt(record),
+                    self.target(record))
+
+    def source(self, prompt: str, demos: Sequence[Demo] = ()) -> str:
+        if not self.chat:
+            return _template(FEW_SHOT)[0].render(demonstrations=demos, prompt=prompt) if demos else prompt
+        turns = []
+        for d in demos:
+            turns += [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.target}]
+        turns.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def split_source(self, prompt: str) -> tuple[str, str, str]:
+        """(before, prompt, after): the demonstration-free source around the prompt, for
+        truncation that must cut the prompt but keep the chat template's markup whole."""
+        text = self.source(prompt)
+        i = text.rfind(prompt) if prompt else -1
+        if i < 0:  # a chat template that rewrites the content: cut the whole source
+            return "", text, ""
+        return text[:i], prompt, text[i + len(prompt):]
+
+    @property
+    def hash(self) -> str:
+        """sha256 of everything that shapes the text: templates, verbalizers, demo layout, chat template."""
+        parts = {"prompt": self.task.prompt, "target": self.task.target, "labels": self.task.labels,
+                 "few_shot": FEW_SHOT, "chat_template": self.tokenizer.chat_template if self.chat else None}
+        return sha256_text(json.dumps(parts, sort_keys=True))

@@ -1,151 +1,437 @@
-"""tokenize: render each record's prompt and target, tokenize with the base model's
-tokenizer, mask the prompt out of the labels, and write checksummed Arrow shards.
+"""tokenize: render each clean record's source and target, tokenize them with the base
+model's tokenizer, mask the source out of the labels, and write verified Arrow shards.
 
-Loss falls only on the target (and its end-of-sequence token). When an example is
-longer than ``tokenize.max_length`` the policy decides: ``source`` keeps the target
-whole and drops tokens from the *start* of the prompt (the cue just before the target
-survives); ``drop`` removes the example. Either way it is counted in the metrics.
+- Text: ``prompts.PromptFormat`` (the task's Jinja2 templates; optionally the base
+  model's chat template and ``few_shot`` demonstrations drawn, seeded, from a bounded
+  pool of train records, never from the example's own group nor from validation/test).
+- Labels: ``IGNORE`` on the source (demonstrations included); the target and the EOS
+  token appended to it, so a tuned model learns to stop, carry the loss.
+- Too long for ``max_length``: ``truncation: source`` removes demonstrations (earliest
+  first), then cuts the start of the prompt, keeping the chat markup and the cue just
+  before the target; the target is never cut. ``drop`` removes the example. An example
+  whose target alone does not fit is dropped either way. Every case is counted per reason
+  in the stats and listed in ``truncated.jsonl`` / ``dropped.jsonl``.
+- Throughput: chunks of ``CHUNK`` JSONL lines go to ``num_proc`` forked workers (each a
+  batched call of the Rust tokenizer); results are consumed in input order, so the
+  shards are byte-identical for any ``num_proc``.
+- Memory: everything streams. In flight at most 2 x num_proc chunks, one shard's rows,
+  ``OPEN_ROWS`` packed rows, ``VALIDATE_ROWS`` validation aggregates; length statistics
+  come from a histogram (lengths are bounded by max_length), not a list.
+- Packing (``pack``, train only): examples are packed first-fit into rows of at most
+  max_length tokens with ``position_ids`` restarting per example and ``seq_lens``, which
+  ``shards.PackedCollator`` turns into a block-diagonal attention mask.
+- Output: ``<split>/shard-NNNNN.arrow`` and ``manifest.json`` (see ``pipelines/shards.py``),
+  validated by the GX suite ``shards`` on per-example aggregates before the directory
+  replaces the previous one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+import multiprocessing as mp
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from pipelines.common import StageError, atomic_dir, sha256_file, sha256_text, write_json
+from pipelines.common import StageError, atomic_dir, write_json
 from pipelines.config import TokenizeConfig
-from pipelines.prompts import render_prompt, render_target, template_hash
-from pipelines.shards import write_shard
+from pipelines.prompts import Demo, PromptFormat, draw_demos
+from pipelines.shards import (FORMAT, IGNORE, PACKED_SCHEMA, SCHEMA, ShardWriter, file_entry,
+                              tokenizer_fingerprint)
 from pipelines.tasks import Task
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-IGNORE = -100  # the label value torch's cross-entropy skips
-BATCH = 1024  # records per fast-tokenizer call: large enough to amortize, small in memory
+CHUNK = 1000  # records per worker task: amortizes a task's IPC; 2 x num_proc in flight stay a few MB
+DEMO_POOL = 256  # train records kept as candidate demonstrations: variety at bounded memory
+VALIDATE_ROWS = 100_000  # examples per GX call: a call costs ~50 ms, the frame ~5 MB
+OPEN_ROWS = 32  # packed rows open at once: rows end up near full, memory stays bounded
+# Output shaped by these params; num_proc changes only the speed, so it stays out of the manifest.
+OUTPUT_PARAMS = ("max_length", "truncation", "shard_rows", "chat_template", "few_shot", "seed", "pack")
 
 
 @dataclass
 class TokenizeStats:
-    examples: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0
-    dropped: int = 0
-    length: dict[str, float] = field(default_factory=dict)  # p50/p90/p99/max over all splits
+    examples: dict[str, int]  # examples written, per split
+    rows: dict[str, int]  # shard rows per split (fewer than examples where packed)
+    tokens: dict[str, int]
+    truncated: dict[str, int]  # per reason: demonstrations | source
+    dropped: dict[str, int]  # per reason: too_long | target_too_long | empty_target
+    length: dict[str, dict[str, int]]  # per split: p50/p90/p99/max tokens per example (nearest rank)
+    packing_efficiency: float | None  # train: tokens / (rows x max_length), when packed
+    seconds: float
+    tokens_per_s: float
 
 
-def tokenizer_fingerprint(tok) -> str:
-    path = Path(tok.name_or_path) / "tokenizer.json"
-    if path.is_file():
-        return sha256_file(path)
-    return sha256_text(json.dumps(sorted(tok.get_vocab().items())))
+def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 
 
-def encode_batch(task: Task, tok, records: list[dict], max_length: int, policy: str):
-    """-> (rows for the shard, n truncated, dropped records)."""
-    prompts = tok([render_prompt(task, r) for r in records], add_special_tokens=False).input_ids
-    targets = tok([render_target(task, r) for r in records], add_special_tokens=False).input_ids
-    rows = {"id": [], "input_ids": [], "labels": []}
-    truncated, dropped = 0, []
-    for rec, p, t in zip(records, prompts, targets):
-        t = t + [tok.eos_token_id]
-        if len(p) + len(t) > max_length:
-            room = max_length - len(t)
-            if policy == "drop" or room < 1:
-                dropped.append(rec)
+@dataclass
+class Encoded:
+    """A chunk of examples: token ids of all examples end to end, and where each starts."""
+    split: str
+    ids: list[str]
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE on the source
+    offsets: np.ndarray  # int64, len(ids) + 1
+    source_len: np.ndarray  # int32
+    dropped: list[dict]
+    truncated: list[dict]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def record_batch(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_arrays(
+            [pa.array(self.ids, pa.string()), _lists(self.offsets, self.input_ids),
+             _lists(self.offsets, self.labels)], schema=SCHEMA)
+
+    def aggregates(self) -> dict[str, np.ndarray]:
+        """What the GX suite checks, one row per example (every example has >= 2 tokens)."""
+        if not self.ids:
+            return {k: np.zeros(0, np.int64) for k in ("length", "min_id", "max_id", "label_tokens",
+                                                       "source_tokens")}
+        starts = self.offsets[:-1]
+        return {"length": self.lengths, "min_id": np.minimum.reduceat(self.input_ids, starts),
+                "max_id": np.maximum.reduceat(self.input_ids, starts),
+                "label_tokens": np.add.reduceat((self.labels != IGNORE).astype(np.int64), starts),
+                "source_tokens": self.source_len}
+
+
+class Encoder:
+    """JSONL lines -> ``Encoded``; runs in the stage's process or in a forked worker."""
+
+    def __init__(self, fmt: PromptFormat, tokenizer, cfg: TokenizeConfig, pool: list[Demo]):
+        self.fmt, self.cfg, self.pool = fmt, cfg, pool
+        # The Rust tokenizer itself: the same ids as tokenizer(texts, add_special_tokens=False)
+        # (a test checks), without building a BatchEncoding per call.
+        self.backend = tokenizer.backend_tokenizer
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def __call__(self, job: tuple[str, str, int, list[str]]) -> Encoded:
+        split, path, first_line, lines = job
+        records = []
+        for n, line in enumerate(lines, first_line):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise StageError(f"{path}:{n}: not a JSON record ({exc}); re-run the clean stage") from None
+        prompts = [self.fmt.prompt(r) for r in records]
+        targets = [self.fmt.target(r) for r in records]
+        demos = ([draw_demos(self.pool, r, self.cfg.few_shot, self.cfg.seed) for r in records]
+                 if self.cfg.few_shot else [[]] * len(records))
+        sources = ([self.fmt.source(p, d) for p, d in zip(prompts, demos)]
+                   if self.cfg.few_shot or self.fmt.chat else prompts)
+        source_ids = self.encode(sources)
+        unique = list(dict.fromkeys(targets))  # classification targets repeat: tokenize each once
+        target_ids = dict(zip(unique, self.encode(unique)))
+
+        flat: list[int] = []
+        offsets, source_len, ids, dropped, truncated = [0], [], [], [], []
+        for rec, prompt, target, d, full in zip(records, prompts, targets, demos, source_ids):
+            t, s = target_ids[target], full
+            room = self.cfg.max_length - len(t) - 1  # the EOS token
+            reason = None
+            if not target.strip():
+                s, reason = None, "empty_target"
+            elif len(s) > room:
+                s, reason = self._fit(prompt, d, room)
+            if s is None:
+                dropped.append({"id": rec["id"], "split": split, "reason": reason, "record": rec})
                 continue
-            p = p[len(p) - room:]
-            truncated += 1
-        rows["id"].append(rec["id"])
-        rows["input_ids"].append(p + t)
-        rows["labels"].append([IGNORE] * len(p) + t)
-    return rows, truncated, dropped
+            if reason:
+                truncated.append({"id": rec["id"], "split": split, "reason": reason,
+                                  "tokens_before": len(full) + len(t) + 1,
+                                  "tokens_after": len(s) + len(t) + 1})
+            flat += s
+            flat += t
+            flat.append(self.eos)
+            offsets.append(len(flat))
+            source_len.append(len(s))
+            ids.append(str(rec["id"]))
+        values = np.array(flat, dtype=np.int32)
+        offs = np.array(offsets, dtype=np.int64)
+        lens = np.diff(offs)
+        within = np.arange(len(values)) - np.repeat(offs[:-1], lens)
+        labels = np.where(within < np.repeat(np.array(source_len, np.int64), lens), IGNORE, values)
+        return Encoded(split, ids, values, labels.astype(np.int32), offs, np.array(source_len, np.int32),
+                       dropped, truncated)
+
+    def _fit(self, prompt: str, demos: list[Demo], room: int) -> tuple[list[int] | None, str]:
+        """A shorter source that fits ``room`` tokens, and why; (None, reason) to drop."""
+        if room < 1:
+            return None, "target_too_long"
+        if self.cfg.truncation == "drop":
+            return None, "too_long"
+        for j in range(1, len(demos) + 1):  # the demonstrations farthest from the prompt go first
+            ids = self.encode([self.fmt.source(prompt, demos[j:])])[0]
+            if len(ids) <= room:
+                return ids, "demonstrations"
+        before, body, after = self.encode(list(self.fmt.split_source(prompt)))
+        keep = room - len(before) - len(after)
+        if keep < 1:  # the chat markup and the target leave no room for any of the prompt
+            return None, "target_too_long"
+        return before + body[len(body) - keep:] + after, "source"
+
+
+class Packer:
+    """First-fit packing into rows of at most ``max_length`` tokens, streaming: at most
+    ``OPEN_ROWS`` rows are open; an example that fits none closes the fullest."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.open: list[list] = []  # [tokens used, [(id, input_ids, labels), ...]]
+
+    def add(self, enc: Encoded) -> Iterator[pa.RecordBatch]:
+        done = []
+        for i, ex_id in enumerate(enc.ids):
+            a, b = enc.offsets[i], enc.offsets[i + 1]
+            n = int(b - a)
+            k = next((k for k, row in enumerate(self.open) if row[0] + n <= self.max_length), None)
+            if k is None:
+                if len(self.open) == OPEN_ROWS:
+                    done.append(self.open.pop(max(range(OPEN_ROWS), key=lambda j: self.open[j][0])))
+                self.open.append([0, []])
+                k = len(self.open) - 1
+            row = self.open[k]
+            row[0] += n
+            row[1].append((ex_id, enc.input_ids[a:b], enc.labels[a:b]))
+            if row[0] == self.max_length:
+                done.append(self.open.pop(k))
+        if done:
+            yield self._batch(done)
+
+    def close(self) -> Iterator[pa.RecordBatch]:
+        if self.open:
+            yield self._batch(self.open)
+        self.open = []
+
+    @staticmethod
+    def _batch(rows: list[list]) -> pa.RecordBatch:
+        examples = [ex for _, exs in rows for ex in exs]
+        lens = np.array([len(ex[1]) for ex in examples], np.int64)
+        offsets = np.concatenate([[0], np.cumsum([used for used, _ in rows])])
+        starts = np.repeat(np.cumsum(lens) - lens, lens)
+        positions = np.arange(int(lens.sum())) - starts
+        seq_lens = pa.array([[len(ex[1]) for ex in exs] for _, exs in rows], pa.list_(pa.int32()))
+        return pa.RecordBatch.from_arrays(
+            [pa.array([[ex[0] for ex in exs] for _, exs in rows], pa.list_(pa.string())),
+             _lists(offsets, np.concatenate([ex[1] for ex in examples])),
+             _lists(offsets, np.concatenate([ex[2] for ex in examples])),
+             _lists(offsets, positions), seq_lens], schema=PACKED_SCHEMA)
+
+
+def percentiles(hist: np.ndarray) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99 and max from a histogram of lengths (exact, O(max_length))."""
+    n = int(hist.sum())
+    if not n:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    cum = np.cumsum(hist)
+    rank = {f"p{q}": int(np.searchsorted(cum, math.ceil(q / 100 * n))) for q in (50, 90, 99)}
+    return {**rank, "max": int(np.flatnonzero(hist)[-1])}
+
+
+class _Split:
+    """One split's shard writer, packer and length histogram."""
+
+    def __init__(self, out: Path, cfg: TokenizeConfig, packed: bool):
+        self.packer = Packer(cfg.max_length) if packed else None
+        self.writer = ShardWriter(out, PACKED_SCHEMA if packed else SCHEMA, cfg.shard_rows)
+        self.hist = np.zeros(cfg.max_length + 1, np.int64)
+        self.examples = 0
+
+    def add(self, enc: Encoded) -> None:
+        self.hist += np.bincount(enc.lengths, minlength=len(self.hist))
+        self.examples += len(enc.ids)
+        for batch in self.packer.add(enc) if self.packer else [enc.record_batch()]:
+            self.writer.write(batch)
+
+    def close(self) -> dict:
+        for batch in self.packer.close() if self.packer else []:
+            self.writer.write(batch)
+        shards = self.writer.close()
+        return {"examples": self.examples, "rows": sum(s["rows"] for s in shards),
+                "tokens": sum(s["tokens"] for s in shards), "packed": self.packer is not None,
+                "length": percentiles(self.hist), "shards": shards}
+
+
+class _Checks:
+    """The GX ``shards`` suite over per-example aggregates, ``VALIDATE_ROWS`` at a time."""
+
+    def __init__(self, params: dict, path: Path):
+        self.params, self.path = params, path
+        self.parts: list[pd.DataFrame] = []
+        self.pending = self.rows = self.calls = 0
+        self.summary = None
+
+    def add(self, enc: Encoded) -> None:
+        self.parts.append(pd.DataFrame({**enc.aggregates(), "split": enc.split}))
+        self.pending += len(enc.ids)
+        if self.pending >= VALIDATE_ROWS:
+            self._run()
+
+    def _run(self) -> None:
+        frame = pd.concat(self.parts, ignore_index=True) if self.parts else pd.DataFrame()
+        self.summary = validate("shards", frame, self.params, self.path)  # raises on failure
+        self.rows += len(frame)
+        self.calls += 1
+        self.parts, self.pending = [], 0
+
+    def close(self) -> None:
+        if self.pending or not self.calls:
+            self._run()
+        write_json(self.path, {**asdict(self.summary), "rows": self.rows, "batches": self.calls,
+                               "parameters": self.params})
+
+
+def _jobs(sources: dict[str, Path]) -> Iterator[tuple[str, str, int, list[str]]]:
+    for split, path in sources.items():
+        with open(path, encoding="utf-8") as f:
+            lines: list[str] = []
+            first = 1
+            for n, line in enumerate(f, 1):
+                lines.append(line)
+                if len(lines) == CHUNK:
+                    yield split, str(path), first, lines
+                    lines, first = [], n + 1
+            if lines:
+                yield split, str(path), first, lines
+
+
+_WORKER: Encoder | None = None
+
+
+def _start_worker(encoder: Encoder) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
+    _WORKER = encoder
+
+
+def _work(job):
+    return _WORKER(job)
+
+
+def _ordered(encoder: Encoder, jobs: Iterator, num_proc: int) -> Iterator[Encoded]:
+    """``map(encoder, jobs)`` over ``num_proc`` processes, in input order, 2 x num_proc in flight."""
+    if num_proc == 1:
+        yield from map(encoder, jobs)
+        return
+    # fork: workers inherit the loaded tokenizer and templates instead of re-importing them.
+    with mp.get_context("fork").Pool(num_proc, initializer=_start_worker, initargs=(encoder,)) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_work, (job,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def demo_pool(fmt: PromptFormat, train: Path, cfg: TokenizeConfig) -> list[Demo]:
+    """``DEMO_POOL`` train records by seeded reservoir sampling (one streaming pass)."""
+    rng = random.Random(cfg.seed)
+    pool: list[str] = []
+    with open(train, encoding="utf-8") as f:
+        for n, line in enumerate(line for line in f if line.strip()):
+            if n < DEMO_POOL:
+                pool.append(line)
+            elif (j := rng.randrange(n + 1)) < DEMO_POOL:
+                pool[j] = line
+    demos = [fmt.demo(json.loads(line)) for line in pool]
+    if len({d.group for d in demos}) <= cfg.few_shot:
+        raise StageError(f"params.yaml: tokenize.few_shot={cfg.few_shot}: {train} offers "
+                         f"{len({d.group for d in demos})} groups to draw from; each example needs "
+                         f"{cfg.few_shot} from groups other than its own. Lower few_shot")
+    return demos
 
 
 def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> TokenizeStats:
     from transformers import AutoConfig, AutoTokenizer
 
+    t0 = time.perf_counter()
+    sources = {split: Path(clean) / f"{split}.jsonl" for split in SPLITS}
+    for path in sources.values():
+        if not path.is_file():
+            raise StageError(f"{path}: missing; run the clean stage first")
     tok = AutoTokenizer.from_pretrained(base)
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise StageError(f"{base}: tokenize needs a fast (Rust) tokenizer; this one is {type(tok).__name__}")
+    if tok.eos_token_id is None:
+        raise StageError(f"{base}: the tokenizer has no end-of-sequence token; targets need one")
     # Token ids must index the model's embedding matrix, not merely the tokenizer's
     # vocabulary: a tokenizer paired with the wrong model is caught here, by validation.
     model_vocab = AutoConfig.from_pretrained(base).vocab_size
-    if tok.eos_token_id is None:
-        raise StageError(f"{base}: the tokenizer has no end-of-sequence token; targets need one")
-    stats = TokenizeStats()
-    lengths: list[int] = []
-    checks: list[pd.DataFrame] = []
-    manifest = {
-        "task": task.name,
-        "tokenizer": {"path": str(base), "sha256": tokenizer_fingerprint(tok), "vocab_size": len(tok),
-                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-                      "model_vocab_size": model_vocab},
-        "template_sha256": template_hash(task),
-        "max_length": cfg.max_length,
-        "truncation": cfg.truncation,
-        "splits": {},
-    }
+    fmt = PromptFormat(task, tok, cfg.chat_template)
+    pool = demo_pool(fmt, sources["train"], cfg) if cfg.few_shot else []
+    encoder = Encoder(fmt, tok, cfg, pool)
+    num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
+    truncated, dropped = Counter(), Counter()
+
     with atomic_dir(out) as staging:
-        dropped_f = open(staging / "dropped.jsonl", "w", encoding="utf-8")
-        for split in SPLITS:
-            (staging / split).mkdir()
-            src = clean / f"{split}.jsonl"
-            if not src.is_file():
-                raise StageError(f"{src}: missing; run the clean stage first")
-            with open(src, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f]
-            shards, n_rows, n_tokens = [], 0, 0
-            buffer = {"id": [], "input_ids": [], "labels": []}
+        splits = {s: _Split(staging / s, cfg, packed=cfg.pack and s == "train") for s in SPLITS}
+        checks = _Checks({"max_length": cfg.max_length, "vocab_size": model_vocab}, staging / "validation.json")
+        with open(staging / "dropped.jsonl", "w", encoding="utf-8") as dropped_f, \
+                open(staging / "truncated.jsonl", "w", encoding="utf-8") as truncated_f, \
+                contextlib.closing(_ordered(encoder, _jobs(sources), num_proc)) as chunks:
+            for enc in chunks:
+                for row in enc.dropped:
+                    dropped[row["reason"]] += 1
+                    dropped_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                for row in enc.truncated:
+                    truncated[row["reason"]] += 1
+                    truncated_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                checks.add(enc)
+                splits[enc.split].add(enc)
+        info = {s: split.close() for s, split in splits.items()}
+        checks.close()
+        if pool:  # what few-shot sources were drawn from, for audit and for evaluation prompts
+            with open(staging / "demonstrations.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in pool)
+        manifest = {
+            "format": FORMAT,
+            "task": task.name,
+            "tokenizer": {"path": str(base), "sha256": tokenizer_fingerprint(base), "vocab_size": len(tok),
+                          "model_vocab_size": model_vocab, "eos_token_id": tok.eos_token_id,
+                          "pad_token_id": tok.pad_token_id},
+            "template_sha256": fmt.hash,
+            "max_length": cfg.max_length,
+            "packed": cfg.pack,
+            "params": {k: getattr(cfg, k) for k in OUTPUT_PARAMS},
+            "splits": info,
+            "stats": {"truncated": dict(sorted(truncated.items())), "dropped": dict(sorted(dropped.items()))},
+            "files": {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file()},
+        }
+        write_json(staging / "manifest.json", manifest)  # last: its presence means the rest is complete
 
-            def flush():
-                nonlocal buffer
-                if buffer["id"]:
-                    shards.append(write_shard(staging / split / f"shard-{len(shards):05d}.arrow", buffer))
-                buffer = {"id": [], "input_ids": [], "labels": []}
-
-            for i in range(0, len(records), BATCH):
-                rows, truncated, dropped = encode_batch(task, tok, records[i:i + BATCH],
-                                                        cfg.max_length, cfg.truncation)
-                stats.truncated += truncated
-                stats.dropped += len(dropped)
-                for rec in dropped:
-                    dropped_f.write(json.dumps({**rec, "reason": "too_long_for_max_length"},
-                                               ensure_ascii=False) + "\n")
-                lens = [len(x) for x in rows["input_ids"]]
-                lengths += lens
-                n_rows += len(lens)
-                n_tokens += sum(lens)
-                checks.append(pd.DataFrame({
-                    "length": lens,
-                    "min_id": [min(x) for x in rows["input_ids"]],
-                    "max_id": [max(x) for x in rows["input_ids"]],
-                    "label_tokens": [sum(1 for v in x if v != IGNORE) for x in rows["labels"]],
-                    "source_tokens": [sum(1 for v in x if v == IGNORE) for x in rows["labels"]],
-                    "split": split,
-                }))
-                for k in buffer:
-                    buffer[k] += rows[k]
-                while len(buffer["id"]) >= cfg.shard_rows:
-                    rest = {k: v[cfg.shard_rows:] for k, v in buffer.items()}
-                    buffer = {k: v[:cfg.shard_rows] for k, v in buffer.items()}
-                    flush()
-                    buffer = rest
-            flush()
-            manifest["splits"][split] = {"rows": n_rows, "tokens": n_tokens, "shards": shards}
-            stats.examples[split], stats.tokens[split] = n_rows, n_tokens
-        dropped_f.close()
-        if lengths:
-            q = np.percentile(lengths, [50, 90, 99])
-            stats.length = {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-                            "max": int(max(lengths))}
-        manifest["stats"] = {"truncated": stats.truncated, "dropped": stats.dropped, "length": stats.length}
-        write_json(staging / "manifest.json", manifest)
-        validate("shards", pd.concat(checks, ignore_index=True) if checks else pd.DataFrame(),
-                 {"max_length": cfg.max_length, "vocab_size": model_vocab}, staging / "validation.json")
-    log.info("tokenize: %s examples, %s tokens, %d truncated, %d dropped, lengths %s",
-             stats.examples, stats.tokens, stats.truncated, stats.dropped, stats.length)
+    seconds = time.perf_counter() - t0
+    total = sum(i["tokens"] for i in info.values())
+    train = info["train"]
+    stats = TokenizeStats(
+        examples={s: i["examples"] for s, i in info.items()}, rows={s: i["rows"] for s, i in info.items()},
+        tokens={s: i["tokens"] for s, i in info.items()}, truncated=dict(truncated), dropped=dict(dropped),
+        length={s: i["length"] for s, i in info.items()},
+        packing_efficiency=round(train["tokens"] / (train["rows"] * cfg.max_length), 4)
+        if cfg.pack and train["rows"] else None,
+        seconds=round(seconds, 2), tokens_per_s=round(total / seconds, 1))
+    log.info("tokenize: %s examples, %s tokens (%.0f tokens/s, %d processes); truncated %s, dropped %s; "
+             "lengths %s -> %s", stats.examples, stats.tokens, stats.tokens_per_s, num_proc,
+             stats.truncated or "none", stats.dropped or "none", stats.length, out)
     return stats
