@@ -46,10 +46,10 @@ def read_split(shards: str, split: str) -> list[dict]:
 
 def main() -> None:
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.config import load_params
-    from pipelines.tune import PadCollator, build_peft_config, device_and_dtype, training_arguments
+    from pipelines.tune import PadCollator, build_peft_config, device_and_dtype, make_trainer, training_arguments
 
     p = argparse.ArgumentParser()
     p.add_argument("base")
@@ -79,8 +79,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             targs = training_arguments(cfg, scratch, args.steps, False, device, dtype)
             targs.disable_tqdm = True
-            trainer = Trainer(model=model, args=targs, train_dataset=train,
-                              data_collator=PadCollator(tok.pad_token_id))
+            trainer = make_trainer(model, targs, train, None, PadCollator(tok.pad_token_id), None)
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = trainer.train()

@@ -1,20 +1,32 @@
 """tune: train a parameter-efficient adapter (or the full model) on the train shards.
 
 One factory (``build_peft_config``) maps ``tune.method`` to a PEFT config:
-``prompt`` (Lester et al. 2021), ``prefix`` (Li & Liang 2021), ``ptuning``
-(Liu et al. 2021), ``lora`` (Hu et al. 2021); ``full`` fine-tunes every weight as the
-upper baseline. transformers' Trainer runs the loop: CUDA with bf16 when present,
-CPU otherwise; DVCLive records loss, learning rate and eval loss for ``dvc plots``.
+``prompt`` (Lester et al. 2021), ``prefix`` (Li & Liang 2021, MLP reparameterization
+in training, only the prefix saved), ``ptuning`` (Liu et al. 2021), ``lora`` (Hu et al.
+2021); ``full`` fine-tunes every weight as the upper baseline. Each method's recipe
+(learning rate, epochs, batch, optimizer) is its own section of ``tune`` in params.yaml.
 
-The adapter directory holds the PEFT weights (safetensors) and ``ptune_adapter.json``:
-the resolved config, trainable-parameter count and share, training figures, and the
-hashes of the base model and shards it was trained on.
+transformers' Trainer runs the loop (CUDA with bf16 autocast when present, CPU
+otherwise; gradient accumulation; DDP under ``torchrun``; resumable safetensors
+checkpoints), with two changes that keep the math and cut the work:
+
+- the LM head and the loss only at label positions (``LabelHeadTrainer``), not over the
+  whole vocabulary at every position;
+- length-grouped batches (``LengthGroupedSampler``): less padding, the same examples per epoch.
+
+DVCLive records loss, learning rate, eval loss and tokens/s for ``dvc plots``; a
+progress bar shows tokens/s and the ETA. The adapter directory holds the PEFT weights
+(safetensors) and ``ptune_adapter.json``: the resolved config and recipe, trainable and
+saved parameter counts, training figures, and the hashes of the base model and shards.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import tempfile
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +36,8 @@ import torch
 
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
-from pipelines.shards import load_split, read_manifest
+from pipelines.shards import PackedCollator, load_split, read_manifest
+from pipelines.tasks import get_task
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
@@ -40,12 +53,14 @@ class TuneStats:
     trainable_parameters: int
     total_parameters: int
     trainable_share: float
+    adapter_parameters: int  # saved; less than trainable with prefix projection (the MLP is dropped)
     train_examples: int
     steps: int
     train_loss: float
     eval_loss: float | None
     train_seconds: float
     train_tokens_per_s: float
+    world_size: int = 1
 
 
 def device_and_dtype() -> tuple[str, torch.dtype]:
@@ -63,62 +78,108 @@ def build_peft_config(cfg: TuneConfig, base_dir: Path):
     if cfg.method == "full":
         return None
     if cfg.method == "lora":
-        return LoraConfig(task_type=causal, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
-    m = getattr(cfg, cfg.method)
-    if cfg.method == "prompt":
-        if m.init == "text":
-            if not m.init_text:
-                raise StageError("params.yaml: tune.prompt.init_text: required when tune.prompt.init is 'text'")
-            return PromptTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens,
-                                      prompt_tuning_init=PromptTuningInit.TEXT,
-                                      prompt_tuning_init_text=m.init_text,
-                                      tokenizer_name_or_path=str(base_dir))
-        return PromptTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens,
-                                  prompt_tuning_init=PromptTuningInit.RANDOM)
-    if m.init != "random":
-        raise StageError(f"params.yaml: tune.{cfg.method}.init: only 'random' is available for "
-                         f"{cfg.method} in PEFT")
+        return LoraConfig(task_type=causal, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.targets))
     if cfg.method == "prefix":
-        return PrefixTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens,
-                                  prefix_projection=cfg.prefix_projection,
-                                  encoder_hidden_size=cfg.encoder_hidden_size)
-    return PromptEncoderConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens,
-                               encoder_hidden_size=cfg.encoder_hidden_size)
+        return PrefixTuningConfig(task_type=causal, num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+                                  prefix_projection=cfg.prefix.projection,
+                                  encoder_hidden_size=cfg.prefix.encoder_hidden_size)
+    if cfg.method == "ptuning":
+        return PromptEncoderConfig(task_type=causal, num_virtual_tokens=cfg.ptuning.num_virtual_tokens,
+                                   encoder_hidden_size=cfg.ptuning.encoder_hidden_size)
+    m = cfg.prompt
+    if m.init == "text":
+        if not m.init_text:
+            raise StageError("params.yaml: tune.prompt.init_text: required when tune.prompt.init is 'text'")
+        return PromptTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=m.init_text,
+                                  tokenizer_name_or_path=str(base_dir))
+    # labels: sampled vocabulary first, then the label words over the first rows (init_from_labels)
+    init = PromptTuningInit.RANDOM if m.init == "random" else PromptTuningInit.SAMPLE_VOCAB
+    return PromptTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens, prompt_tuning_init=init)
+
+
+def init_from_labels(model, tok, words: list[str]) -> None:
+    """Lester et al. (2021) class-label init: prompt row i is the embedding of label word i
+    (averaged over its tokens); the rows after the labels keep their sampled-vocabulary init."""
+    table = model.prompt_encoder[model.active_adapter].embedding.weight
+    emb = model.get_input_embeddings().weight
+    if len(words) > table.shape[0]:
+        raise StageError(f"params.yaml: tune.prompt.num_virtual_tokens: {table.shape[0]} is fewer than the "
+                         f"task's {len(words)} labels; raise it or use init: text")
+    with torch.no_grad():
+        for i, w in enumerate(words):
+            table[i] = emb[tok(" " + w, add_special_tokens=False).input_ids].mean(0)
+
+
+def saved_parameters(model) -> int:
+    """Parameters in what ``save_pretrained`` writes: the adapter (for prefix projection, the
+    prefix the MLP computes, not the MLP), or every weight for full fine-tuning."""
+    if not hasattr(model, "peft_config"):
+        return sum(p.numel() for p in model.parameters())
+    from peft import get_peft_model_state_dict
+
+    return sum(t.numel() for t in get_peft_model_state_dict(model).values())
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters. With prefix projection the MLP trains but is not
+    saved: PEFT stores its output (the prefix itself), so that is what the adapter holds."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
 
 
 def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eval: bool,
                        device: str, dtype: torch.dtype):
-    """The Trainer's arguments for ``cfg``: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+    """The Trainer's arguments for ``cfg``: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU.
+
+    With ``cfg.save_steps`` the Trainer writes a resumable checkpoint (adapter in
+    safetensors, optimizer, scheduler and RNG state, all read back with
+    ``weights_only=True``) every that many steps, keeping the last two: a kill during
+    a save leaves the previous one whole.
+    """
     from transformers import TrainingArguments
 
+    r = cfg.recipe
     return TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=r.batch_size,
+        per_device_eval_batch_size=r.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
+        learning_rate=r.learning_rate,
+        weight_decay=r.weight_decay,
+        # Trainer's adafactor: fixed learning rate (no relative step), as in Lester et al.
+        optim="adafactor" if r.optimizer == "adafactor" else "adamw_torch",
         warmup_steps=round(est_steps * cfg.warmup_ratio),
         lr_scheduler_type=cfg.lr_scheduler,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=r.epochs,
         max_steps=cfg.max_steps,
         logging_steps=max(1, min(10, est_steps // 4)),  # a loss curve even for tiny runs
         eval_strategy="epoch" if has_eval else "no",
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         seed=cfg.seed,
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
+        ddp_backend="gloo" if device == "cpu" and _world()[1] > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable tensor gets a gradient each step
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        prediction_loss_only=True,
+        disable_tqdm=True,  # TokenProgress draws the bar (with tokens/s)
     )
 
 
 class PadCollator:
-    """Right-pads a batch to its longest example; padded positions carry no loss."""
+    """Right-pads a batch to its longest example; padded positions carry no loss.
+
+    ``n_tokens`` (the batch's real tokens) feeds the tokens/s figures; the trainer
+    removes it before the forward pass.
+    """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -133,26 +194,196 @@ class PadCollator:
             ids[i, :k] = torch.as_tensor(f["input_ids"])
             labels[i, :k] = torch.as_tensor(f["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "n_tokens": torch.tensor(int(mask.sum()))}
+
+
+class CountingPackedCollator(PackedCollator):
+    """``PackedCollator`` plus ``n_tokens``, like ``PadCollator``."""
+
+    def __call__(self, features: list[dict]):
+        batch = super().__call__(features)
+        batch["n_tokens"] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+
+def _prepended_tokens(model) -> int:
+    """Virtual tokens PEFT puts before the input sequence (prompt and P-tuning; not prefix)."""
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or cfg.peft_type.value == "PREFIX_TUNING":
+        return 0
+    return cfg.num_virtual_tokens
+
+
+def _output_head(model) -> torch.nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_output_embeddings()
+
+
+class LabelHeadTrainer:
+    """Mixin for ``Trainer``: the LM head and the loss only where labels are.
+
+    The plain recipe computes logits over the whole vocabulary (49k for SmolLM2) at
+    every position, padding included, then ignores all but the target positions. Here a
+    forward pre-hook on the output layer hands it only the hidden states that predict a
+    label; the loss is the same sum of token cross-entropies divided by the same count
+    (``num_items_in_batch`` over the accumulated batch, as the Trainer's own loss does),
+    so the gradients are equal up to float rounding.
+    """
+
+    tokens_seen = 0  # real (non-pad) tokens trained on by this process
+
+    def _install_head_hook(self, model) -> None:
+        self._keep = None
+        self._prepend = _prepended_tokens(model)
+        _output_head(model).register_forward_pre_hook(
+            lambda _module, args: (args[0][self._keep],) if self._keep is not None else None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch.nn.functional as F
+
+        inputs = dict(inputs)
+        n_tokens = inputs.pop("n_tokens", None)
+        if model.training and n_tokens is not None:
+            self.tokens_seen += int(n_tokens)
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        keep = F.pad(targets != IGNORE, (self._prepend, 1), value=False)  # position t predicts label t+1
+        self._keep = keep
+        try:
+            outputs = model(**inputs, use_cache=False)
+        finally:
+            self._keep = None
+        loss = F.cross_entropy(outputs.logits.float(), targets[targets != IGNORE], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(1, int(keep.sum())))
+        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                and self.model_accepts_loss_kwargs):
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and getattr(self, "_t_start", None):
+            logs["tokens_per_s"] = round(self.tokens_seen * self.args.world_size
+                                         / max(1e-9, time.perf_counter() - self._t_start), 1)
+        super().log(logs, start_time)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of similar length (sorted within seeded mega-batches of 50 batches), so
+    padding, not data, is what shrinks. The order depends only on the seed and the
+    epoch, so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+def _progress_callback(trainer):
+    """A progress bar (main process only) with steps, ETA, tokens/s and the last loss."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class TokenProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
+                                desc="tune", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                rate = trainer.tokens_seen * args.world_size / max(1e-9, time.perf_counter() - trainer._t_start)
+                self.bar.set_postfix({"tok/s": f"{rate:.0f}"}, refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix({"tok/s": f"{logs.get('tokens_per_s', 0):.0f}", "loss": f"{logs['loss']:.3f}"})
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TokenProgress()
+
+
+def make_trainer(model, args, train, evalset, collator, lengths: list[int] | None, callbacks=()):
+    """A Trainer with the label-only LM head, and length-grouped batches when ``lengths``."""
+    from transformers import PrinterCallback, Trainer
+
+    class _Trainer(LabelHeadTrainer, Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        self.args.seed)
+
+        def train(self, *a, **kw):
+            self._t_start = time.perf_counter()
+            return super().train(*a, **kw)
+
+    trainer = _Trainer(model=model, args=args, train_dataset=train, eval_dataset=evalset,
+                       data_collator=collator, callbacks=list(callbacks))
+    trainer._install_head_hook(model)
+    trainer.remove_callback(PrinterCallback)  # the bar and DVCLive report; no dict per log line
+    trainer.add_callback(_progress_callback(trainer))
+    return trainer
+
+
+def run_key(cfg: TuneConfig, manifest_sha256: str, base_sha256: str) -> str:
+    """What a checkpoint belongs to: the config (minus where checkpoints go), the data and the base model."""
+    conf = cfg.model_dump(mode="json", exclude={"checkpoint_dir"})
+    blob = json.dumps({"config": conf, "manifest": manifest_sha256, "base": base_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) -> TuneStats:
+    """Train ``cfg.method`` on the train shards; write the adapter to ``out`` (rank 0 only).
+
+    Checkpoints (``cfg.save_steps`` > 0) go to ``<cfg.checkpoint_dir>/<run key>``: a
+    run restarted with the same config, data and base model resumes from the newest
+    one; any change gives a new key and a fresh start. They are deleted once the
+    adapter is written.
+    """
     from dvclive import Live
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.integrations import DVCLiveCallback
+    from transformers.trainer_utils import get_last_checkpoint
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    rank, world = _world()
     set_seed(cfg.seed)
     device, dtype = device_and_dtype()
     manifest = read_manifest(shards)
+    if manifest["packed"] and cfg.method in ("prompt", "prefix", "ptuning"):
+        raise StageError(f"{shards}: packed shards (tokenize.pack: true) need tune.method lora or full: PEFT's "
+                         f"{cfg.method} tuning prepends virtual tokens and takes only a 2-D attention mask")
     # keep_in_memory: `datasets` would otherwise write index caches beside the shards,
     # altering a DVC output of the tokenize stage.
-    train = load_split(shards, "train").shuffle(seed=cfg.seed, keep_in_memory=True)
+    train = load_split(shards, "train", base=base).shuffle(seed=cfg.seed, keep_in_memory=True)
     if cfg.max_train_examples:
         train = train.select(range(min(cfg.max_train_examples, len(train))), keep_in_memory=True)
-    evalset = load_split(shards, "validation")
+    evalset = load_split(shards, "validation", base=base)
     evalset = evalset.select(range(min(cfg.eval_examples, len(evalset))), keep_in_memory=True) \
         if cfg.eval_examples else None
     if len(train) == 0:
@@ -163,50 +394,67 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     peft_config = build_peft_config(cfg, base)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("tune: %s on %s (%s): %s trainable of %s parameters (%.4f%%)", cfg.method, device,
-             str(dtype).removeprefix("torch."), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if cfg.method == "prompt" and cfg.prompt.init == "labels":
+        init_from_labels(model, tok, list(get_task(manifest["task"]).labels.values()))
+    trainable, total = trainable_parameters(model)
+    if rank == 0:
+        log.info("tune: %s on %s (%s, %d process%s): %s trainable of %s parameters (%.4f%%); recipe %s",
+                 cfg.method, device,
+                 str(dtype).removeprefix("torch."), world, "es" if world > 1 else "", f"{trainable:,}",
+                 f"{total:,}", 100 * trainable / total, cfg.recipe.model_dump())
 
-    train_tokens = sum(len(x) for x in train["input_ids"])
+    lengths = [len(x) for x in train["input_ids"]]
     est_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
-        len(train) / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
-    with tempfile.TemporaryDirectory(prefix="ptune-trainer-") as scratch:
-        args = training_arguments(cfg, scratch, est_steps, evalset is not None, device, dtype)
-        live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False)
-        trainer = Trainer(model=model, args=args, train_dataset=train.remove_columns(["id"]),
-                          eval_dataset=evalset.remove_columns(["id"]) if evalset is not None else None,
-                          data_collator=PadCollator(tok.pad_token_id),
-                          callbacks=[DVCLiveCallback(live=live)])
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        eval_loss = trainer.evaluate()["eval_loss"] if evalset is not None else None
-        history = [h for h in trainer.state.log_history if "loss" in h]
+        len(train) / (cfg.recipe.batch_size * cfg.grad_accum * world) * cfg.recipe.epochs)
+    manifest_sha = sha256_file(shards / "manifest.json")
+    base_sha = sha256_file(base / "model.safetensors")
+    ckpt_dir = Path(cfg.checkpoint_dir) / run_key(cfg, manifest_sha, base_sha)
+    resume = get_last_checkpoint(str(ckpt_dir)) if cfg.save_steps and ckpt_dir.is_dir() else None
+    if resume and rank == 0:
+        log.info("tune: resuming from %s", resume)
+    args = training_arguments(cfg, str(ckpt_dir), est_steps, evalset is not None, device, dtype)
+    live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False, resume=bool(resume)) \
+        if rank == 0 else None
+    collator = (CountingPackedCollator if manifest["packed"] else PadCollator)(tok.pad_token_id)
+    trainer = make_trainer(model, args, train.remove_columns(["id"]),
+                           evalset.remove_columns(["id"]) if evalset is not None else None, collator,
+                           lengths if cfg.group_by_length else None,
+                           callbacks=[DVCLiveCallback(live=live)] if live is not None else [])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    tokens = trainer.tokens_seen * world
+    eval_loss = trainer.evaluate()["eval_loss"] if evalset is not None else None
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    if live is not None:
         live.end()
 
     if not math.isfinite(result.training_loss):
         raise StageError(f"tune: training loss is {result.training_loss}; lower tune.learning_rate")
-    epochs_done = result.global_step * cfg.batch_size * cfg.grad_accum / len(train)
     stats = TuneStats(
         method=cfg.method, device=device, dtype=str(dtype).removeprefix("torch."),
         trainable_parameters=trainable, total_parameters=total,
-        trainable_share=trainable / total, train_examples=len(train), steps=result.global_step,
+        trainable_share=trainable / total, adapter_parameters=saved_parameters(model),
+        train_examples=len(train), steps=result.global_step,
         train_loss=round(result.training_loss, 4),
         eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
         train_seconds=round(seconds, 1),
-        train_tokens_per_s=round(train_tokens * min(epochs_done, cfg.epochs) / seconds, 1),
+        train_tokens_per_s=round(tokens / seconds, 1),  # this session's tokens (after a resume: since it)
+        world_size=world,
     )
+    if rank != 0:
+        return stats
     with atomic_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if peft_config is None:
             tok.save_pretrained(staging)
         write_json(staging / "ptune_adapter.json", {
             "config": cfg.model_dump(mode="json"),
+            "recipe": cfg.recipe.model_dump(mode="json"),
             "stats": asdict(stats),
             "base_model": read_json(base / "ptune_base.json"),
-            "base_model_sha256": sha256_file(base / "model.safetensors"),
-            "data": {"manifest_sha256": sha256_file(shards / "manifest.json"),
+            "base_model_sha256": base_sha,
+            "data": {"manifest_sha256": manifest_sha,
                      "tokenizer_sha256": manifest["tokenizer"]["sha256"],
                      "template_sha256": manifest["template_sha256"],
                      "train_shards": manifest["splits"]["train"]["shards"]},
@@ -214,6 +462,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         validate("tune", pd.DataFrame({"step": [h["step"] for h in history],
                                        "loss": [h["loss"] for h in history]}),
                  {}, staging / "validation.json")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("tune: %d steps in %.0fs (%.0f tokens/s), train loss %.3f, eval loss %s -> %s",
              stats.steps, stats.train_seconds, stats.train_tokens_per_s, stats.train_loss,
              stats.eval_loss, out)
