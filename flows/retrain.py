@@ -40,6 +40,7 @@ VALIDATION = {
 }
 FETCHING = {"base_model", "collect"}  # they may reach a hub or a source: worth a retry
 METRICS = Path("data/eval/metrics.json")
+REPORT = Path("data/eval/report.md")
 GATE = Path("data/eval/gate.json")
 LOCK = Path(".dvc/tmp/ptune-retrain.lock")
 LOCK_TIMEOUT_S = 2.0  # long enough to ride out a run that is just releasing it
@@ -140,16 +141,21 @@ def run_stage(repo: str, stage: str) -> dict | None:
 
 @task(name="publish-metrics", task_run_name="publish-metrics", cache_policy=NO_CACHE)
 def publish_metrics(repo: str) -> dict:
-    """The evaluation table: every metric, tuned adapter vs the zero-shot prompt."""
+    """The evaluation table (every system on the same rows) and the evaluate stage's report."""
     metrics = read_json(Path(repo) / METRICS)
-    tuned, zero = metrics["tuned"], metrics["zero_shot"]
+    systems = metrics.get("systems") or ["tuned", "zero_shot"]
+    keys = list(dict.fromkeys(k for s in systems for k in metrics[s]))
     rows = [{"metric": key + (" (primary)" if key == metrics.get("primary_metric") else ""),
-             "tuned": tuned[key], "zero_shot": zero.get(key),
-             "delta": None if zero.get(key) is None else round(tuned[key] - zero[key], 2)}
-            for key in tuned]
+             **{s: metrics[s].get(key) for s in systems},
+             "delta": (None if None in (metrics["tuned"].get(key), metrics["zero_shot"].get(key))
+                       else round(metrics["tuned"][key] - metrics["zero_shot"][key], 2))} for key in keys]
     create_table_artifact(key="evaluation", table=rows, description=(
-        f"{metrics.get('task')}: {metrics.get('method')} adapter vs the zero-shot prompt on "
-        f"{metrics.get('rows')} test rows (points, 0-100)"))
+        f"{metrics.get('task')}: {metrics.get('method')} adapter vs {', '.join(s for s in systems if s != 'tuned')} "
+        f"on the same {metrics.get('rows')} test rows"))
+    report = Path(repo) / REPORT
+    if report.is_file():
+        create_markdown_artifact(key="evaluation-report", markdown=report.read_text(encoding="utf-8"),
+                                 description="data/eval/report.md: method, trainable parameters, metrics, tokens/s")
     return metrics
 
 

@@ -3,6 +3,10 @@
     ptune stage <name> ...   one DVC stage (dvc.yaml calls these; paths come from there)
     ptune register           after `dvc repro`: commit, GTO version + stages, dvc push (gate permitting)
     ptune registry           registered versions, their stages and key metrics
+    ptune evaluate --adapter <dir | artifact@version> --file <path>
+                             score an adapter on any file in the task's source format
+    ptune lineage <artifact>@<version> [--record-id ID]
+                             commit, params, data hashes, validation and metrics of a version
     ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
 
 Errors a user can fix (bad params, bad input, failed validation) are printed as one
@@ -51,7 +55,7 @@ def _stage(args: argparse.Namespace) -> None:
     elif name == "evaluate":
         from pipelines import evaluate
         stats = evaluate.run(params.evaluate, task, Path(args.clean), Path(args.base),
-                             Path(args.adapter), Path(args.out))
+                             Path(args.adapter), Path(args.out), shards=Path(args.shards))
     elif name == "register":
         from pipelines import registry
         stats = registry.run(params.register, Path(args.metrics), Path(args.out), Path("."))
@@ -79,6 +83,29 @@ def _registry(args: argparse.Namespace) -> None:
         print(f"{artifact}: {len(versions)} version(s), newest first")
         for v in versions:
             print("  " + registry.format_version(v))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from pipelines import evaluate
+    from pipelines.tasks import get_task
+
+    params = load_params(args.params)
+    if args.max_rows:
+        params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_rows": args.max_rows})})
+    task = get_task(args.task or params.task.name)
+    metrics = evaluate.evaluate_file(params, task, args.adapter, Path(args.file), Path(args.base),
+                                     Path(args.shards), Path(args.out), fmt=args.format)
+    print(evaluate.report(metrics), end="")
+    print(f"metrics, predictions and report in {args.out}/")
+
+
+def _lineage(args: argparse.Namespace) -> None:
+    import json
+
+    from pipelines import lineage
+
+    info = lineage.lineage(Path("."), args.version, args.record_id)
+    print(json.dumps(info, indent=2, default=str) if args.json else lineage.format_lineage(info))
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -125,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats")
     s = stages.add_parser("evaluate")
     s.add_argument("--clean", required=True)
+    s.add_argument("--shards", required=True, help="the shards the adapter was trained on (its prompt format)")
     s.add_argument("--base", required=True)
     s.add_argument("--adapter", required=True)
     s.add_argument("--out", required=True)
@@ -139,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_register)
 
     sub.add_parser("registry", help="list registered versions").set_defaults(func=_registry)
+
+    e = sub.add_parser("evaluate", help="score an adapter (or a registered version) on any file")
+    e.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
+    e.add_argument("--file", required=True, help="records in the task's source format (as collect reads them)")
+    e.add_argument("--task", help="default: task.name in params.yaml")
+    e.add_argument("--format", help="the file's format, where its extension does not say")
+    e.add_argument("--base", default="data/models/base")
+    e.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on")
+    e.add_argument("--out", default=".ptune/evaluate", help="where metrics, predictions and the report go (not a DVC output)")
+    e.add_argument("--max-rows", type=int, help="override evaluate.max_rows")
+    e.set_defaults(func=_evaluate)
+
+    li = sub.add_parser("lineage", help="what produced a registered version")
+    li.add_argument("version", metavar="ARTIFACT@VERSION")
+    li.add_argument("--record-id", help="a source record id: was it in this version's training data?")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=_lineage)
 
     t = sub.add_parser("retrain", help="run the Prefect retrain flow (PREFECT_API_URL or ephemeral)")
     t.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",

@@ -7,7 +7,8 @@ workspace that does not match ``dvc.lock`` (a failed or unfinished run) or whose
 pipeline inputs are not committed; it pushes the data to the DVC remote, commits what
 DVC leaves to git (``dvc.lock``, ``params.yaml``, the ``cache: false`` metrics and the
 ``.gitignore`` files beside cached outputs), tags a new semantic version of the
-artifact with GTO and assigns ``staging``, then ``prod``.
+artifact with GTO and assigns ``staging``; ``prod`` only if the gate passed (a refused
+candidate is kept, in ``staging``, with the gate's reasons in its tag message).
 
 git runs as a subprocess; DVC and GTO through their Python APIs, which give typed
 errors instead of console text and cost a tenth of a CLI start each.
@@ -28,7 +29,7 @@ from pipelines.config import RegisterConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("staging", "prod")  # assigned in this order; the gate has already compared with prod
+STAGES = ("staging", "prod")  # staging: validated; prod: the gate passed (it compared with prod)
 FALLBACK_AUTHOR = ("ptune", "ptune@localhost")  # only where git has no user configured
 
 
@@ -240,7 +241,9 @@ def _check_workspace(dvc_repo, repo: Path, sources: list[str]) -> None:
 
 
 def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path) -> RegistrationResult:
-    """After ``dvc repro``: push, commit, version with GTO and assign stages, if the gate passed.
+    """After ``dvc repro``: push, commit, version with GTO, assign ``staging`` and, if the gate
+    passed, ``prod``. Only a workspace that matches ``dvc.lock`` (every stage ran and
+    passed its validation) is registered.
 
     Paths are relative to ``repo`` (or absolute). Running it again on the same commit
     registers nothing new.
@@ -254,9 +257,9 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
     if not gate_file.is_file():
         raise StageError(f"{gate_file}: missing; run `dvc repro` (its register stage writes it) first")
     decision = read_json(gate_file)
-    if not decision.get("passed"):
-        return RegistrationResult(False, "not registered: the promotion gate refused this candidate:\n  "
-                                  + "\n  ".join(decision.get("reasons", [])))
+    passed = bool(decision.get("passed"))
+    stages = STAGES if passed else STAGES[:1]
+    reasons = "; ".join(decision.get("reasons", []))
     if not _has_commit(repo):
         raise StageError(f"{repo}: not a git repository with a first commit; GTO versions are git "
                          "tags on commits (`git init` and commit the project first)")
@@ -274,7 +277,7 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
         versions = _versions(repo, artifact)
         head = _git(repo, "rev-parse", "HEAD").stdout.strip()
         existing = None if changed else next((v for v in versions if v["commit_hexsha"] == head), None)
-        if existing is None:
+        if existing is None and passed:
             # The gate compared the candidate with the prod of its time; a version assigned
             # to prod since then has not been compared with it.
             prod = prod_version(repo, artifact)
@@ -302,18 +305,20 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
             _git(repo, "add", "--", *paths)
             # Only these paths: whatever else the user has staged stays staged, uncommitted.
             ident = ["-c", f"user.name={author[0]}", "-c", f"user.email={author[1]}"] if author else []
-            _git(repo, *ident, "commit", "-q", "-m", f"ptune: register {artifact} {version} — {summary}",
-                 "--", *paths)
+            _git(repo, *ident, "commit", "-q", "-m", f"ptune: register {artifact} {version} — {summary}"
+                 + ("" if passed else " (gate refused: staging only)"), "--", *paths)
             head = _git(repo, "rev-parse", "HEAD").stdout.strip()
         api.register(str(repo), artifact, head, version=version, message=f"ptune: {summary}", **who)
-    for stage in STAGES:
+    for stage in stages:
         if stage not in held:
             api.assign(str(repo), artifact, stage, version=version,
-                       message="gate passed: " + "; ".join(decision["reasons"]), **who)
+                       message=f"validation passed; gate {'passed' if passed else 'refused'}: {reasons}", **who)
     again = "" if existing is None else " (already registered at this commit)"
+    refused = "" if passed else ("\nnot promoted to prod: the promotion gate refused this candidate:\n  "
+                                 + "\n  ".join(decision.get("reasons", [])))
     return RegistrationResult(
-        True, f"registered {artifact} {version} (commit {head[:10]}) in {' and '.join(STAGES)}{again}; "
-              f"{summary}; data pushed to the DVC remote", artifact, version, head, list(STAGES), True)
+        True, f"registered {artifact} {version} (commit {head[:10]}) in {' and '.join(stages)}{again}; "
+              f"{summary}; data pushed to the DVC remote{refused}", artifact, version, head, list(stages), True)
 
 
 def artifacts(repo: Path) -> list[str]:
@@ -334,13 +339,16 @@ def list_versions(repo: Path, artifact: str, metrics_path: str = "data/eval/metr
                          "created_at": created.isoformat() if isinstance(created, datetime) else created,
                          "task": m.get("task"), "method": m.get("method"),
                          "primary_metric": m.get("primary_metric"),
-                         "tuned": m.get("tuned", {}), "zero_shot": m.get("zero_shot", {})})
+                         "tuned": m.get("tuned", {}), "zero_shot": m.get("zero_shot", {}),
+                         "few_shot": m.get("few_shot", {})})
     return versions
 
 
 def format_version(v: dict) -> str:
     key = v.get("primary_metric")
-    score = (f"{key} {v['tuned'].get(key, float('nan')):.2f} (zero-shot {v['zero_shot'].get(key, float('nan')):.2f})"
+    nan = float("nan")
+    few = f", few-shot {v['few_shot'][key]:.2f}" if key in v.get("few_shot", {}) else ""
+    score = (f"{key} {v['tuned'].get(key, nan):.2f} (zero-shot {v['zero_shot'].get(key, nan):.2f}{few})"
              if key else "no metrics at that commit")
     return (f"{v['version']:<8} {','.join(v['stages']) or '-':<14} {v['commit'][:10]}  "
             f"{v.get('task') or '?'}/{v.get('method') or '?'}  {score}")

@@ -74,8 +74,9 @@ def test_next_version_starts_where_gto_does_and_bumps_minor():
 PARAMS = {  # a valid params.yaml; only `register` matters to these stand-in stages
     "task": {"name": "e2e"},
     "base_model": {"source": "none"},
-    "collect": {},
-    "clean": {"min_chars": 1, "max_chars": 100},
+    "collect": {"sources": {"e2e": [{"name": "e2e", "uri": "e2e.csv", "columns": {"mr": "mr", "ref": "ref"},
+                                     "splits": {"train": 1.0}}]}},
+    "clean": {},
     "tokenize": {"max_length": 16, "shard_rows": 10},
     "tune": {"method": "lora", "epochs": 1, "batch_size": 1, "learning_rate": 0.1,
              "prompt": {"num_virtual_tokens": 1}, "prefix": {"num_virtual_tokens": 1},
@@ -293,19 +294,21 @@ def test_a_better_candidate_is_compared_with_prod_and_bumps_the_version(tmp_path
     assert artifacts(repo) == ["e2e-adapter"]
 
 
-def test_a_refused_candidate_is_recorded_and_nothing_is_registered(tmp_path):
+def test_a_refused_candidate_is_kept_in_staging_only_with_the_reasons(tmp_path):
     repo = make_repo(tmp_path, tuned=12.0)
     sh(repo, "dvc", "repro")  # the stage records a refusal; it does not fail the graph
     decision = json.loads((repo / GATE).read_text())
     assert decision["passed"] is False
-    head = git(repo, "rev-parse", "HEAD")
 
     result = register(repo, CFG, GATE, METRICS)
-    assert not result.registered and result.version is None
-    assert result.message.startswith("not registered: the promotion gate refused this candidate")
+    assert result.registered and result.version == "v0.0.1" and result.stages == ["staging"]
+    assert "not promoted to prod: the promotion gate refused this candidate" in result.message
     assert "FAIL: bleu 12.00 is +2.90 over the zero-shot prompt (9.10)" in result.message
-    assert tags(repo) == [] and git(repo, "rev-parse", "HEAD") == head
-    assert not (repo / "dvc-remote").exists()
+    assert sorted(tags(repo)) == ["e2e-adapter#staging#1", "e2e-adapter@v0.0.1"]
+    assert "FAIL: bleu 12.00" in git(repo, "tag", "-l", "-n9", "e2e-adapter#staging#1")
+    assert "gate refused: staging only" in git(repo, "log", "-1", "--format=%s")
+    assert prod_version(repo, "e2e-adapter") is None
+    assert remote_files(repo)  # pushed: a staging version's data is fetchable too
 
 
 def test_a_run_whose_validation_failed_is_refused(tmp_path):

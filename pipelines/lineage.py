@@ -1,0 +1,200 @@
+"""Lineage of a registered version: what produced ``<artifact>@<version>``.
+
+Everything is read at the version's commit (a GTO tag names it): ``dvc.lock`` (the hash
+of every stage's inputs and outputs), ``params.yaml``, the ``cache: false`` metrics and
+gate committed with it, and — through ``dvc.api.DVCFileSystem`` at that commit, from the
+local DVC cache or the remote — the validation report each cached output carries and the
+clean train split, to answer whether a source record was in the version's training data.
+Nothing in the working tree is read or changed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipelines.common import StageError
+
+# Stage outputs whose hashes say which data produced a version (dvc.lock's names).
+DATA_OUTPUTS = {"base_model": "base model", "collect": "raw", "clean": "clean", "tokenize": "shards",
+                "tune": "adapter"}
+# Outputs that carry their stage's validation report inside (GX, see pipelines/validation.py).
+VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/adapter", "data/models/base")
+SPLITS = ("train", "validation", "test")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    artifact, sep, version = spec.partition("@")
+    if not sep or not artifact or not version:
+        raise StageError(f"{spec!r}: expected <artifact>@<version>, e.g. e2e-adapter@v0.0.1 "
+                         "(`ptune registry` lists them)")
+    return artifact, version
+
+
+def resolve(repo: Path, spec: str) -> dict:
+    """{artifact, version, commit, stages} of ``artifact@version`` in ``repo``'s GTO registry."""
+    from pipelines import registry
+
+    artifact, version = parse_spec(spec)
+    found = registry.list_versions(repo, artifact)
+    if not found:
+        raise StageError(f"{artifact}: no registered versions in {repo} (`ptune registry` lists what there is)")
+    for v in found:
+        if v["version"] == version:
+            return {"artifact": artifact, "version": version, "commit": v["commit"], "stages": v["stages"]}
+    raise StageError(f"{artifact} has no version {version}; registered: {', '.join(v['version'] for v in found)}")
+
+
+def _show(repo: Path, commit: str, path: str) -> str | None:
+    from pipelines.registry import _git
+
+    proc = _git(repo, "show", f"{commit}:{path}", check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _fs(repo: Path, commit: str):
+    from dvc.api import DVCFileSystem
+
+    return DVCFileSystem(str(repo), rev=commit)
+
+
+def materialize(repo: Path, commit: str, path: str, dest: Path) -> Path:
+    """Copy ``path`` (a DVC-tracked file or directory) as it was at ``commit`` to ``dest``."""
+    fs = _fs(repo, commit)
+    if not fs.exists(path):
+        raise StageError(f"{path}: not in the repository at {commit[:10]}")
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    try:
+        fs.get(path, str(dest), recursive=fs.isdir(path))
+    except Exception as exc:  # noqa: BLE001 - DVC's missing-cache errors have several types
+        raise StageError(f"{path}@{commit[:10]}: cannot be read from the DVC cache or remote ({exc}); "
+                         "`dvc pull` it or configure the remote it was pushed to") from None
+    return dest
+
+
+def _validation(fs, out: str) -> dict | None:
+    path = f"{out}/validation.json"
+    try:
+        if not fs.exists(path):
+            return None
+        report = json.loads(fs.read_text(path))
+    except Exception:  # noqa: BLE001 - an output missing from cache: reported as unknown
+        return {"success": None, "note": "not in the DVC cache or remote"}
+    return _summary(report)
+
+
+def _hashes(lock: dict) -> dict:
+    """stage -> {output path: md5 (.dir for directories)}, for the data stages."""
+    out = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        out[stage] = {o["path"]: o.get("md5") or o.get("hash") for o in entry.get("outs", [])}
+    return out
+
+
+def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -> dict:
+    """Was ``record_id`` in the version's training data? Reads the clean splits at ``commit``."""
+    fs = fs or _fs(repo, commit)
+    found = None
+    for split in SPLITS:
+        path = f"data/clean/{split}.jsonl"
+        try:
+            with fs.open(path, "r", encoding="utf-8") as f:
+                for line in f:
+                    if f'"{record_id}"' in line and json.loads(line).get("id") == record_id:
+                        found = split
+                        break
+        except FileNotFoundError:
+            continue
+        if found:
+            break
+    answer = {"record_id": record_id, "split": found, "in_training_data": False}
+    if found is None:
+        answer["detail"] = ("not in any clean split: never collected, or removed by the clean stage "
+                            "(data/clean/removed/<reason>.jsonl says why)")
+        return answer
+    if found != "train":
+        answer["detail"] = f"in the {found} split: held out from training"
+        return answer
+    limit = (params.get("tune") or {}).get("max_train_examples")
+    try:
+        manifest = json.loads(fs.read_text("data/shards/manifest.json"))
+        train_rows = manifest["splits"]["train"]["examples"]
+    except Exception:  # noqa: BLE001
+        train_rows = None
+    if not limit or (train_rows is not None and train_rows <= limit):
+        answer.update(in_training_data=True, detail="in the train split, and tune trained on all of it")
+    else:
+        answer.update(in_training_data=None, detail=(
+            f"in the train split; tune used a seeded subset of {limit} of its {train_rows or '?'} examples "
+            "(tune.max_train_examples), and which ones is not recorded"))
+    return answer
+
+
+def lineage(repo: Path, spec: str, record_id: str | None = None) -> dict:
+    repo = Path(repo)
+    version = resolve(repo, spec)
+    commit = version["commit"]
+    lock_text = _show(repo, commit, "dvc.lock")
+    if lock_text is None:
+        raise StageError(f"{spec}: its commit {commit[:10]} has no dvc.lock; it was not produced by `dvc repro`")
+    lock = yaml.safe_load(lock_text)
+    params = yaml.safe_load(_show(repo, commit, "params.yaml") or "{}") or {}
+    hashes = _hashes(lock)
+    fs = _fs(repo, commit)
+    committed = {}
+    for path in ("data/eval/metrics.json", "data/eval/gate.json", "data/eval/validation.json",
+                 *(f"data/metrics/{s}.json" for s in ("collect", "clean", "tokenize", "tune"))):
+        text = _show(repo, commit, path)
+        committed[path] = json.loads(text) if text else None
+    metrics = committed.pop("data/eval/metrics.json")
+    out = {
+        **version,
+        "params": {k: params.get(k) for k in ("task", "base_model", "tokenize", "tune", "evaluate")},
+        "data": {name: hashes.get(stage, {}) for stage, name in DATA_OUTPUTS.items()},
+        "validation": {**{o: _validation(fs, o) for o in VALIDATED},
+                       "data/eval/validation.json": _summary(committed.pop("data/eval/validation.json"))},
+        "stage_metrics": committed,
+        "metrics": {k: metrics.get(k) for k in ("task", "method", "primary_metric", "rows", "systems",
+                                                  "tuned", "zero_shot", "few_shot", "not_computed")
+                    if k in metrics} if metrics else None,
+    }
+    if record_id:
+        out["record"] = membership(repo, commit, record_id, params, fs)
+    return out
+
+
+def _summary(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    return {"suite": report.get("suite"), "success": report.get("success"),
+            "met": f"{report.get('successful')}/{report.get('evaluated')}", "rows": report.get("rows")}
+
+
+def format_lineage(info: dict) -> str:
+    lines = [f"{info['artifact']}@{info['version']}  commit {info['commit']}  stages: "
+             f"{', '.join(info['stages']) or '-'}"]
+    p = info["params"]
+    lines.append(f"  task {(p.get('task') or {}).get('name')}, base model {(p.get('base_model') or {}).get('source')}, "
+                 f"tune.method {(p.get('tune') or {}).get('method')}")
+    lines.append("  data (dvc.lock):")
+    for name, outs in info["data"].items():
+        for path, md5 in outs.items():
+            lines.append(f"    {name:<10} {path:<32} {md5}")
+    lines.append("  validation:")
+    for path, v in info["validation"].items():
+        state = "-" if v is None else {True: "passed", False: "FAILED", None: "unknown"}[v.get("success")]
+        lines.append(f"    {path:<32} {state}" + (f" ({v['suite']})" if v and v.get("suite") else ""))
+    m = info.get("metrics")
+    if m:
+        key = m.get("primary_metric")
+        lines.append(f"  metrics ({m.get('rows')} test rows): " + "; ".join(
+            f"{s} {key} {m[s].get(key)}" for s in m.get("systems", ["tuned", "zero_shot"]) if s in m))
+    if "record" in info:
+        r = info["record"]
+        verdict = {True: "yes", False: "no", None: "undetermined"}[r["in_training_data"]]
+        lines.append(f"  record {r['record_id']}: in training data: {verdict} — {r['detail']}")
+    return "\n".join(lines)

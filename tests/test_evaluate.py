@@ -1,0 +1,133 @@
+"""evaluate: the tuned model's prompts are the ones it was trained on; the metrics use
+every reference and stay in range; the baselines score the same rows; the report."""
+import json
+
+import pytest
+import torch
+
+from pipelines import evaluate, tokenize, tune
+from pipelines.common import StageError
+from pipelines.config import EvaluateConfig, TokenizeConfig
+from pipelines.shards import IGNORE, load_split
+from tests.test_tokenize import MANY, write_clean
+from tests.test_tune import E2E, shards, tune_cfg  # noqa: F401  (shards: a fixture)
+
+TEST = [{"mr": f"name[{n}], food[Italian]", "ref": f"{n} serves Italian food."} for n in ("Strada", "Zizzi")]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.mark.parametrize("opts", [{"chat_template": True}, {"few_shot": 2}, {"few_shot": 2, "chat_template": True},
+                                  {}])
+def test_tuned_prompt_is_the_source_tokenize_wrote(opts, tmp_path, tiny_base, tok):
+    clean = write_clean(tmp_path / "clean", {**MANY, "test": TEST})
+    cfg = TokenizeConfig(max_length=512, shard_rows=10, num_proc=1, **opts)
+    tokenize.run(cfg, E2E, clean, tiny_base, tmp_path / "shards")
+    prompts = evaluate.TunedPrompts.from_dir(E2E, tok, tmp_path / "shards", tiny_base)
+    records = {r["id"]: r for r in map(json.loads, (clean / "test.jsonl").read_text().splitlines())}
+    written = load_split(tmp_path / "shards", "test")
+    assert len(written) == len(TEST)
+    for row in written:
+        source = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE]
+        built = prompts.source(records[row["id"]])
+        assert built == tok.decode(source)
+        assert tok(built, add_special_tokens=False).input_ids == source
+        if opts.get("few_shot"):
+            assert built.count("Attributes:") == 3  # two demonstrations, then the row's own prompt
+
+
+def test_tuned_prompts_refuse_shards_cut_with_other_templates(tmp_path, tiny_base, tok):
+    clean = write_clean(tmp_path / "clean", {**MANY, "test": TEST})
+    tokenize.run(TokenizeConfig(max_length=128, shard_rows=10, num_proc=1), E2E, clean, tiny_base,
+                 tmp_path / "shards")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    manifest["template_sha256"] = "0" * 64
+    with pytest.raises(StageError, match="templates .* changed"):
+        evaluate.TunedPrompts(E2E, tok, manifest, [])
+
+
+def test_hard_prompt_baseline_draws_other_groups_deterministically(tok):
+    train = [{"id": f"train:{i}", "group": r["mr"], **r} for i, r in enumerate(MANY["train"])]
+    a = evaluate.HardPrompts(E2E, tok, train, 2, seed=0)
+    b = evaluate.HardPrompts(E2E, tok, list(reversed(train)), 2, seed=0)
+    row = {"id": "test:0", "group": train[0]["mr"], **MANY["train"][0]}
+    shot = a.source(row, 2)
+    assert shot == b.source(row, 2)
+    assert shot.count("Attributes:") == 3 and shot.count(MANY["train"][0]["mr"]) == 1  # never its own group
+    assert a.source(row, 0) == evaluate.render_zero_shot(E2E, row, tok)
+
+
+def test_generation_metrics_use_every_reference():
+    hyps = ["Aromi is a Chinese coffee shop.", "B is by the river."]
+    one = evaluate.generation_metrics(hyps, [["Aromi serves food."], ["B is by the river."]])[0]
+    both, per_row, missing = evaluate.generation_metrics(
+        hyps, [["Aromi serves food.", "Aromi is a Chinese coffee shop."], ["B is by the river."]])
+    assert both["bleu"] == 100.0 and one["bleu"] < 100.0
+    assert both["rouge_l"] == 100.0 and per_row == [100.0, 100.0]
+    assert both["nist"] > one["nist"] > 0
+    assert both["cider"] > one["cider"]
+    assert set(both) | set(missing) == {"bleu", "nist", "meteor", "rouge_l", "cider"}  # each computed or named
+    if "meteor" in both:
+        assert both["meteor"] > one["meteor"]
+
+
+def test_generation_metrics_of_empty_answers_are_zero_not_errors():
+    m, _, _ = evaluate.generation_metrics(["", ""], [["Aromi serves food."], ["B is by the river."]])
+    assert m["bleu"] == 0 and m["nist"] == 0 and m["rouge_l"] == 0 and m["cider"] == 0
+
+
+def test_classification_metrics():
+    m, per_row = evaluate.classification_metrics(["1", "1", "0", "0"], ["1", "0", "0", "0"], ["0", "1"])
+    assert m["accuracy"] == 75.0 and per_row == [100.0, 0.0, 100.0, 100.0]
+    assert m["macro_f1"] == pytest.approx(100 * (0.8 + 2 / 3) / 2, abs=0.01)
+
+
+def test_rank_scores_match_sequence_log_probability(tiny_base, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    prompts, options = ["Review: bleak\nSentiment:", "Review: it 's a charming journey\nSentiment:"], [" positive", " negative"]
+    scores = evaluate.rank_scores(model, tok, prompts, options, batch_size=3, device="cpu")
+    p = tok(prompts[1], add_special_tokens=False).input_ids
+    o = tok(options[0], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p + o])).logits[0], -1)
+    expected = sum(logp[len(p) - 1 + k, t] for k, t in enumerate(o))
+    assert scores[1, 0].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_base, tok):
+    """Left padding with the KV cache changes nothing: each row decodes as it would alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tok.padding_side = "left"
+    prompts = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
+               "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
+    cfg = EvaluateConfig(batch_size=3, max_new_tokens=6)
+    batched, _ = evaluate.generate(model, tok, prompts, cfg, "cpu")
+    alone = [evaluate.generate(model, tok, [p], cfg.model_copy(update={"batch_size": 1}), "cpu")[0][0]
+             for p in prompts]
+    assert batched == alone
+
+
+def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_path):  # noqa: F811
+    tune.run(tune_cfg("lora", checkpoint_dir=str(tmp_path / "ckpt")), shards / "shards", tiny_base,
+             tmp_path / "adapter", tmp_path / "live")
+    cfg = EvaluateConfig(batch_size=2, max_new_tokens=8, few_shot_k=1, min_nonempty_fraction=0.01)
+    metrics = evaluate.run(cfg, E2E, shards / "clean", tiny_base, tmp_path / "adapter", tmp_path / "eval",
+                           shards=shards / "shards")
+    assert metrics["rows"] == 3 and metrics["systems"] == ["tuned", "zero_shot", "few_shot"]
+    assert set(metrics["tuned"]) == set(metrics["zero_shot"]) == set(metrics["few_shot"])
+    assert set(metrics["tuned"]) | set(metrics["not_computed"]) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    ids = {s: [p["id"] for p in preds if p["system"] == s] for s in metrics["systems"]}
+    assert ids["tuned"] == ids["zero_shot"] == ids["few_shot"] and len(ids["tuned"]) == 3
+    table = (tmp_path / "eval" / "report.md").read_text()
+    assert "| lora (tuned) | " in table and "1-shot prompt (base model)" in table and "tokens/s" in table
+    assert json.loads((tmp_path / "eval" / "validation.json").read_text())["success"] is True
