@@ -34,58 +34,310 @@ class BaseModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+SourceFormat = Literal["csv", "tsv", "jsonl", "parquet", "txt", "stackexchange", "hf"]
+_FORMAT_OF_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                     ".parquet": "parquet", ".txt": "txt", ".xml": "stackexchange"}
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+class SourceConfig(_Section):
+    """One source of a task: where it is, how to read it, and which split its groups feed."""
+
+    # The id prefix of its records (`<name>:<line>`), hence no ':'.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A path or glob relative to the project root, http(s)://... (with sha256),
+    # hf:<dataset name or local dataset directory>, or any fsspec URL (memory://, s3://, ...).
+    uri: str = Field(min_length=1)
+    format: SourceFormat  # omitted: from the extension (.xml: a Stack Exchange Posts.xml), or hf: from the uri
+    columns: dict[str, str] = Field(min_length=1)  # column in the source -> field of the task
+    # Fractions of this source's groups per split; a source that *is* a split
+    # (the SST-2 dev set used as test) says so with {test: 1.0}.
+    splits: dict[Literal["train", "validation", "test"], float] = Field(min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # required for http(s); verified when given
+    quoting: Literal["minimal", "none"] = "minimal"  # csv/tsv; GLUE TSVs carry raw quote characters
+    id_column: str | None = None  # take the record id from this column instead of the line / row number
+    split: str = "train"  # hf: the dataset split to read
+    subset: str | None = None  # hf: the dataset configuration name, if it has several
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_format(cls, data):
+        if isinstance(data, dict) and data.get("format") is None and isinstance(data.get("uri"), str):
+            uri = data["uri"]
+            suffix = Path(uri.split("?", 1)[0]).suffix.lower()
+            fmt = "hf" if uri.startswith("hf:") else _FORMAT_OF_SUFFIX.get(suffix)
+            if fmt is None:
+                raise ValueError(f"cannot tell the format of {uri!r} from its extension; set `format` "
+                                 f"(one of {', '.join(SourceFormat.__args__)})")
+            data = {**data, "format": fmt}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SourceConfig":
+        if _is_http(self.uri) and self.sha256 is None:
+            raise ValueError(f"{self.uri}: an http(s) source needs `sha256` (the expected hash of the file)")
+        if (self.format == "hf") != self.uri.startswith("hf:"):
+            raise ValueError("format hf goes with a uri of the form hf:<dataset name or directory>, and only with it")
+        if self.sha256 and (self.format == "hf" or any(c in self.uri for c in "*?[")):
+            raise ValueError("`sha256` pins one file; a glob or an hf dataset has no single file to pin")
+        if len(set(self.columns.values())) < len(self.columns):
+            raise ValueError(f"columns {dict(self.columns)}: two source columns map to the same task field")
+        if self.format == "stackexchange" and self.id_column:
+            raise ValueError("a Stack Exchange source takes its ids from the post Id; drop `id_column`")
+        if any(v <= 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
+            raise ValueError(f"splits {dict(self.splits)}: fractions must be positive and sum to 1")
+        return self
+
+
 class CollectConfig(_Section):
     max_records_per_source: int | None = Field(default=None, gt=0)
+    max_record_bytes: int = Field(default=1_000_000, gt=0)  # a longer row is quarantined (too_large), never loaded
+    download_dir: str = ".ptune/downloads"  # http(s) sources, by sha256, relative to the project root
+    validation_chunk_rows: int = Field(default=50_000, gt=0)  # GX validates per chunk: memory stays flat
+    sources: dict[str, tuple[SourceConfig, ...]]  # task name -> its sources
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "CollectConfig":
+        for task, sources in self.sources.items():
+            if not sources:
+                raise ValueError(f"sources.{task}: a task needs at least one source")
+            names = [s.name for s in sources]
+            if dupes := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"sources.{task}: source names must be unique; repeated: {dupes}")
+        return self
+
+    def source_problems(self, task: str, fields: tuple[str, ...]) -> list[str]:
+        """What keeps ``task`` (with these fields) from being collected; empty when nothing."""
+        if task not in self.sources:
+            return [f"collect.sources: no sources declared for task {task!r}"]
+        return [f"collect.sources.{task}.{i} ({s.name}): `columns` maps nothing to field(s) {missing}; "
+                f"the task needs {list(fields)}"
+                for i, s in enumerate(self.sources[task])
+                if (missing := [f for f in fields if f not in s.columns.values()])]
+
+
+class _Step(_Section):
+    enabled: bool = True
+
+
+class UnicodeConfig(_Step):
+    form: Literal["NFC", "NFKC"] = "NFKC"  # NFKC folds compatibility forms (ligatures, full-width, NBSP)
+    strip_control: bool = True  # zero-width and other invisible control/format characters
+
+
+class PiiConfig(_Step):
+    kinds: tuple[Literal["email", "phone", "ip_address"], ...] = Field(default=("email", "phone", "ip_address"),
+                                                                      min_length=1)
+
+
+class LengthConfig(_Step):
+    # Over a record's text fields together; an empty field is always removed.
+    min_chars: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=100_000, gt=0)
+    min_words: int = Field(default=1, ge=0)
+    max_words: int = Field(default=20_000, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "LengthConfig":
+        if self.min_chars >= self.max_chars:
+            raise ValueError("min_chars must be smaller than max_chars")
+        if self.min_words >= self.max_words:
+            raise ValueError("min_words must be smaller than max_words")
+        return self
+
+
+class GopherRepetitionConfig(_Step):
+    # Rae et al. (2021), Gopher, table A1; below min_words the rules are skipped (counted):
+    # a one-sentence record has no lines or paragraphs to repeat.
+    min_words: int = Field(default=50, ge=1)
+    dup_line_frac: float = Field(default=0.30, ge=0, le=1)
+    dup_para_frac: float = Field(default=0.30, ge=0, le=1)
+    dup_line_char_frac: float = Field(default=0.20, ge=0, le=1)
+    dup_para_char_frac: float = Field(default=0.20, ge=0, le=1)
+    top_ngram_char_frac: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    dup_ngram_char_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+class GopherQualityConfig(_Step):
+    min_words: int = Field(default=50, ge=1)  # Gopher drops documents under 50 words; here they skip the rules
+    min_mean_word_length: float = Field(default=3, ge=0)
+    max_mean_word_length: float = Field(default=10, gt=0)
+    max_symbol_word_ratio: float = Field(default=0.1, ge=0)
+    max_bullet_lines: float = Field(default=0.9, ge=0, le=1)
+    max_ellipsis_lines: float = Field(default=0.3, ge=0, le=1)
+    min_alpha_words: float = Field(default=0.8, ge=0, le=1)
+    min_stop_words: int = Field(default=2, ge=0)
+
+
+LinguaLanguage = Literal["arabic", "chinese", "dutch", "english", "french", "german", "italian", "japanese",
+                         "korean", "polish", "portuguese", "russian", "spanish", "swedish", "turkish"]
+
+
+class LanguageConfig(_Step):
+    keep: tuple[LinguaLanguage, ...] = ("english",)
+    # The languages the model tells apart (lingua ships one model per language): a
+    # handful keeps it fast and small. A text judged one of those not in `keep` is removed.
+    candidates: tuple[LinguaLanguage, ...] = ("english", "german", "french", "spanish", "italian", "portuguese",
+                                              "dutch", "russian", "chinese", "japanese", "arabic")
+    min_words: int = Field(default=6, ge=1)  # shorter texts are skipped (counted), not judged
+    min_confidence: float = Field(default=0.9, ge=0, le=1)  # removed only when this sure of another language
+    max_chars: int = Field(default=500, gt=0)  # the prefix judged: ~80 words decide; the cost grows with length
+
+
+class FiltersConfig(_Section):
+    """The cleaning steps, run in the order params.yaml lists them; a step not listed
+    does not run (``filters`` omitted or empty: every step, with its defaults)."""
+
+    html: _Step = _Step()
+    unicode: UnicodeConfig = UnicodeConfig()
+    whitespace: _Step = _Step()
+    pii: PiiConfig = PiiConfig()
+    length: LengthConfig = LengthConfig()
+    label: _Step = _Step()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    language: LanguageConfig = LanguageConfig()
+    order: tuple[str, ...] = ()  # filled from the keys' order in params.yaml
+
+    @model_validator(mode="before")
+    @classmethod
+    def _order_of_keys(cls, data):
+        if isinstance(data, dict) and "order" not in data:
+            steps = [k for k in cls.model_fields if k != "order"]
+            data = {**data, "order": tuple(k for k in data if k in steps) if data else tuple(steps)}
+        return data
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> "FiltersConfig":
+        unknown = [k for k in self.order if k == "order" or k not in type(self).model_fields]
+        if unknown or len(set(self.order)) != len(self.order):
+            raise ValueError(f"order must list distinct steps of {[k for k in type(self).model_fields][:-1]}")
+        return self
+
+
+class NearDedupConfig(_Step):
+    threshold: float = Field(default=0.8, gt=0, le=1)  # Jaccard of character shingles (NeMo Curator's default)
+    ngram: int = Field(default=5, ge=1)  # character shingles: robust on one-sentence records
+    # LSH: bands x rows = permutations; with 16 x 8 a pair at Jaccard 0.8 becomes a
+    # candidate with probability 1 - (1 - 0.8^8)^16 = 0.95 (0.99 at 0.85).
+    bands: int = Field(default=16, gt=0)
+    rows: int = Field(default=8, gt=0)
+    min_words: int = Field(default=10, ge=1)  # below this a one-word edit is a new text: exact dedup only
+    seed: int = 0
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    near: NearDedupConfig = NearDedupConfig()
 
 
 class CleanConfig(_Section):
-    min_chars: int = Field(ge=0)
-    max_chars: int = Field(gt=0)
     split_seed: int = 0
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "CleanConfig":
-        if self.min_chars >= self.max_chars:
-            raise ValueError("min_chars must be smaller than max_chars")
-        return self
+    workers: int = Field(default=1, gt=0)  # processes for the per-record steps; outputs do not depend on it
+    filters: FiltersConfig = FiltersConfig()
+    dedup: DedupConfig = DedupConfig()
 
 
 class TokenizeConfig(_Section):
     max_length: int = Field(gt=8)
+    # source: drop demonstrations, then cut the prompt's start, so the target stays whole;
+    # drop: remove the example. Both are counted and listed in the shards directory.
     truncation: Literal["source", "drop"] = "source"
     shard_rows: int = Field(gt=0)
+    chat_template: bool = False  # prompt as the user turn, target as the assistant turn
+    few_shot: int = Field(default=0, ge=0, le=32)  # demonstrations from train; more never fit max_length
+    seed: int = 0  # which demonstrations each example gets
+    pack: bool = False  # several train examples per max_length row, attention kept per example
+    num_proc: int | None = Field(default=None, gt=0)  # tokenizer processes; None: every core available
 
 
-class PromptMethodConfig(_Section):
-    num_virtual_tokens: int = Field(gt=0)
-    init: Literal["text", "random"] = "text"
+class MethodConfig(_Section):
+    """One method's training recipe (``tune.<method>``). A value set at the top level of
+    ``tune`` (``learning_rate``, ``epochs``, ``batch_size``, ``optimizer``,
+    ``weight_decay``) overrides it, whatever the method."""
+    learning_rate: float | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor: Lester et al.'s prompt-tuning recipe
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class PromptMethodConfig(MethodConfig):
+    num_virtual_tokens: int = Field(default=20, gt=0)
+    # text: embeddings of init_text's tokens; labels: of the task's label words, then sampled
+    # vocabulary (Lester et al. 2021, sec. 3.2); vocab: sampled vocabulary; random: N(0, 1)
+    init: Literal["text", "labels", "vocab", "random"] = "text"
     init_text: str | None = None
+
+
+class PrefixMethodConfig(MethodConfig):
+    num_virtual_tokens: int = Field(default=10, gt=0)
+    projection: bool = True  # Li & Liang (2021): MLP reparameterization in training, dropped after
+    encoder_hidden_size: int = Field(default=512, gt=0)  # the MLP's width (their code: 512)
+
+
+class PtuningMethodConfig(MethodConfig):
+    num_virtual_tokens: int = Field(default=20, gt=0)
+    encoder_hidden_size: int = Field(default=128, gt=0)
+
+
+class LoraMethodConfig(MethodConfig):
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class Recipe(BaseModel):
+    """The training settings in force for a run: the method's recipe plus top-level overrides."""
+    model_config = ConfigDict(frozen=True)
+    learning_rate: float
+    epochs: float
+    batch_size: int
+    optimizer: Literal["adamw", "adafactor"]
+    weight_decay: float
 
 
 class TuneConfig(_Section):
     method: Literal["prompt", "prefix", "ptuning", "lora", "full"]
     seed: int = 0
     max_train_examples: int | None = Field(default=None, gt=0)
-    epochs: float = Field(gt=0)
     max_steps: int = Field(default=-1, ge=-1)
-    batch_size: int = Field(gt=0)
     grad_accum: int = Field(default=1, gt=0)
-    learning_rate: float = Field(gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    # null: the method's recipe; a value: used for every method (e.g. `-S tune.learning_rate=...`)
+    learning_rate: float | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0)
+    optimizer: Literal["adamw", "adafactor"] | None = None
+    weight_decay: float | None = Field(default=None, ge=0)
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     lr_scheduler: str = "linear"
     eval_examples: int = Field(default=64, ge=0)
     save_steps: int = Field(default=0, ge=0)
+    checkpoint_dir: str = ".ptune/checkpoints"  # <dir>/<run key>: outside DVC outputs, deleted after success
+    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     num_threads: int | None = Field(default=None, gt=0)
-    prompt: PromptMethodConfig
-    prefix: PromptMethodConfig
-    ptuning: PromptMethodConfig
-    lora_r: int = Field(default=8, gt=0)
-    lora_alpha: int = Field(default=16, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    prefix_projection: bool = False
-    encoder_hidden_size: int = Field(default=128, gt=0)
+    prompt: PromptMethodConfig = PromptMethodConfig()
+    prefix: PrefixMethodConfig = PrefixMethodConfig()
+    ptuning: PtuningMethodConfig = PtuningMethodConfig()
+    lora: LoraMethodConfig = LoraMethodConfig()
+    full: MethodConfig = MethodConfig()
+
+    @model_validator(mode="after")
+    def _recipe_complete(self):
+        for key in ("learning_rate", "epochs", "batch_size"):
+            if getattr(self, key) is None and getattr(getattr(self, self.method), key) is None:
+                raise ValueError(f"{key}: set tune.{self.method}.{key} (the method's recipe) or tune.{key}")
+        return self
+
+    @property
+    def recipe(self) -> Recipe:
+        m = getattr(self, self.method)
+        return Recipe(**{k: getattr(m, k) if getattr(self, k) is None else getattr(self, k)
+                         for k in Recipe.model_fields})
 
 
 class EvaluateConfig(_Section):
@@ -96,6 +348,8 @@ class EvaluateConfig(_Section):
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = Field(default=0, ge=0)
     min_nonempty_fraction: float = Field(default=0.95, gt=0, le=1)
+    few_shot_k: int = Field(default=0, ge=0, le=32)  # the hard-prompt baseline's demonstrations; 0: none
+    seed: int = 0  # which train records the baseline's demonstrations are
 
 
 class RegisterConfig(_Section):
@@ -126,12 +380,19 @@ def parse_params(raw: dict, where: str = "params.yaml") -> Params:
     except ValidationError as exc:
         lines = [f"{where}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
-    from pipelines.tasks import get_task  # late: tasks import nothing from here
+    from pipelines.tasks import TASKS, get_task  # late: tasks import nothing from here
 
     try:
         get_task(params.task.name)
     except KeyError as exc:
         raise ConfigError(f"{where}: task.name: {exc.args[0]}") from None
+    problems = [f"collect.sources.{name}: no task {name!r} (defined: {', '.join(sorted(TASKS))})"
+                for name in params.collect.sources if name not in TASKS]
+    problems += params.collect.source_problems(params.task.name, TASKS[params.task.name].fields)
+    problems += [p for name in params.collect.sources if name in TASKS and name != params.task.name
+                 for p in params.collect.source_problems(name, TASKS[name].fields)]
+    if problems:
+        raise ConfigError("invalid parameters:\n  " + "\n  ".join(f"{where}: {p}" for p in problems))
     return params
 
 

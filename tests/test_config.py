@@ -36,11 +36,11 @@ def test_unknown_method_and_task_are_rejected():
 
 def test_unknown_key_and_inverted_bounds_are_rejected():
     raw = _raw()
-    raw["clean"]["min_char"] = 3
-    with pytest.raises(ConfigError, match=r"clean\.min_char"):
+    raw["clean"]["filters"]["length"]["min_char"] = 3
+    with pytest.raises(ConfigError, match=r"clean\.filters\.length\.min_char"):
         parse_params(raw)
     raw = _raw()
-    raw["clean"]["min_chars"], raw["clean"]["max_chars"] = 50, 10
+    raw["clean"]["filters"]["length"].update(min_chars=50, max_chars=10)
     with pytest.raises(ConfigError, match="min_chars must be smaller"):
         parse_params(raw)
 
