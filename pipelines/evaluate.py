@@ -22,6 +22,7 @@ total log-probability after the prompt wins; accuracy and macro-F1 in points.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -51,6 +52,15 @@ class Row:
     id: str
     fields: dict
     references: list[str]
+
+
+def rows_sha256(rows: list[Row]) -> str:
+    """Identity of a test set: scores with equal hashes were computed on the same rows."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.id, r.fields, r.references], sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Row]:
@@ -370,7 +380,9 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     method = info["stats"]["method"]
     systems = {
         "tuned": (tuned, [tuned_prompts.source(r.fields) for r in rows], tuned_prompts.options(),
-                  {"label": f"{method} (tuned)", "trainable_parameters": info["stats"]["trainable_parameters"]}),
+                  {"label": f"{method} (tuned)", "trainable_parameters": info["stats"]["trainable_parameters"],
+                   "train_seconds": info["stats"].get("train_seconds"),
+                   "train_examples": info["stats"].get("train_examples")}),
         "zero_shot": (base_model, [hard.source(r.fields, 0) for r in rows], dict(task.labels),
                       {"label": "zero-shot prompt (base model)", "trainable_parameters": 0}),
     }
@@ -378,7 +390,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
         systems["few_shot"] = (base_model, [hard.source(r.fields, k) for r in rows], dict(task.labels),
                                {"label": f"{k}-shot prompt (base model)", "trainable_parameters": 0})
     metrics = {"task": task.name, "method": method, "primary_metric": task.primary_metric, "rows": len(rows),
-               "test_file": str(test_path), "trainable_parameters": info["stats"]["trainable_parameters"],
+               "rows_sha256": rows_sha256(rows), "test_file": str(test_path), "trainable_parameters": info["stats"]["trainable_parameters"],
                "decoding": {"num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty,
                             "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "max_new_tokens": cfg.max_new_tokens},
                "systems": list(systems), "system_info": {s: v[3] for s, v in systems.items()},

@@ -95,6 +95,18 @@ def _hashes(lock: dict) -> dict:
     return out
 
 
+def _trained_on(fs, record_id: str) -> tuple[bool, float | None] | None:
+    """(is ``record_id`` in the adapter's train_ids.txt, epochs drawn), or None if not recorded."""
+    try:
+        meta = json.loads(fs.read_text("data/models/adapter/ptune_adapter.json"))
+        recorded = meta["data"]["train_ids"]
+        with fs.open(f"data/models/adapter/{recorded['file']}", "r", encoding="utf-8") as f:
+            found = any(line.rstrip("\n") == record_id for line in f)
+    except Exception:  # noqa: BLE001 - older versions, or the adapter not in cache/remote
+        return None
+    return found, recorded.get("epochs_drawn")
+
+
 def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -> dict:
     """Was ``record_id`` in the version's training data? Reads the clean splits at ``commit``."""
     fs = fs or _fs(repo, commit)
@@ -119,6 +131,20 @@ def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -
     if found != "train":
         answer["detail"] = f"in the {found} split: held out from training"
         return answer
+    trained = _trained_on(fs, record_id)
+    if trained is not None:
+        info, drawn = trained
+        if info:
+            partial = drawn is not None and drawn < 1
+            answer.update(in_training_data=True, detail=(
+                "in the train split and in the adapter's training rows (data/models/adapter/train_ids.txt)"
+                + (f"; training stopped after {drawn:.0%} of an epoch, so it may not have been drawn"
+                   if partial else "")))
+        else:
+            answer["detail"] = ("in the train split but not in the adapter's training rows: dropped by tokenize "
+                                "(data/shards/dropped.jsonl) or outside the tune.max_train_examples subset")
+        return answer
+    # Versions from before tune recorded its rows: infer from the params where that is exact.
     limit = (params.get("tune") or {}).get("max_train_examples")
     try:
         manifest = json.loads(fs.read_text("data/shards/manifest.json"))
@@ -130,7 +156,7 @@ def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -
     else:
         answer.update(in_training_data=None, detail=(
             f"in the train split; tune used a seeded subset of {limit} of its {train_rows or '?'} examples "
-            "(tune.max_train_examples), and which ones is not recorded"))
+            "(tune.max_train_examples), and this version did not record which ones"))
     return answer
 
 

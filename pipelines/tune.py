@@ -355,6 +355,16 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+TRAIN_IDS = "train_ids.txt"
+
+
+def write_train_ids(column, path: Path) -> int:
+    """The source record ids of the training rows, sorted, one per line (a packed row holds several)."""
+    ids = sorted({i for row in column for i in ([row] if isinstance(row, str) else row)})
+    path.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    return len(ids)
+
+
 def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) -> TuneStats:
     """Train ``cfg.method`` on the train shards; write the adapter to ``out`` (rank 0 only).
 
@@ -448,6 +458,10 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         model.save_pretrained(staging, safe_serialization=True)
         if peft_config is None:
             tok.save_pretrained(staging)
+        # Which source records this adapter trained on (after tokenize's drops and the
+        # max_train_examples subset): `ptune lineage --record-id` answers from this file.
+        train_ids = write_train_ids(train["id"], staging / TRAIN_IDS)
+        samples = result.global_step * cfg.recipe.batch_size * cfg.grad_accum * world
         write_json(staging / "ptune_adapter.json", {
             "config": cfg.model_dump(mode="json"),
             "recipe": cfg.recipe.model_dump(mode="json"),
@@ -457,7 +471,10 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
             "data": {"manifest_sha256": manifest_sha,
                      "tokenizer_sha256": manifest["tokenizer"]["sha256"],
                      "template_sha256": manifest["template_sha256"],
-                     "train_shards": manifest["splits"]["train"]["shards"]},
+                     "train_shards": manifest["splits"]["train"]["shards"],
+                     "train_ids": {"file": TRAIN_IDS, "count": train_ids, "sha256": sha256_file(staging / TRAIN_IDS),
+                                   # < 1: training stopped (max_steps) before every row was drawn once
+                                   "epochs_drawn": round(samples / len(train), 4)}},
         })
         validate("tune", pd.DataFrame({"step": [h["step"] for h in history],
                                        "loss": [h["loss"] for h in history]}),

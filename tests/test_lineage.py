@@ -60,9 +60,17 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     assert info["data"]["base model"]["data/models/base"] == lock["data/models/base"]
     assert all(v["success"] for v in info["validation"].values()), info["validation"]
     assert info["metrics"]["tuned"] == json.loads((project / "data/eval/metrics.json").read_text())["tuned"]
-    record = info["record"]
-    assert record["split"] == "train" and record["in_training_data"] is None  # 16 of the train rows
-    assert "not recorded" in record["detail"]
+    # tune trained on a 16-row subset of the train split and recorded which rows: exact answers
+    trained = (project / "data/models/adapter/train_ids.txt").read_text().split()
+    assert len(trained) == 16 and trained == sorted(trained)
+    assert json.loads((project / "data/models/adapter/ptune_adapter.json").read_text())["data"]["train_ids"]["count"] == 16
+    untrained = next(i for i in ids(project, "train") if i not in set(trained))
+    record = info["record"] if train_id in trained else \
+        json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", trained[0]).stdout)["record"]
+    assert record["split"] == "train" and record["in_training_data"] is True, record
+    out = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", untrained).stdout)["record"]
+    assert out["split"] == "train" and out["in_training_data"] is False and "not in the adapter's training rows" \
+        in out["detail"], out
 
     held_out = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", test_id).stdout)
     assert held_out["record"]["split"] == "test" and held_out["record"]["in_training_data"] is False

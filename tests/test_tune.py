@@ -14,6 +14,7 @@ import torch
 from pipelines import tokenize, tune
 from pipelines.common import StageError
 from pipelines.config import PromptMethodConfig, TokenizeConfig, TuneConfig
+from pipelines.shards import load_split
 from pipelines.tasks import get_task
 from tests.conftest import ROOT
 from tests.test_tokenize import MANY, ROWS, write_clean
@@ -56,6 +57,10 @@ def test_every_method_trains_saves_and_records_provenance(method, shards, tiny_b
     assert info["stats"]["trainable_parameters"] == stats.trainable_parameters > 0
     assert info["config"]["method"] == method
     assert info["data"]["manifest_sha256"] and info["data"]["train_shards"]
+    ids = (tmp_path / "adapter" / "train_ids.txt").read_text().split()
+    shard_ids = list(load_split(shards / "shards", "train")["id"])
+    assert ids == sorted(shard_ids) and info["data"]["train_ids"]["count"] == len(ids)
+    assert info["data"]["train_ids"]["epochs_drawn"] > 0
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert ("model.safetensors" if method == "full" else "adapter_model.safetensors") in files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
