@@ -98,6 +98,32 @@ def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
     return tok, base_model, tuned
 
 
+def prefix_length(model) -> int:
+    """Virtual tokens of a prefix-tuned PEFT model (its per-layer keys and values), else 0."""
+    cfg = getattr(model, "active_peft_config", None)
+    return cfg.num_virtual_tokens if cfg is not None and cfg.peft_type.value == "PREFIX_TUNING" else 0
+
+
+def with_prefix_cache(model, enc, n_prefix: int, num_beams: int, pad_id: int) -> dict:
+    """Generation inputs that carry the trained prefix into the base model's ``generate``.
+
+    With PEFT 0.21 and transformers 5.2x, ``PeftModel.generate`` on a prefix-tuned model
+    drops the prefix: transformers prefers its own fresh cache to the ``past_key_values``
+    PEFT passes (a FutureWarning says so), so the continuation is the base model's. Here
+    the prefix is a pre-filled cache, as a cached prompt would be: ``n_prefix`` placeholder
+    ids stand for its positions (generate feeds only what the cache does not cover), the
+    attention mask is 1 over them as in training, and there is one cache row per beam
+    (generate does not expand a cache it is given). tests/test_evaluate.py checks the
+    result against greedy decoding by full forward passes of the PEFT model.
+    """
+    b = enc["input_ids"].shape[0]
+    lead = torch.full((b, n_prefix), pad_id, dtype=enc["input_ids"].dtype, device=enc["input_ids"].device)
+    ones = torch.ones((b, n_prefix), dtype=enc["attention_mask"].dtype, device=enc["attention_mask"].device)
+    return {"input_ids": torch.cat([lead, enc["input_ids"]], 1),
+            "attention_mask": torch.cat([ones, enc["attention_mask"]], 1),
+            "past_key_values": model.get_prompt(b * num_beams)}
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], cfg: EvaluateConfig, device: str) -> tuple[list[str], int]:
     """Batched decoding, longest prompts first so each batch pads little. -> (texts, new tokens)."""
@@ -108,11 +134,15 @@ def generate(model, tok, prompts: list[str], cfg: EvaluateConfig, device: str) -
         idx = order[start:start + cfg.batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
-                             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        cont = gen[:, enc.input_ids.shape[1]:]
+        runner, inputs = model, dict(enc)
+        if n_prefix := prefix_length(model):
+            runner, inputs = model.get_base_model(), with_prefix_cache(model, enc, n_prefix, cfg.num_beams,
+                                                                        tok.pad_token_id)
+        gen = runner.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                              num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                              no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        cont = gen[:, inputs["input_ids"].shape[1]:]
         new_tokens += int((cont != tok.pad_token_id).sum())
         for i, text in zip(idx, tok.batch_decode(cont, skip_special_tokens=True)):
             out[i] = first_line(text)

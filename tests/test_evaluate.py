@@ -116,6 +116,45 @@ def test_batched_generation_equals_one_at_a_time(tiny_base, tok):
     assert batched == alone
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_prefix_tuned_generation_uses_the_prefix(tiny_base, tok, num_beams):
+    """PeftModel.generate drops a prefix (PEFT 0.21 + transformers 5.2x); ours must not:
+    greedy decoding equals decoding by full forward passes of the PEFT model (the
+    training path), batched beams equal beams row by row, and the prefix changes the text."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), PrefixTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16)).eval()
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.copy_(torch.randn_like(param) * 3)  # a prefix that matters
+    tok.padding_side = "left"
+    prompts = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
+               "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
+    cfg = EvaluateConfig(batch_size=3, max_new_tokens=6, num_beams=num_beams)
+    batched, _ = evaluate.generate(model, tok, prompts, cfg, "cpu")
+    alone = [evaluate.generate(model, tok, [p], cfg.model_copy(update={"batch_size": 1}), "cpu")[0][0]
+             for p in prompts]
+    assert batched == alone
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    assert batched != evaluate.generate(base, tok, prompts, cfg, "cpu")[0]
+    if num_beams == 1:
+        expected = []
+        for prompt in prompts:
+            seq = tok(prompt, add_special_tokens=False).input_ids
+            start = len(seq)
+            with torch.no_grad():
+                for _ in range(cfg.max_new_tokens):
+                    nxt = int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+                    seq.append(nxt)
+                    if nxt == tok.eos_token_id:
+                        break
+            expected.append(evaluate.first_line(tok.decode(seq[start:], skip_special_tokens=True)))
+        assert batched == expected
+
+
 def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_path):  # noqa: F811
     tune.run(tune_cfg("lora", checkpoint_dir=str(tmp_path / "ckpt")), shards / "shards", tiny_base,
              tmp_path / "adapter", tmp_path / "live")
