@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test env repro register clean-env
+.PHONY: run test env repro register clean-env server worker deploy
 
 env: $(STAMP)
 
@@ -44,6 +44,17 @@ register: $(STAMP)
 
 test: $(STAMP)
 	pytest
+
+# Prefect (README, "Prefect"): `make server` in one terminal, `make worker` in another,
+# then `make deploy`; the UI is at http://127.0.0.1:4200. Ctrl-C stops server and worker.
+server: $(STAMP)
+	ptune server
+
+worker: $(STAMP)
+	ptune worker
+
+deploy: $(STAMP)
+	ptune deploy
 
 clean-env:
 	rm -rf $(VENV)

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import StageError, read_json
 from pipelines.config import ConfigError, load_params, parse_params
+from pipelines.prefect_ops import STAGE_NOTE, notify_failure
 from pipelines.registry import register, tool
 from pipelines.validation import ValidationSummary
 
@@ -44,6 +45,8 @@ REPORT = Path("data/eval/report.md")
 GATE = Path("data/eval/gate.json")
 LOCK = Path(".dvc/tmp/ptune-retrain.lock")
 LOCK_TIMEOUT_S = 2.0  # long enough to ride out a run that is just releasing it
+# The flow's named parameters (what the UI's "Run" form shows) and the params they set.
+NAMED_PARAMS = {"task_name": "task.name", "method": "tune.method", "learning_rate": "tune.learning_rate"}
 
 
 class ValidationStopped(StageError):
@@ -180,6 +183,23 @@ def register_version(repo: str) -> dict:
     return asdict(result)
 
 
+@task(name="publish-comparison", task_run_name="publish-comparison", cache_policy=NO_CACHE)
+def publish_comparison(repo: str) -> dict:
+    """Every trained method of this task (registered versions, DVC experiments) scored on
+    this run's test rows, with the prompt baselines: ``ptune compare`` as an artifact."""
+    from pipelines import compare
+
+    description = "ptune compare: registered versions and DVC experiments on the same test rows"
+    try:
+        c = compare.compare(Path(repo))
+    except StageError as exc:  # the run itself succeeded: say why there is no table, do not fail it
+        create_markdown_artifact(key="method-comparison", markdown=f"### Methods compared\n\nNo table: {exc}\n",
+                                 description=description)
+        return {"rows": 0, "excluded": 0}
+    create_markdown_artifact(key="method-comparison", markdown=compare.markdown(c), description=description)
+    return {"rows": len(c.rows), "excluded": len(c.excluded)}
+
+
 def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
     """Set dotted params in params.yaml like ``dvc exp run -S`` (its comments are kept).
 
@@ -241,27 +261,53 @@ def workspace_lock(root: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None
         lock.release()
 
 
-@flow(name="retrain", log_prints=True)
-def retrain(repo: str = ".", params_overrides: dict[str, str | int | float | bool | None] | None = None) -> dict:
+def named_overrides(named: dict[str, object], overrides: dict[str, object] | None) -> dict[str, object]:
+    """The flow's named parameters as dotted params, merged with ``overrides`` (None: unset)."""
+    merged = {NAMED_PARAMS[k]: v for k, v in named.items() if v is not None}
+    for key, value in (overrides or {}).items():
+        if key in merged and merged[key] != value:
+            name = next(k for k, v in NAMED_PARAMS.items() if v == key)
+            raise ConfigError(f"{key} is set twice: {name}={merged[key]!r} and params_overrides {value!r}")
+        merged[key] = value
+    return merged
+
+
+@flow(name="retrain", log_prints=True, on_failure=[notify_failure], on_crashed=[notify_failure])
+def retrain(repo: str = ".", params_overrides: dict[str, str | int | float | bool | None] | None = None,
+            task_name: str | None = None, method: str | None = None, learning_rate: float | None = None) -> dict:
     """Every DVC stage in order, the evaluation and the gate as artifacts, then registration.
 
-    ``params_overrides`` ({"tune.method": "prompt"}) are written to params.yaml first,
-    as ``dvc exp run -S`` does, and stay there (the registered commit records them).
+    Parameters are written to params.yaml first, as ``dvc exp run -S`` does, and stay
+    there (the registered commit records them); unset ones keep the file's values.
+
+    Args:
+        repo: the project directory (a deployment runs in it: ".")
+        params_overrides: any dotted params, e.g. {"tune.lora.r": 16, "evaluate.max_rows": 50}
+        task_name: task.name (e2e, sst2, stackexchange_qa)
+        method: tune.method (prompt, prefix, ptuning, lora, full)
+        learning_rate: tune.learning_rate, for every method
     """
     root = Path(repo).resolve()
+    overrides = named_overrides({"task_name": task_name, "method": method, "learning_rate": learning_rate},
+                                params_overrides)
     with workspace_lock(root):
-        if params_overrides:
-            apply_overrides(root, params_overrides)
+        if overrides:
+            apply_overrides(root, overrides)
         _check_graph(root)
         metrics = None
         for stage in STAGES:
             options = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient} \
                 if stage in FETCHING else {}
-            run_stage.with_options(name=stage, **options)(str(root), stage)
+            try:
+                run_stage.with_options(name=stage, **options)(str(root), stage)
+            except Exception as exc:
+                exc.add_note(f"{STAGE_NOTE}{stage}")  # for the failure hook: the API may not have the task yet
+                raise
             if stage == "evaluate":
                 metrics = publish_metrics(str(root))
         decision = publish_gate(str(root))
         registration = register_version(str(root))
+        publish_comparison(str(root))
     return {"metrics": metrics, "gate": decision, "registration": registration}
 
 

@@ -7,7 +7,12 @@
                              score an adapter on any file in the task's source format
     ptune lineage <artifact>@<version> [--record-id ID]
                              commit, params, data hashes, validation and metrics of a version
+    ptune compare            every trained method (registered versions, DVC experiments) on the
+                             same test rows as data/eval/metrics.json, with the prompt baselines
     ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
+    ptune server [--port N]  a local Prefect server (UI) on 127.0.0.1, database under .prefect/
+    ptune deploy             the `retrain` deployment (schedule from params.yaml), process work pool
+    ptune worker             a worker that runs the deployment's flow runs in this project
 
 Errors a user can fix (bad params, bad input, failed validation) are printed as one
 readable message and exit 1; there is no traceback for them.
@@ -108,6 +113,18 @@ def _lineage(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, default=str) if args.json else lineage.format_lineage(info))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    import json
+
+    from pipelines import compare
+
+    c = compare.compare(Path("."), Path(args.reference) if args.reference else None)
+    text = compare.markdown(c)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(json.dumps({"rows": c.rows, "excluded": c.excluded}, indent=2) if args.json else text, end="")
+
+
 def _retrain(args: argparse.Namespace) -> None:
     from flows.retrain import retrain
 
@@ -118,6 +135,24 @@ def _retrain(args: argparse.Namespace) -> None:
             raise ConfigError(f"-S {item!r}: expected key=value, e.g. -S tune.method=prompt")
         overrides[key] = value
     retrain(repo=str(Path(".").resolve()), params_overrides=overrides or None)
+
+
+def _server(args: argparse.Namespace) -> None:
+    from pipelines import prefect_ops
+
+    sys.exit(prefect_ops.server(Path(".").resolve(), load_params(args.params).prefect, args.port))
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from pipelines import prefect_ops
+
+    prefect_ops.deploy(Path(".").resolve(), load_params(args.params).prefect, schedule=not args.no_schedule)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from pipelines import prefect_ops
+
+    sys.exit(prefect_ops.worker(Path(".").resolve(), load_params(args.params).prefect, args.pool))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,10 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=_lineage)
 
+    c = sub.add_parser("compare", help="every trained method (registered versions, DVC experiments) "
+                       "on the same test rows, with the prompt baselines")
+    c.add_argument("--reference", help="a metrics.json to compare against (default: data/eval/metrics.json)")
+    c.add_argument("--out", help="also write the markdown table here")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_compare)
+
     t = sub.add_parser("retrain", help="run the Prefect retrain flow (PREFECT_API_URL or ephemeral)")
     t.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                    help="override a parameter for this run, like `dvc exp run -S`")
     t.set_defaults(func=_retrain)
+
+    sv = sub.add_parser("server", help="a local Prefect server and UI on 127.0.0.1 (Ctrl-C stops it)")
+    sv.add_argument("--port", type=int, help="default: prefect.port in params.yaml")
+    sv.set_defaults(func=_server)
+    d = sub.add_parser("deploy", help="create or update the retrain deployment (PREFECT_API_URL or the local server)")
+    d.add_argument("--no-schedule", action="store_true", help="leave out prefect.schedule: triggered runs only")
+    d.set_defaults(func=_deploy)
+    w = sub.add_parser("worker", help="a process worker for the deployment (Ctrl-C stops it)")
+    w.add_argument("--pool", help="default: prefect.work_pool in params.yaml")
+    w.set_defaults(func=_worker)
     return p
 
 

@@ -82,9 +82,15 @@ def _train_seconds(repo: Path, entry: Entry) -> float | None:
     return None
 
 
+def _label(m: dict, system: str) -> str:
+    default = f"{m.get('method', '?')} (tuned)" if system == "tuned" else system.replace("_", "-")
+    return m.get("system_info", {}).get(system, {}).get("label", default)
+
+
 def _row(label: str, source: str, system: str, m: dict, train_seconds) -> dict:
     info = m.get("system_info", {}).get(system, {})
-    return {"label": label, "source": source, "trainable_parameters": info.get("trainable_parameters"),
+    trainable = info.get("trainable_parameters", m.get("trainable_parameters") if system == "tuned" else 0)
+    return {"label": label, "source": source, "trainable_parameters": trainable,
             "train_seconds": train_seconds, "metrics": m.get(system, {}),
             "tokens_per_s": m.get("tokens_per_s", {}).get(system)}
 
@@ -104,9 +110,9 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
     ref_seconds = m.get("system_info", {}).get("tuned", {}).get("train_seconds")
     if ref_seconds is None and reference is None and tune_path.is_file():
         ref_seconds = json.loads(tune_path.read_text()).get("train_seconds")
-    tuned = [_row(m["system_info"]["tuned"]["label"], ref.source, "tuned", m, ref_seconds)]
-    baselines = [_row(m["system_info"][s]["label"], ref.source, s, m, None)
-                 for s in m["systems"] if s != "tuned"]
+    tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, ref_seconds)]
+    baselines = [_row(_label(m, s), ref.source, s, m, None)
+                 for s in m.get("systems", ["tuned", "zero_shot"]) if s != "tuned"]
     excluded, seen = [], {json.dumps(m["tuned"], sort_keys=True) + m.get("method", "")}
     for entry in [*(extra or []), *candidates(repo)]:
         other = entry.metrics
@@ -126,7 +132,7 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
         if key in seen:  # the same run reached through several refs (a registered experiment)
             continue
         seen.add(key)
-        tuned.append(_row(other["system_info"]["tuned"]["label"], entry.source, "tuned", other,
+        tuned.append(_row(_label(other, "tuned"), entry.source, "tuned", other,
                           _train_seconds(repo, entry)))
     return Comparison(ref, tuned + baselines, excluded)
 

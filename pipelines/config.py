@@ -358,6 +358,40 @@ class RegisterConfig(_Section):
     remote: str | None = None
 
 
+class ScheduleConfig(_Section):
+    cron: str = Field(min_length=1)  # five fields, as cron reads them
+    timezone: str = "UTC"  # IANA name; the cron's hours are in this zone (daylight saving followed)
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ScheduleConfig":
+        from datetime import datetime
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        # cronsim comes with Prefect (via docket) and imports in milliseconds; Prefect's own
+        # parser would import Prefect into every stage. `ptune deploy` checks it again.
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(self.cron, datetime.now())
+        except CronSimError as exc:
+            raise ValueError(f"cron {self.cron!r}: {exc}") from None
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r}: not an IANA time zone (e.g. Europe/Berlin, UTC)") from None
+        return self
+
+
+class PrefectConfig(_Section):
+    """How `ptune server`, `ptune deploy` and `ptune worker` set up Prefect (no stage reads it)."""
+
+    port: int = Field(default=4200, gt=0, lt=65536)
+    deployment: str = Field(default="retrain", min_length=1)
+    work_pool: str = Field(default="ptune", min_length=1)
+    schedule: ScheduleConfig | None = None  # None: triggered by hand (UI, API, `prefect deployment run`)
+    notify_url: str | None = Field(default=None, pattern=r"^https?://")  # PTUNE_NOTIFY_URL wins
+
+
 with warnings.catch_warnings():
     # `register` is the stage's name everywhere; pydantic warns that it shadows
     # ABCMeta.register, which instances never use.
@@ -372,6 +406,7 @@ with warnings.catch_warnings():
         tune: TuneConfig
         evaluate: EvaluateConfig
         register: RegisterConfig
+        prefect: PrefectConfig = PrefectConfig()
 
 
 def parse_params(raw: dict, where: str = "params.yaml") -> Params:

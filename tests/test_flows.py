@@ -78,7 +78,7 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     names = [t.name for t in task_runs]
     assert [n for n in names if n in STAGES] == list(STAGES)
     assert names.index("publish-metrics") == names.index("evaluate") + 1
-    assert names[-1] == "register-version"
+    assert names[-2:] == ["register-version", "publish-comparison"]
     assert all(t.state.is_completed() and t.run_count == 1 for t in task_runs)
     assert "Running stage 'tune':" in logs["tune"] and "> python stage.py tune data/models/adapter" in logs["tune"]
 
@@ -89,6 +89,9 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     assert table[0] == {"metric": "bleu (primary)", "tuned": 41.2, "zero_shot": 9.1, "delta": 32.1}
     assert "pass: bleu 41.20 is +32.10 over the zero-shot prompt" in artifacts["promotion-gate"].data
     assert "registered e2e-adapter v0.0.1" in artifacts["registration"].data
+    comparison = artifacts["method-comparison"].data
+    assert comparison.startswith("### Methods compared: e2e, the same 3 test rows")
+    assert "| lora (tuned) | workspace | 8 |" in comparison and "| zero-shot | workspace |" in comparison
 
 
 @pytest.mark.parametrize("failing, exits", [("tokenize", False), ("collect", True)],
