@@ -98,30 +98,51 @@ def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
     return tok, base_model, tuned
 
 
-def prefix_length(model) -> int:
-    """Virtual tokens of a prefix-tuned PEFT model (its per-layer keys and values), else 0."""
+def _peft_type(model) -> str | None:
     cfg = getattr(model, "active_peft_config", None)
-    return cfg.num_virtual_tokens if cfg is not None and cfg.peft_type.value == "PREFIX_TUNING" else 0
+    return cfg.peft_type.value if cfg is not None and cfg.is_prompt_learning else None
 
 
-def with_prefix_cache(model, enc, n_prefix: int, num_beams: int, pad_id: int) -> dict:
-    """Generation inputs that carry the trained prefix into the base model's ``generate``.
+def generation_inputs(model, enc, num_beams: int, pad_id: int):
+    """(model to call ``generate`` on, its inputs, how many leading output columns are input).
 
-    With PEFT 0.21 and transformers 5.2x, ``PeftModel.generate`` on a prefix-tuned model
-    drops the prefix: transformers prefers its own fresh cache to the ``past_key_values``
-    PEFT passes (a FutureWarning says so), so the continuation is the base model's. Here
-    the prefix is a pre-filled cache, as a cached prompt would be: ``n_prefix`` placeholder
-    ids stand for its positions (generate feeds only what the cache does not cover), the
-    attention mask is 1 over them as in training, and there is one cache row per beam
-    (generate does not expand a cache it is given). tests/test_evaluate.py checks the
-    result against greedy decoding by full forward passes of the PEFT model.
+    Left padding is what makes batched decoding exact for a plain model (position ids
+    follow the attention mask). PEFT's prompt-learning ``generate`` breaks that under
+    PEFT 0.21 + transformers 5.2x, so the virtual tokens are placed here instead, as in
+    training:
+
+    - prefix tuning: ``PeftModel.generate`` drops the prefix (transformers prefers its own
+      fresh cache to the ``past_key_values`` PEFT passes; a FutureWarning says so). The
+      prefix goes in as a pre-filled cache, as a cached prompt would: placeholder ids
+      stand for its positions (generate feeds only what the cache does not cover), the
+      mask is 1 over them, and there is one cache row per beam (generate does not expand
+      a cache it is given).
+    - prompt tuning and P-tuning: PEFT puts the virtual tokens before the left padding
+      and ignores position ids, so a padded row sees shifted positions. Here each row is
+      ``[pad][virtual][tokens]`` as embeddings, so positions count from the virtual
+      tokens exactly as in training.
+
+    tests/test_evaluate.py checks every method against greedy decoding by full forward
+    passes of the PEFT model, and batched against row-by-row decoding.
     """
-    b = enc["input_ids"].shape[0]
-    lead = torch.full((b, n_prefix), pad_id, dtype=enc["input_ids"].dtype, device=enc["input_ids"].device)
-    ones = torch.ones((b, n_prefix), dtype=enc["attention_mask"].dtype, device=enc["attention_mask"].device)
-    return {"input_ids": torch.cat([lead, enc["input_ids"]], 1),
-            "attention_mask": torch.cat([ones, enc["attention_mask"]], 1),
-            "past_key_values": model.get_prompt(b * num_beams)}
+    kind = _peft_type(model)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    b = ids.shape[0]
+    if kind is None:
+        return model, {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
+    n = model.active_peft_config.num_virtual_tokens
+    ones = torch.ones((b, n), dtype=mask.dtype, device=mask.device)
+    if kind == "PREFIX_TUNING":
+        lead = torch.full((b, n), pad_id, dtype=ids.dtype, device=ids.device)
+        return model.get_base_model(), {"input_ids": torch.cat([lead, ids], 1), "attention_mask": torch.cat([ones, mask], 1),
+                                        "past_key_values": model.get_prompt(b * num_beams)}, n + ids.shape[1]
+    base = model.get_base_model()
+    embeds = base.get_input_embeddings()(ids)
+    virtual = model.get_prompt(b).to(embeds.dtype)
+    pads = (mask == 0).sum(1).tolist()  # left padding: a leading block per row
+    rows = [torch.cat([embeds[i, :k], virtual[i], embeds[i, k:]]) for i, k in enumerate(pads)]
+    masks = [torch.cat([mask[i, :k], ones[i], mask[i, k:]]) for i, k in enumerate(pads)]
+    return base, {"inputs_embeds": torch.stack(rows), "attention_mask": torch.stack(masks)}, 0
 
 
 @torch.no_grad()
@@ -134,15 +155,12 @@ def generate(model, tok, prompts: list[str], cfg: EvaluateConfig, device: str) -
         idx = order[start:start + cfg.batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(device)
-        runner, inputs = model, dict(enc)
-        if n_prefix := prefix_length(model):
-            runner, inputs = model.get_base_model(), with_prefix_cache(model, enc, n_prefix, cfg.num_beams,
-                                                                        tok.pad_token_id)
+        runner, inputs, n_input = generation_inputs(model, enc, cfg.num_beams, tok.pad_token_id)
         gen = runner.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                               num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
                               no_repeat_ngram_size=cfg.no_repeat_ngram_size,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        cont = gen[:, inputs["input_ids"].shape[1]:]
+        cont = gen[:, n_input:]  # with only inputs_embeds, generate returns the new tokens alone
         new_tokens += int((cont != tok.pad_token_id).sum())
         for i, text in zip(idx, tok.batch_decode(cont, skip_special_tokens=True)):
             out[i] = first_line(text)

@@ -117,19 +117,25 @@ def test_batched_generation_equals_one_at_a_time(tiny_base, tok):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_prefix_tuned_generation_uses_the_prefix(tiny_base, tok, num_beams):
-    """PeftModel.generate drops a prefix (PEFT 0.21 + transformers 5.2x); ours must not:
-    greedy decoding equals decoding by full forward passes of the PEFT model (the
-    training path), batched beams equal beams row by row, and the prefix changes the text."""
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, num_beams):
+    """PeftModel.generate drops a prefix and mis-positions padded prompt-tuning rows (PEFT
+    0.21 + transformers 5.2x); ours must not: batched greedy decoding equals decoding by
+    full forward passes of the PEFT model (the training path), batched beams equal beams
+    row by row, and the virtual tokens change the text."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16)).eval()
+    config = {"prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                           prefix_projection=True, encoder_hidden_size=16),
+              "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+              "ptuning": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                                             encoder_hidden_size=16)}[method]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config).eval()
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
-            param.copy_(torch.randn_like(param) * 3)  # a prefix that matters
+            param.copy_(torch.randn_like(param) * 3)  # virtual tokens that matter
     tok.padding_side = "left"
     prompts = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
                "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
@@ -138,21 +144,21 @@ def test_prefix_tuned_generation_uses_the_prefix(tiny_base, tok, num_beams):
     alone = [evaluate.generate(model, tok, [p], cfg.model_copy(update={"batch_size": 1}), "cpu")[0][0]
              for p in prompts]
     assert batched == alone
-    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    assert batched != evaluate.generate(base, tok, prompts, cfg, "cpu")[0]
-    if num_beams == 1:
-        expected = []
-        for prompt in prompts:
-            seq = tok(prompt, add_special_tokens=False).input_ids
-            start = len(seq)
-            with torch.no_grad():
-                for _ in range(cfg.max_new_tokens):
-                    nxt = int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
-                    seq.append(nxt)
-                    if nxt == tok.eos_token_id:
-                        break
-            expected.append(evaluate.first_line(tok.decode(seq[start:], skip_special_tokens=True)))
-        assert batched == expected
+    if num_beams > 1:
+        return
+    # The first generated step of the padded batch sees what the training forward pass sees.
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any()  # rows of several lengths: left padding in play
+    runner, inputs, _ = evaluate.generation_inputs(model, enc, 1, tok.pad_token_id)
+    with torch.no_grad():
+        first = runner.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=tok.pad_token_id).scores[0]
+        base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+            expected = model(input_ids=ids, use_cache=False).logits[0, -1]
+            torch.testing.assert_close(first[row], expected, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(expected, base(input_ids=ids).logits[0, -1], atol=1e-3)  # they matter
 
 
 def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_path):  # noqa: F811
