@@ -135,7 +135,7 @@ def generation_inputs(model, enc, num_beams: int, pad_id: int):
     if kind == "PREFIX_TUNING":
         lead = torch.full((b, n), pad_id, dtype=ids.dtype, device=ids.device)
         return model.get_base_model(), {"input_ids": torch.cat([lead, ids], 1), "attention_mask": torch.cat([ones, mask], 1),
-                                        "past_key_values": model.get_prompt(b * num_beams)}, n + ids.shape[1]
+                                        "cache": model.get_prompt(b * num_beams)}, n + ids.shape[1]
     base = model.get_base_model()
     embeds = base.get_input_embeddings()(ids)
     virtual = model.get_prompt(b).to(embeds.dtype)
