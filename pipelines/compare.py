@@ -42,13 +42,9 @@ def _git(repo: Path, *args: str):
 
 
 def _json_at(repo: Path, commit: str, path: str) -> dict | None:
-    proc = _git(repo, "show", f"{commit}:{path}")
-    if proc.returncode != 0:
-        return None
-    try:
-        return json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        return None
+    from pipelines.registry import metrics_at
+
+    return metrics_at(repo, commit, path)
 
 
 def candidates(repo: Path) -> list[Entry]:
