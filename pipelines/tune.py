@@ -220,6 +220,44 @@ def _output_head(model) -> torch.nn.Module:
     return inner.get_output_embeddings()
 
 
+def _shared_prompt_base(model):
+    """The base model, if ``model`` is a (not DDP-wrapped) prompt- or P-tuning model without
+    dropout: then its virtual tokens can be computed once per batch (see below); else None."""
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or cfg.peft_type.value not in ("PROMPT_TUNING", "P_TUNING"):
+        return None
+    base = model.get_base_model()
+    dropout = getattr(base.config, "attention_dropout", 0.0) or any(  # the prompt encoder's too
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    return None if dropout and model.training else base
+
+
+def _forward_shared_prompt(model, base, inputs: dict):
+    """Prompt tuning's forward pass with the virtual tokens computed once, not per row.
+
+    The virtual tokens come first and attention is causal, so at every layer their keys
+    and values are the same for every example of the batch: they depend on the prompt
+    alone. PEFT recomputes them for each row (batch x 20 extra positions through the
+    whole decoder). Here the decoder runs once over the prompt (batch 1), its key/value
+    cache is broadcast to the batch, and the examples run after it at positions that
+    continue the prompt's — the same network, positions and mask as PEFT's forward, so
+    the loss and the gradients are equal (the broadcast sums the per-row gradients);
+    tests/test_tune.py checks them. Without dropout only: dropout would differ per row.
+    """
+    from transformers import DynamicCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    b = ids.shape[0]
+    prompt = model.get_prompt(1).to(base.dtype)  # [1, virtual tokens, hidden]
+    n = prompt.shape[1]
+    once = base.get_decoder()(inputs_embeds=prompt, use_cache=True).past_key_values
+    cache = DynamicCache(config=base.config)
+    for i, layer in enumerate(once.layers):
+        cache.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), i)
+    full_mask = torch.cat([torch.ones((b, n), dtype=mask.dtype, device=mask.device), mask], 1)
+    return base(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=False)
+
+
 class LabelHeadTrainer:
     """Mixin for ``Trainer``: the LM head and the loss only where labels are.
 
@@ -248,10 +286,12 @@ class LabelHeadTrainer:
             self.tokens_seen += int(n_tokens)
         labels = inputs.pop("labels")
         targets = labels[:, 1:]
-        keep = F.pad(targets != IGNORE, (self._prepend, 1), value=False)  # position t predicts label t+1
-        self._keep = keep
+        shared = _shared_prompt_base(model)
+        keep = F.pad(targets != IGNORE, (0 if shared is not None else self._prepend, 1), value=False)
+        self._keep = keep  # position t predicts label t+1
         try:
-            outputs = model(**inputs, use_cache=False)
+            outputs = _forward_shared_prompt(model, shared, inputs) if shared is not None else \
+                model(**inputs, use_cache=False)
         finally:
             self._keep = None
         loss = F.cross_entropy(outputs.logits.float(), targets[targets != IGNORE], reduction="sum")

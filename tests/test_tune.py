@@ -163,6 +163,8 @@ def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_b
         loss.backward()
         return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
+    # prompt and P-tuning take the shared-prompt path (virtual tokens computed once per batch)
+    assert (tune._shared_prompt_base(model) is not None) == (method in ("prompt", "ptuning"))
     reference = model(**{k: v for k, v in batch.items() if k != "n_tokens"}).loss
     ours = trainer.compute_loss(model, batch)
     assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
