@@ -192,6 +192,7 @@ def publish_comparison(repo: str) -> dict:
     description = "ptune compare: registered versions and DVC experiments on the same test rows"
     try:
         c = compare.compare(Path(repo))
+        compare.significance(Path(repo), c)
     except StageError as exc:  # the run itself succeeded: say why there is no table, do not fail it
         create_markdown_artifact(key="method-comparison", markdown=f"### Methods compared\n\nNo table: {exc}\n",
                                  description=description)

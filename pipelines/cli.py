@@ -9,6 +9,7 @@
                              commit, params, data hashes, validation and metrics of a version
     ptune compare            every trained method (registered versions, DVC experiments) on the
                              same test rows as data/eval/metrics.json, with the prompt baselines
+                             and paired-bootstrap 95% intervals of the primary metric
     ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
     ptune server [--port N]  a local Prefect server (UI) on 127.0.0.1, database under .prefect/
     ptune deploy             the `retrain` deployment (schedule from params.yaml), process work pool
@@ -119,10 +120,13 @@ def _compare(args: argparse.Namespace) -> None:
     from pipelines import compare
 
     c = compare.compare(Path("."), Path(args.reference) if args.reference else None)
+    if not args.no_intervals:
+        compare.significance(Path("."), c, samples=args.samples)
     text = compare.markdown(c)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
-    print(json.dumps({"rows": c.rows, "excluded": c.excluded}, indent=2) if args.json else text, end="")
+    print(json.dumps({"rows": c.rows, "excluded": c.excluded, "significance": c.significance}, indent=2)
+          if args.json else text, end="")
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -224,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "on the same test rows, with the prompt baselines")
     c.add_argument("--reference", help="a metrics.json to compare against (default: data/eval/metrics.json)")
     c.add_argument("--out", help="also write the markdown table here")
+    c.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    c.add_argument("--no-intervals", action="store_true",
+                   help="skip the paired bootstrap (it reads every run's predictions from the DVC cache)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_compare)
 

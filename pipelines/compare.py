@@ -8,6 +8,12 @@ comparing them needs no re-scoring — provided they were scored on the same row
 the same decoding. Each metrics file carries ``rows_sha256`` (the ids, inputs and
 references of its test rows, in order); a run whose hash or decoding differs from the
 reference run's is listed as excluded, with the reason, and never mixed into the table.
+
+A difference of a point on 120 test rows may be noise. ``significance`` puts a paired
+bootstrap over the test rows next to the primary metric (Koehn 2004; the resampling
+sacrebleu's ``--paired-bs`` does): each run's 95% interval, and the difference to the
+best run with its own 95% interval, from each run's ``predictions.jsonl`` (read from
+the DVC cache at the run's commit).
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from pathlib import Path
 from pipelines.common import StageError
 
 METRICS = "data/eval/metrics.json"
+PREDICTIONS = "data/eval/predictions.jsonl"
 TUNE_METRICS = "data/metrics/tune.json"
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
@@ -33,6 +42,7 @@ class Comparison:
     reference: Entry
     rows: list[dict]  # one per system: label, source, trainable_parameters, train_seconds, metrics, tokens_per_s
     excluded: list[dict] = field(default_factory=list)  # {source, reason}
+    significance: dict | None = None  # see ``significance``
 
 
 def _git(repo: Path, *args: str):
@@ -83,12 +93,15 @@ def _label(m: dict, system: str) -> str:
     return m.get("system_info", {}).get(system, {}).get("label", default)
 
 
-def _row(label: str, source: str, system: str, m: dict, train_seconds) -> dict:
+def _row(label: str, source: str, system: str, m: dict, train_seconds, commit: str | None = None,
+         predictions: Path | None = None) -> dict:
+    """``commit`` (a run's) or ``predictions`` (a file): where its per-row predictions are."""
     info = m.get("system_info", {}).get(system, {})
     trainable = info.get("trainable_parameters", m.get("trainable_parameters") if system == "tuned" else 0)
     return {"label": label, "source": source, "trainable_parameters": trainable,
             "train_seconds": train_seconds, "metrics": m.get(system, {}),
-            "tokens_per_s": m.get("tokens_per_s", {}).get(system)}
+            "tokens_per_s": m.get("tokens_per_s", {}).get(system), "system": system,
+            "commit": commit, "predictions": str(predictions) if predictions else None}
 
 
 def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None = None) -> Comparison:
@@ -106,8 +119,9 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
     ref_seconds = m.get("system_info", {}).get("tuned", {}).get("train_seconds")
     if ref_seconds is None and reference is None and tune_path.is_file():
         ref_seconds = json.loads(tune_path.read_text()).get("train_seconds")
-    tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, ref_seconds)]
-    baselines = [_row(_label(m, s), ref.source, s, m, None)
+    ref_predictions = path.parent / Path(PREDICTIONS).name
+    tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, ref_seconds, predictions=ref_predictions)]
+    baselines = [_row(_label(m, s), ref.source, s, m, None, predictions=ref_predictions)
                  for s in m.get("systems", ["tuned", "zero_shot"]) if s != "tuned"]
     excluded, seen = [], {json.dumps(m["tuned"], sort_keys=True) + m.get("method", "")}
     for entry in [*(extra or []), *candidates(repo)]:
@@ -129,27 +143,146 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
             continue
         seen.add(key)
         tuned.append(_row(_label(other, "tuned"), entry.source, "tuned", other,
-                          _train_seconds(repo, entry)))
+                          _train_seconds(repo, entry), commit=entry.commit))
     return Comparison(ref, tuned + baselines, excluded)
 
+
+
+def _read_predictions(repo: Path, row: dict) -> tuple[list[dict] | None, str | None]:
+    """-> (this row's system's predictions in test-row order, or None with why)."""
+    try:
+        if row["predictions"]:
+            text = Path(row["predictions"]).read_text(encoding="utf-8")
+        elif row["commit"]:
+            import dvc.api
+
+            text = dvc.api.read(PREDICTIONS, repo=str(repo), rev=row["commit"], encoding="utf-8")
+        else:
+            return None, "no commit to read its predictions from"
+    except Exception as exc:  # a missing file, or an output not in the local DVC cache
+        return None, f"predictions not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); `dvc pull` them"
+    preds = [p for p in map(json.loads, text.splitlines()) if p.get("system") == row["system"]]
+    return preds, None
+
+
+def _bleu_stats(preds: list[dict]):
+    """Per row: BLEU's sufficient statistics (n-gram matches and totals, hypothesis and
+    closest reference length), so a resample's corpus BLEU is a sum and a formula."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    out = []
+    for p in preds:
+        s = bleu.corpus_score([p["prediction"]], [[r] for r in p["references"]])
+        out.append([*s.counts, *s.totals, s.sys_len, s.ref_len])
+    return np.asarray(out, dtype=np.int64)
+
+
+def _bleu(summed) -> float:
+    from sacrebleu.metrics import BLEU
+
+    c = [int(v) for v in summed]
+    return BLEU.compute_bleu(c[0:4], c[4:8], c[8], c[9]).score
+
+
+def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Paired bootstrap over the test rows for the primary metric: each row of ``c`` gets
+    ``significance`` ({score, ci95, diff_to_best, diff_ci95, indistinguishable_from_best, best}),
+    ``c.significance`` the summary (metric, samples, seed, best, rows without predictions).
+
+    Every run is scored on the same ``samples`` resamples of the rows (paired), so the
+    difference to the best run has its own interval: one that contains 0 means the two
+    cannot be told apart on these rows. BLEU is recomputed from summed per-row n-gram
+    statistics (corpus BLEU, as evaluate reports it); accuracy and ROUGE-L are means of
+    the per-row scores evaluate saved."""
+    import numpy as np
+
+    m = c.reference.metrics
+    metric = m.get("primary_metric")
+    ids, per_row, missing = None, {}, []
+    for i, row in enumerate(c.rows):
+        preds, why = _read_predictions(Path(repo), row)
+        if preds is not None:
+            row_ids = [p["id"] for p in preds]
+            ids = ids or row_ids
+            if len(preds) != m["rows"] or row_ids != ids:
+                preds, why = None, f"its predictions are not the {m['rows']} test rows of the reference run"
+        if preds is None:
+            missing.append({"label": row["label"], "source": row["source"], "reason": why})
+            continue
+        values = _bleu_stats(preds) if metric == "bleu" else np.asarray([p["score"] for p in preds], float)
+        recorded = row["metrics"].get(metric)
+        again = _bleu(values.sum(axis=0)) if metric == "bleu" else float(values.mean())
+        if recorded is None or abs(again - recorded) > 0.01 + 1e-9:
+            missing.append({"label": row["label"], "source": row["source"], "reason":
+                            f"its predictions give {metric} {again:.2f}, its metrics say {recorded}: not this run's"})
+            continue
+        per_row[i] = values
+    result = {"metric": metric, "samples": samples, "seed": seed, "best": None, "missing": missing}
+    if not per_row:
+        c.significance = result
+        return result
+    n = len(ids)
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+    def score(values, rows=slice(None)):
+        picked = values[rows]
+        return _bleu(picked.sum(axis=0)) if metric == "bleu" else float(picked.mean())
+
+    full = {i: score(v) for i, v in per_row.items()}
+    boot = {i: np.array([score(v, r) for r in idx]) for i, v in per_row.items()}
+    best = max(full, key=full.get)
+    result["best"] = {"label": c.rows[best]["label"], "source": c.rows[best]["source"], metric: round(full[best], 2)}
+    for i in per_row:
+        lo, hi = np.percentile(boot[i], [2.5, 97.5])
+        diff = boot[i] - boot[best]
+        dlo, dhi = np.percentile(diff, [2.5, 97.5])
+        c.rows[i]["significance"] = {"score": round(full[i], 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
+                             "diff_to_best": round(full[i] - full[best], 2),
+                             "diff_ci95": [round(float(dlo), 2), round(float(dhi), 2)],
+                             "indistinguishable_from_best": bool(dlo <= 0 <= dhi), "best": i == best}
+    c.significance = result
+    return result
 
 def markdown(c: Comparison) -> str:
     m = c.reference.metrics
     keys = list(dict.fromkeys(k for r in c.rows for k in r["metrics"]))
     primary = m.get("primary_metric")
-    head = ["method", "run", "trainable params", "training s", *keys, "tokens/s"]
+    sig = c.significance
+    with_ci = bool(sig and sig.get("best")) and primary in keys
+    metric_head = list(keys)
+    if with_ci:
+        at = keys.index(primary) + 1
+        metric_head[at:at] = [f"{primary} 95% CI", "vs best (95% CI)"]
+    head = ["method", "run", "trainable params", "training s", *metric_head, "tokens/s"]
     lines = [f"### Methods compared: {m['task']}, the same {m['rows']} test rows "
              f"(rows sha256 {m['rows_sha256'][:12]})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in c.rows:
         def num(v):
             return "—" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v}")
+        metric_cells = [num(r["metrics"].get(k)) for k in keys]
+        if with_ci:
+            b = r.get("significance")
+            extra = ["—", "—"] if not b else [
+                f"{b['ci95'][0]:.2f}–{b['ci95'][1]:.2f}",
+                "best" if b["best"] else
+                f"{b['diff_to_best']:+.2f} ({b['diff_ci95'][0]:+.2f} to {b['diff_ci95'][1]:+.2f})"
+                + (" ≈" if b["indistinguishable_from_best"] else "")]
+            metric_cells[at:at] = extra
         cells = [r["label"], r["source"], num(r["trainable_parameters"]), num(r["train_seconds"]),
-                 *(num(r["metrics"].get(k)) for k in keys), num(r["tokens_per_s"])]
+                 *metric_cells, num(r["tokens_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Primary metric: {primary}. Rows: the reference run (workspace) first, then registered "
               "versions and DVC experiments of the same task scored on the same rows with the same decoding, "
               "then the hand-written prompt baselines of the reference run."]
+    if sig and sig.get("best"):
+        lines += ["", f"Intervals: paired bootstrap over the {m['rows']} test rows ({sig['samples']:,} resamples, "
+                  f"seed {sig['seed']}). ≈: the interval of the difference to the best run contains 0, so this "
+                  "test set cannot tell the two apart."]
+    for miss in (sig or {}).get("missing", []):
+        lines.append(f"- no interval for {miss['label']} ({miss['source']}): {miss['reason']}")
     if c.excluded:
         lines += ["", "Not comparable, left out:"]
         lines += [f"- {e['source']} ({e['method']}): {e['reason']}" for e in c.excluded]

@@ -81,3 +81,137 @@ def test_metrics_without_a_rows_hash_are_refused_as_reference(repo):
         compare.compare(repo)
     with pytest.raises(StageError, match="no evaluation to compare against"):
         compare.compare(repo, repo / "missing.json")
+
+
+# --- significance: a paired bootstrap over the test rows ---------------------------
+
+HYPS = ["the cat sat on the mat", "a dog ran in the park today", "it is raining in the city",
+        "the food was good and cheap", "she reads a book every night", "we walked home after dinner"]
+REFS = [["the cat sat on the mat", "a cat was sitting on the mat"], ["a dog ran in the park"],
+        ["it rains in the city", "rain falls on the city", "the city is rainy"], ["the food was good and cheap"],
+        ["she reads every night", "every night she reads a book"], ["we walked home after the dinner"]]
+
+
+def predictions(system, hyps, refs=REFS, scores=None):
+    return [{"system": system, "id": f"r{i}", "prompt": "p", "prediction": h, "references": r,
+             "score": 0.0 if scores is None else scores[i]} for i, (h, r) in enumerate(zip(hyps, refs))]
+
+
+def test_bleu_from_summed_row_statistics_is_the_corpus_bleu():
+    import sacrebleu
+
+    hyps = ["the cat sat on a mat", "a dog in the park", "rain in the city today", "good cheap food",
+            "she reads a book", "we walked home"]
+    streams = [[r[k] if k < len(r) else None for r in REFS] for k in range(3)]
+    stats = compare._bleu_stats(predictions("tuned", hyps))
+    assert compare._bleu(stats.sum(axis=0)) == pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score, abs=1e-9)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path):
+    """A DVC project whose experiment keeps its predictions in the DVC cache, as the
+    evaluate stage's outputs are kept."""
+    import sys
+
+    def dvc(*args):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "config", "user.email", "t@example.com")
+    git(tmp_path, "config", "user.name", "t")
+    dvc("init", "-q")
+    dvc("config", "core.analytics", "false")
+    eval_dir = tmp_path / "data/eval"
+    eval_dir.mkdir(parents=True)
+    (tmp_path / ".gitignore").write_text("/data/eval/predictions.jsonl\n")
+    base = commit_metrics(tmp_path, metrics("lora", 30.0, rows_sha="c" * 64), "init")
+
+    def experiment(name, m, preds):
+        git(tmp_path, "checkout", "-q", "--detach", base)
+        path = eval_dir / "predictions.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+        dvc("add", "-q", "data/eval/predictions.jsonl")
+        exp = commit_metrics(tmp_path, m, name)
+        git(tmp_path, "update-ref", f"refs/exps/ab/{base[2:]}/{name}", exp)
+        git(tmp_path, "checkout", "-q", "main")
+        return exp
+
+    return tmp_path, experiment
+
+
+def test_intervals_tell_a_real_gap_from_noise(dvc_repo):
+    repo, experiment = dvc_repo
+    worse = ["the cat", "a dog", "it is", "the food", "she reads", "we walked"]
+    def run_metrics(method, hyps, zero_shot=None):
+        m = metrics(method, bleu_of(hyps), rows_sha="c" * 64)
+        m["rows"] = len(HYPS)
+        m["zero_shot"] = {"bleu": bleu_of(zero_shot) if zero_shot else 1.0}
+        return m
+
+    twin_hyps = HYPS[:5] + ["we walked home after the dinner"]  # one row better than the workspace's
+    experiment("twin", run_metrics("prefix", twin_hyps), predictions("tuned", twin_hyps))
+    exp = experiment("lost", run_metrics("prompt", worse), predictions("tuned", worse))
+    wrong = run_metrics("full", HYPS)
+    wrong["tuned"]["bleu"] += 5  # its predictions are another run's
+    experiment("mislabelled", wrong, predictions("tuned", ["the cat sat"] + HYPS[1:]))
+    # This one's predictions are not in the cache (as after `dvc gc`, or on another machine).
+    (repo / ".dvc/cache/files/md5" / _md5_dir(repo, exp)).unlink()
+    # The workspace (evaluated last): the tuned run matches the references, the zero-shot prompt is worse.
+    work = predictions("tuned", HYPS) + predictions("zero_shot", worse)
+    (repo / "data/eval/predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in work))
+    (repo / "data/eval/metrics.json").write_text(json.dumps(run_metrics("lora", HYPS, zero_shot=worse)))
+
+    c = compare.compare(repo)
+    s = compare.significance(repo, c, samples=300)
+    rows = {r["source"]: r for r in c.rows if r["system"] == "tuned"}
+    base_rows = {r["label"]: r for r in c.rows if r["system"] != "tuned"}
+    assert s["best"]["source"] == "exp twin" and rows["exp twin"]["significance"]["best"]
+    work_row = rows["workspace"]["significance"]
+    assert work_row["ci95"][0] <= work_row["score"] <= work_row["ci95"][1]
+    # The workspace differs from the best in one row of six: the interval holds 0.
+    assert work_row["diff_to_best"] < 0 and work_row["indistinguishable_from_best"]
+    # The zero-shot prompt is far worse on every row: its interval of the difference excludes 0.
+    zs = base_rows["zero-shot prompt (base model)"]["significance"]
+    assert zs["diff_to_best"] < 0 and zs["diff_ci95"][1] < 0 and not zs["indistinguishable_from_best"]
+    assert "significance" not in rows["exp lost"] and "significance" not in rows["exp mislabelled"]
+    missing = {m["source"]: m["reason"] for m in s["missing"]}
+    assert set(missing) == {"exp lost", "exp mislabelled"} and "dvc pull" in missing["exp lost"]
+    assert "not this run's" in missing["exp mislabelled"]
+    text = compare.markdown(c)
+    assert "| bleu | bleu 95% CI | vs best (95% CI) |" in text
+    assert "paired bootstrap over the 6 test rows (300 resamples, seed 0)" in text
+    assert "no interval for prompt (tuned) (exp lost): predictions not readable" in text
+    # Seeded: the same intervals every time.
+    again = compare.compare(repo)
+    compare.significance(repo, again, samples=300)
+    assert [r.get("significance") for r in again.rows] == [r.get("significance") for r in c.rows]
+
+
+def bleu_of(hyps):
+    return compare._bleu(compare._bleu_stats(predictions("tuned", hyps)).sum(axis=0))
+
+
+def _md5_dir(repo, commit):
+    """The cache path (relative to files/md5) of the predictions committed at ``commit``."""
+    import yaml
+
+    meta = yaml.safe_load(git(repo, "show", f"{commit}:data/eval/predictions.jsonl.dvc"))
+    md5 = meta["outs"][0]["md5"]
+    return f"{md5[:2]}/{md5[2:]}"
+
+
+def test_classification_intervals_are_over_the_per_row_scores(tmp_path):
+    ref = metrics("prompt", 75.0)
+    ref.update(primary_metric="accuracy", rows=40, tuned={"accuracy": 75.0}, zero_shot={"accuracy": 50.0})
+    (tmp_path / "metrics.json").write_text(json.dumps(ref))
+    tuned = [100.0] * 30 + [0.0] * 10
+    zero = [100.0] * 20 + [0.0] * 20
+    rows = predictions("tuned", ["x"] * 40, [["y"]] * 40, tuned) + predictions("zero_shot", ["x"] * 40, [["y"]] * 40, zero)
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
+    git(tmp_path, "init", "-q", "-b", "main")
+    c = compare.compare(tmp_path, tmp_path / "metrics.json")
+    compare.significance(tmp_path, c)
+    t, z = (r["significance"] for r in c.rows)
+    assert t["best"] and t["score"] == 75.0 and z["score"] == 50.0 and z["diff_to_best"] == -25.0
+    # 20 of 40 rows differ, always in the tuned run's favour: the difference is never >= 0.
+    assert z["diff_ci95"][1] < 0 and not z["indistinguishable_from_best"]
