@@ -92,6 +92,8 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     comparison = artifacts["method-comparison"].data
     assert comparison.startswith("### Methods compared: e2e, the same 3 test rows")
     assert "| lora (tuned) | workspace | 8 |" in comparison and "| zero-shot | workspace |" in comparison
+    # This fake evaluate writes no per-row predictions: no intervals, and the table says why.
+    assert "- no interval for lora (tuned) (workspace): its predictions are not the 3 test rows" in comparison
 
 
 @pytest.mark.parametrize("failing, exits", [("tokenize", False), ("collect", True)],
