@@ -215,3 +215,16 @@ def test_classification_intervals_are_over_the_per_row_scores(tmp_path):
     assert t["best"] and t["score"] == 75.0 and z["score"] == 50.0 and z["diff_to_best"] == -25.0
     # 20 of 40 rows differ, always in the tuned run's favour: the difference is never >= 0.
     assert z["diff_ci95"][1] < 0 and not z["indistinguishable_from_best"]
+
+
+def test_cli_prints_the_intervals_or_skips_them(tmp_path, monkeypatch, capsys):
+    from pipelines import cli
+
+    test_classification_intervals_are_over_the_per_row_scores(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compare", "--reference", "metrics.json", "--samples", "200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["significance"]["samples"] == 200 and out["rows"][0]["significance"]["best"]
+    assert cli.main(["compare", "--reference", "metrics.json", "--no-intervals"]) == 0
+    text = capsys.readouterr().out
+    assert "| prompt (tuned) | metrics.json |" in text and "95% CI" not in text
