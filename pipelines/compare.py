@@ -200,37 +200,33 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
 
     m = c.reference.metrics
     metric = m.get("primary_metric")
-    ids, per_row, missing = None, {}, []
+    ids, per_row, full, missing = None, {}, {}, []
     for i, row in enumerate(c.rows):
         preds, why = _read_predictions(Path(repo), row)
-        if preds is not None:
-            row_ids = [p["id"] for p in preds]
-            ids = ids or row_ids
-            if len(preds) != m["rows"] or row_ids != ids:
-                preds, why = None, f"its predictions are not the {m['rows']} test rows of the reference run"
+        if preds is not None and (len(preds) != m["rows"] or (ids is not None and ids != [p["id"] for p in preds])):
+            preds, why = None, f"its predictions are not the {m['rows']} test rows of the reference run"
         if preds is None:
             missing.append({"label": row["label"], "source": row["source"], "reason": why})
             continue
         values = _bleu_stats(preds) if metric == "bleu" else np.asarray([p["score"] for p in preds], float)
-        recorded = row["metrics"].get(metric)
         again = _bleu(values.sum(axis=0)) if metric == "bleu" else float(values.mean())
-        if recorded is None or abs(again - recorded) > 0.01 + 1e-9:
+        recorded = row["metrics"].get(metric)
+        if recorded is None or abs(again - recorded) > 0.01 + 1e-9:  # metrics.json rounds to 2 places
             missing.append({"label": row["label"], "source": row["source"], "reason":
                             f"its predictions give {metric} {again:.2f}, its metrics say {recorded}: not this run's"})
             continue
-        per_row[i] = values
+        ids = ids or [p["id"] for p in preds]
+        per_row[i], full[i] = values, again
     result = {"metric": metric, "samples": samples, "seed": seed, "best": None, "missing": missing}
+    c.significance = result
     if not per_row:
-        c.significance = result
         return result
-    n = len(ids)
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
 
-    def score(values, rows=slice(None)):
+    def score(values, rows) -> float:
         picked = values[rows]
         return _bleu(picked.sum(axis=0)) if metric == "bleu" else float(picked.mean())
 
-    full = {i: score(v) for i, v in per_row.items()}
     boot = {i: np.array([score(v, r) for r in idx]) for i, v in per_row.items()}
     best = max(full, key=full.get)
     result["best"] = {"label": c.rows[best]["label"], "source": c.rows[best]["source"], metric: round(full[best], 2)}
@@ -238,12 +234,12 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
         lo, hi = np.percentile(boot[i], [2.5, 97.5])
         diff = boot[i] - boot[best]
         dlo, dhi = np.percentile(diff, [2.5, 97.5])
-        c.rows[i]["significance"] = {"score": round(full[i], 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
-                             "diff_to_best": round(full[i] - full[best], 2),
-                             "diff_ci95": [round(float(dlo), 2), round(float(dhi), 2)],
-                             "indistinguishable_from_best": bool(dlo <= 0 <= dhi), "best": i == best}
-    c.significance = result
+        c.rows[i]["significance"] = {
+            "score": round(full[i], 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
+            "diff_to_best": round(full[i] - full[best], 2), "diff_ci95": [round(float(dlo), 2), round(float(dhi), 2)],
+            "indistinguishable_from_best": bool(dlo <= 0 <= dhi), "best": i == best}
     return result
+
 
 def markdown(c: Comparison) -> str:
     m = c.reference.metrics
