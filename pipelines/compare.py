@@ -40,7 +40,7 @@ class Entry:
 @dataclass
 class Comparison:
     reference: Entry
-    rows: list[dict]  # one per system: label, source, trainable_parameters, train_seconds, metrics, tokens_per_s
+    rows: list[dict]  # one per system: label, source, trainable_parameters, train_seconds, train_steps, metrics, tokens_per_s
     excluded: list[dict] = field(default_factory=list)  # {source, reason}
     significance: dict | None = None  # see ``significance``
 
@@ -78,13 +78,16 @@ def candidates(repo: Path) -> list[Entry]:
     return found
 
 
-def _train_seconds(repo: Path, entry: Entry) -> float | None:
+def _tune_stat(repo: Path, entry: Entry, key: str, stat: str):
+    """``system_info.tuned[key]`` of a run's metrics, or (metrics written before evaluate
+    recorded it) ``stat`` of the tune stage's own metrics at its commit or in the workspace."""
     info = entry.metrics.get("system_info", {}).get("tuned", {})
-    if info.get("train_seconds") is not None:
-        return info["train_seconds"]
-    if entry.commit:  # metrics written before evaluate recorded it: the tune stage's own
-        tune = _json_at(repo, entry.commit, TUNE_METRICS) or {}
-        return tune.get("train_seconds")
+    if info.get(key) is not None:
+        return info[key]
+    if entry.commit:
+        return (_json_at(repo, entry.commit, TUNE_METRICS) or {}).get(stat)
+    if entry.source == "workspace" and (repo / TUNE_METRICS).is_file():
+        return json.loads((repo / TUNE_METRICS).read_text()).get(stat)
     return None
 
 
@@ -93,13 +96,13 @@ def _label(m: dict, system: str) -> str:
     return m.get("system_info", {}).get(system, {}).get("label", default)
 
 
-def _row(label: str, source: str, system: str, m: dict, train_seconds, commit: str | None = None,
-         predictions: Path | None = None) -> dict:
+def _row(label: str, source: str, system: str, m: dict, train_seconds=None, train_steps=None,
+         commit: str | None = None, predictions: Path | None = None) -> dict:
     """``commit`` (a run's) or ``predictions`` (a file): where its per-row predictions are."""
     info = m.get("system_info", {}).get(system, {})
     trainable = info.get("trainable_parameters", m.get("trainable_parameters") if system == "tuned" else 0)
     return {"label": label, "source": source, "trainable_parameters": trainable,
-            "train_seconds": train_seconds, "metrics": m.get(system, {}),
+            "train_seconds": train_seconds, "train_steps": train_steps, "metrics": m.get(system, {}),
             "tokens_per_s": m.get("tokens_per_s", {}).get(system), "system": system,
             "commit": commit, "predictions": str(predictions) if predictions else None}
 
@@ -115,13 +118,10 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
     m = ref.metrics
     if "rows_sha256" not in m:
         raise StageError(f"{path}: written before evaluate recorded its rows' hash; rerun `dvc repro evaluate`")
-    tune_path = repo / TUNE_METRICS
-    ref_seconds = m.get("system_info", {}).get("tuned", {}).get("train_seconds")
-    if ref_seconds is None and reference is None and tune_path.is_file():
-        ref_seconds = json.loads(tune_path.read_text()).get("train_seconds")
     ref_predictions = path.parent / Path(PREDICTIONS).name
-    tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, ref_seconds, predictions=ref_predictions)]
-    baselines = [_row(_label(m, s), ref.source, s, m, None, predictions=ref_predictions)
+    tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, _tune_stat(repo, ref, "train_seconds", "train_seconds"),
+                  _tune_stat(repo, ref, "train_steps", "steps"), predictions=ref_predictions)]
+    baselines = [_row(_label(m, s), ref.source, s, m, predictions=ref_predictions)
                  for s in m.get("systems", ["tuned", "zero_shot"]) if s != "tuned"]
     excluded, seen = [], {json.dumps(m["tuned"], sort_keys=True) + m.get("method", "")}
     for entry in [*(extra or []), *candidates(repo)]:
@@ -143,7 +143,8 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
             continue
         seen.add(key)
         tuned.append(_row(_label(other, "tuned"), entry.source, "tuned", other,
-                          _train_seconds(repo, entry), commit=entry.commit))
+                          _tune_stat(repo, entry, "train_seconds", "train_seconds"),
+                          _tune_stat(repo, entry, "train_steps", "steps"), commit=entry.commit))
     return Comparison(ref, tuned + baselines, excluded)
 
 
@@ -251,7 +252,7 @@ def markdown(c: Comparison) -> str:
     if with_ci:
         at = keys.index(primary) + 1
         metric_head[at:at] = [f"{primary} 95% CI", "vs best (95% CI)"]
-    head = ["method", "run", "trainable params", "training s", *metric_head, "tokens/s"]
+    head = ["method", "run", "trainable params", "training s", "steps", *metric_head, "tokens/s"]
     lines = [f"### Methods compared: {m['task']}, the same {m['rows']} test rows "
              f"(rows sha256 {m['rows_sha256'][:12]})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -268,7 +269,7 @@ def markdown(c: Comparison) -> str:
                 + (" ≈" if b["indistinguishable_from_best"] else "")]
             metric_cells[at:at] = extra
         cells = [r["label"], r["source"], num(r["trainable_parameters"]), num(r["train_seconds"]),
-                 *metric_cells, num(r["tokens_per_s"])]
+                 num(r["train_steps"]), *metric_cells, num(r["tokens_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Primary metric: {primary}. Rows: the reference run (workspace) first, then registered "
               "versions and DVC experiments of the same task scored on the same rows with the same decoding, "

@@ -430,7 +430,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
         "tuned": (tuned, [tuned_prompts.source(r.fields) for r in rows], tuned_prompts.options(),
                   {"label": f"{method} (tuned)", "trainable_parameters": info["stats"]["trainable_parameters"],
                    "train_seconds": info["stats"].get("train_seconds"),
-                   "train_examples": info["stats"].get("train_examples")}),
+                   "train_examples": info["stats"].get("train_examples"), "train_steps": info["stats"].get("steps")}),
         "zero_shot": (base_model, [hard.source(r.fields, 0) for r in rows], dict(task.labels),
                       {"label": "zero-shot prompt (base model)", "trainable_parameters": 0}),
     }

@@ -12,7 +12,8 @@ DECODING = {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "m
 
 
 def metrics(method, bleu, rows_sha="a" * 64, decoding=DECODING, task="e2e", trainable=100):
-    info = {"tuned": {"label": f"{method} (tuned)", "trainable_parameters": trainable, "train_seconds": 12.5},
+    info = {"tuned": {"label": f"{method} (tuned)", "trainable_parameters": trainable, "train_seconds": 12.5,
+                      "train_steps": 7},
             "zero_shot": {"label": "zero-shot prompt (base model)", "trainable_parameters": 0}}
     return {"task": task, "method": method, "primary_metric": "bleu", "rows": 3, "rows_sha256": rows_sha,
             "decoding": decoding, "systems": ["tuned", "zero_shot"], "system_info": info,
@@ -62,7 +63,7 @@ def test_experiments_on_the_same_rows_join_the_table_others_are_named(repo):
     assert set(reasons) == {"exp other-rows", "exp beam-search"}  # the SST-2 run is not a candidate
     assert "other test rows" in reasons["exp other-rows"] and "decoding" in reasons["exp beam-search"]
     text = compare.markdown(c)
-    assert "| prefix (tuned) | exp prefix-run | 200 | 12.5 | 28.5 | 50.0 |" in text
+    assert "| prefix (tuned) | exp prefix-run | 200 | 12.5 | 7 | 28.5 | 50.0 |" in text
     assert "exp other-rows (prompt): scored on other test rows" in text
 
 
@@ -228,3 +229,17 @@ def test_cli_prints_the_intervals_or_skips_them(tmp_path, monkeypatch, capsys):
     assert cli.main(["compare", "--reference", "metrics.json", "--no-intervals"]) == 0
     text = capsys.readouterr().out
     assert "| prompt (tuned) | metrics.json |" in text and "95% CI" not in text
+
+
+def test_runs_scored_before_evaluate_recorded_training_take_it_from_the_tune_stage(repo):
+    head = git(repo, "rev-parse", "HEAD")
+    old = metrics("ptuning", 27.0)
+    del old["system_info"]["tuned"]["train_seconds"], old["system_info"]["tuned"]["train_steps"]
+    git(repo, "checkout", "-q", "--detach", head)
+    (repo / "data/metrics").mkdir(parents=True)
+    (repo / "data/metrics/tune.json").write_text(json.dumps({"steps": 64, "train_seconds": 99.5}))
+    exp = commit_metrics(repo, old, "old run")
+    git(repo, "update-ref", f"refs/exps/ab/{head[2:]}/old-run", exp)
+    git(repo, "checkout", "-q", "main")
+    row = next(r for r in compare.compare(repo).rows if r["source"] == "exp old-run")
+    assert (row["train_seconds"], row["train_steps"]) == (99.5, 64)

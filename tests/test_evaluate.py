@@ -176,3 +176,12 @@ def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_pa
     table = (tmp_path / "eval" / "report.md").read_text()
     assert "| lora (tuned) | " in table and "1-shot prompt (base model)" in table and "tokens/s" in table
     assert json.loads((tmp_path / "eval" / "validation.json").read_text())["success"] is True
+    assert metrics["system_info"]["tuned"]["train_steps"] == json.loads(
+        (tmp_path / "adapter" / "ptune_adapter.json").read_text())["stats"]["steps"]
+    # ptune compare's bootstrap recomputes every system's corpus BLEU from these predictions.
+    from pipelines import compare
+
+    c = compare.compare(tmp_path, tmp_path / "eval" / "metrics.json")
+    compare.significance(tmp_path, c, samples=50)
+    assert c.significance["missing"] == []
+    assert [r["significance"]["score"] for r in c.rows] == [metrics[s]["bleu"] for s in metrics["systems"]]
