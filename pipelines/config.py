@@ -277,6 +277,16 @@ class PrefixMethodConfig(MethodConfig):
     num_virtual_tokens: int = Field(default=10, gt=0)
     projection: bool = True  # Li & Liang (2021): MLP reparameterization in training, dropped after
     encoder_hidden_size: int = Field(default=512, gt=0)  # the MLP's width (their code: 512)
+    # random: PEFT's init; text: the prefix starts as the base model's keys and values for
+    # init_text's tokens (Li & Liang 2021, sec. 7.2: "real words" for low-data settings)
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_given(self):
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init_text: required (non-empty) when tune.prefix.init is 'text'")
+        return self
 
 
 class PtuningMethodConfig(MethodConfig):

@@ -112,6 +112,60 @@ def init_from_labels(model, tok, words: list[str]) -> None:
             table[i] = emb[tok(" " + w, add_special_tokens=False).input_ids].mean(0)
 
 
+def init_prefix_from_text(model, tok, text: str) -> dict:
+    """Li & Liang (2021, sec. 7.2) real-word initialization: the prefix starts as the
+    keys and values the frozen base model computes for ``text``'s tokens at every layer,
+    so before any training the adapter acts as if ``text`` were written before the input
+    (the text's tokens are repeated or cut to the prefix length, as PEFT's prompt-tuning
+    text init does). Their remedy for low-data settings, where a random prefix trains worse.
+
+    Without projection the prefix *is* those activations. With the MLP
+    reparameterization, Li & Liang fit the MLP to them by gradient steps on the squared
+    error; here the fit is solved exactly: the MLP's last layer gets the least-squares
+    correction from its random initialization (what gradient descent on that layer
+    converges to), which reproduces the activations whenever the prefix has no more
+    tokens than the MLP's width + 1. Returns what was used and the relative error left.
+    """
+    pcfg = model.active_peft_config
+    n = pcfg.num_virtual_tokens
+    ids = tok(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise StageError(f"params.yaml: tune.prefix.init_text: {text!r} has no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    base = model.get_base_model()
+    device = next(base.parameters()).device
+    training = base.training
+    base.eval()  # no dropout in the activations copied
+    try:
+        with torch.no_grad():
+            cache = base(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    finally:
+        base.train(training)
+    # [layers, key/value, KV heads, tokens, head dim] -> PEFT's layout: per token, (layer, key/value, head, dim)
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    target = kv.permute(3, 0, 1, 2, 4).reshape(n, -1).double()
+    encoder = model.prompt_encoder[model.active_adapter]
+    width = pcfg.num_layers * 2 * pcfg.token_dim
+    if target.shape[1] != width:
+        raise StageError(f"tune.prefix.init: text: the base model's key/value cache has {target.shape[1]} values "
+                         f"per token, PEFT's prefix {width}; use tune.prefix.init: random for this model")
+    with torch.no_grad():
+        if not pcfg.prefix_projection:
+            encoder.embedding.weight.copy_(target)
+        else:
+            last = encoder.transform[-1]
+            hidden = encoder.transform[:-1](encoder.embedding.weight).double()
+            hidden = torch.cat([hidden, hidden.new_ones(n, 1)], 1)  # the bias as a column
+            weights = torch.cat([last.weight.T.double(), last.bias.double()[None]])  # [width_in + 1, width]
+            weights += torch.linalg.pinv(hidden) @ (target - hidden @ weights)  # minimum-norm correction
+            last.weight.copy_(weights[:-1].T)
+            last.bias.copy_(weights[-1])
+        prefix = encoder(torch.arange(n, device=encoder.embedding.weight.device)).double()
+    error = float((prefix - target).norm() / target.norm())
+    return {"text": text, "token_ids": ids, "tokens": tok.convert_ids_to_tokens(ids),
+            "relative_error": float(f"{error:.3g}")}
+
+
 def saved_parameters(model) -> int:
     """Parameters in what ``save_pretrained`` writes: the adapter (for prefix projection, the
     prefix the MLP computes, not the MLP), or every weight for full fine-tuning."""
@@ -446,6 +500,12 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         model = get_peft_model(model, peft_config)
     if cfg.method == "prompt" and cfg.prompt.init == "labels":
         init_from_labels(model, tok, list(get_task(manifest["task"]).labels.values()))
+    prefix_init = None
+    if cfg.method == "prefix" and cfg.prefix.init == "text":
+        prefix_init = init_prefix_from_text(model, tok, cfg.prefix.init_text)
+        if rank == 0:
+            log.info("tune: prefix initialized from the base model's activations for %s (relative error %.2g)",
+                     prefix_init["tokens"], prefix_init["relative_error"])
     trainable, total = trainable_parameters(model)
     if rank == 0:
         log.info("tune: %s on %s (%s, %d process%s): %s trainable of %s parameters (%.4f%%); recipe %s",
@@ -506,6 +566,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
             "config": cfg.model_dump(mode="json"),
             "recipe": cfg.recipe.model_dump(mode="json"),
             "stats": asdict(stats),
+            "prefix_init": prefix_init,  # tune.prefix.init: text: the tokens used and the fit's error
             "base_model": read_json(base / "ptune_base.json"),
             "base_model_sha256": base_sha,
             "data": {"manifest_sha256": manifest_sha,

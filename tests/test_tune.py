@@ -141,6 +141,52 @@ def test_prompt_label_init_puts_the_label_words_first(tiny_base):
         tune.init_from_labels(model, tok, ["a", "b", "c", "d", "e"])
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_text_init_acts_as_if_the_text_were_written_before_the_input(projection, tiny_base):
+    """Li & Liang's real-word init: before training, the prefix model's logits on x are the
+    base model's on (text, x); the text's tokens are repeated to fill the virtual tokens."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    text = "name food"
+    k = len(tok(text, add_special_tokens=False).input_ids)
+    n = 2 * k + 1  # the text twice, then its first token
+    cfg = tune_cfg("prefix", prefix=dict(num_virtual_tokens=n, projection=projection, encoder_hidden_size=16,
+                                         init="text", init_text=text))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), tune.build_peft_config(cfg, tiny_base))
+    prefix = lambda: model.prompt_encoder["default"](torch.arange(n)).detach().clone()  # noqa: E731
+    before = prefix()
+    info = tune.init_prefix_from_text(model, tok, text)
+    assert len(info["token_ids"]) == n and info["token_ids"][:k] == info["token_ids"][k:2 * k]
+    assert info["relative_error"] < 1e-6
+    assert not torch.allclose(prefix(), before)
+    model.eval()
+    x = tok(" name[The Eagle] food[French]", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        prefixed = model(input_ids=x).logits[0]
+        written = model.get_base_model()(input_ids=torch.cat([torch.tensor([info["token_ids"]]), x], 1)).logits[0, n:]
+    torch.testing.assert_close(prefixed, written, atol=1e-4, rtol=1e-4)
+    # a random prefix is not that: the test would notice an init that did nothing
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), tune.build_peft_config(cfg, tiny_base))
+    with torch.no_grad():
+        assert (fresh(input_ids=x).logits[0] - written).abs().max() > 1e-2
+
+
+def test_prefix_text_init_is_recorded_and_trained_from(shards, tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tune_cfg("prefix", checkpoint_dir=str(tmp_path / "ckpt"),
+                   prefix=dict(num_virtual_tokens=4, encoder_hidden_size=16, init="text", init_text="name food"))
+    tune.run(cfg, shards / "shards", tiny_base, tmp_path / "adapter", tmp_path / "live")
+    info = json.loads((tmp_path / "adapter" / "ptune_adapter.json").read_text())["prefix_init"]
+    assert info["text"] == "name food" and len(info["tokens"]) == 4 and info["relative_error"] < 1e-6
+    assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"].shape == (4, 64)
+    with pytest.raises(ValueError, match="init_text"):
+        tune_cfg("prefix", prefix=dict(init="text"))
+
+
 @pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning", "lora", "full"])
 def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_base, tmp_path):
     """The LM head at label positions only is an optimization, not a change of the math."""
