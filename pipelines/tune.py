@@ -414,51 +414,56 @@ def _progress_callback(trainer):
     return TokenProgress()
 
 
-PREFIX_ENCODER = "prefix_encoder.safetensors"
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
-def _prefix_mlp(model):
-    """The prompt encoder of a prefix-tuning model with MLP reparameterization, else None."""
+def _prompt_encoder(model):
+    """The prompt encoder of a prefix-tuning model with MLP reparameterization or of a
+    P-tuning model, whose saved adapter is the encoder's output; else None."""
     cfg = getattr(model, "active_peft_config", None)
-    if cfg is None or cfg.peft_type.value != "PREFIX_TUNING" or not cfg.prefix_projection:
-        return None
-    return model.prompt_encoder[model.active_adapter]
+    kind = cfg.peft_type.value if cfg is not None else None
+    if kind == "P_TUNING" or (kind == "PREFIX_TUNING" and cfg.prefix_projection):
+        return model.prompt_encoder[model.active_adapter]
+    return None
 
 
-class PrefixCheckpoints:
-    """Mixin for ``Trainer``: checkpoints of prefix tuning with projection keep the MLP.
+class EncoderCheckpoints:
+    """Mixin for ``Trainer``: checkpoints of prefix tuning (with projection) and P-tuning
+    keep their encoder.
 
-    PEFT saves such an adapter as the prefix the MLP computes (all inference needs), which
-    cannot be loaded back into the MLP: resuming from it fails. Each checkpoint therefore
-    also holds the MLP's weights (safetensors), and resuming loads them instead."""
+    PEFT saves such an adapter as the virtual tokens the encoder computes (all inference
+    needs), which cannot be loaded back into the encoder: resuming from it fails (prefix)
+    or silently feeds the output through a fresh encoder (P-tuning). Each checkpoint
+    therefore also holds the encoder's weights (safetensors), and resuming loads them."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         from safetensors.torch import save_file
 
         super()._save(output_dir, state_dict)
-        encoder = _prefix_mlp(self.model)
+        encoder = _prompt_encoder(self.model)
         if encoder is not None and self.args.should_save:
             save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-                      str(Path(output_dir or self.args.output_dir) / PREFIX_ENCODER))
+                      str(Path(output_dir or self.args.output_dir) / PROMPT_ENCODER))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file
 
-        encoder = _prefix_mlp(model if model is not None else self.model)
+        encoder = _prompt_encoder(model if model is not None else self.model)
         if encoder is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / PREFIX_ENCODER
+        path = Path(resume_from_checkpoint) / PROMPT_ENCODER
         if not path.is_file():
-            raise StageError(f"{resume_from_checkpoint}: no {PREFIX_ENCODER}, so this checkpoint cannot resume "
-                             f"prefix tuning with projection; delete {Path(resume_from_checkpoint).parent} to start over")
-        encoder.load_state_dict(load_file(str(path), device=str(encoder.embedding.weight.device)), strict=True)
+            raise StageError(f"{resume_from_checkpoint}: no {PROMPT_ENCODER}, so this checkpoint cannot resume "
+                             f"the prompt encoder; delete {Path(resume_from_checkpoint).parent} to start over")
+        device = next(encoder.parameters()).device
+        encoder.load_state_dict(load_file(str(path), device=str(device)), strict=True)
 
 
 def make_trainer(model, args, train, evalset, collator, lengths: list[int] | None, callbacks=()):
     """A Trainer with the label-only LM head, and length-grouped batches when ``lengths``."""
     from transformers import PrinterCallback, Trainer
 
-    class _Trainer(PrefixCheckpoints, LabelHeadTrainer, Trainer):
+    class _Trainer(EncoderCheckpoints, LabelHeadTrainer, Trainer):
         def _get_train_sampler(self, train_dataset=None):
             if lengths is None:
                 return super()._get_train_sampler(train_dataset)

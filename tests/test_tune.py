@@ -272,10 +272,10 @@ def _adapter(path):
     return load_file(path / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "prefix", "ptuning"])
 def test_a_sigkilled_run_resumes_from_its_checkpoint_to_the_same_adapter(method, six_shards, tiny_base, tmp_path):
-    # lora: with dropout, so the RNG state must resume too; prefix: the saved adapter is the
-    # MLP's output, so the checkpoint must carry the MLP itself (PrefixCheckpoints)
+    # lora: with dropout, so the RNG state must resume too; prefix and P-tuning: the saved
+    # adapter is their encoder's output, so the checkpoint must carry the encoder (EncoderCheckpoints)
     cfg = tune_cfg(method, epochs=4, batch_size=2, save_steps=3, lora=dict(r=2, alpha=4, dropout=0.1), eval_examples=0,
                    checkpoint_dir=str(tmp_path / "ckpt"))
     args = [six_shards, tiny_base, tmp_path / "killed", cfg.model_dump_json(), 0.4]
