@@ -327,6 +327,9 @@ class TuneConfig(_Section):
     lr_scheduler: str = "linear"
     eval_examples: int = Field(default=64, ge=0)
     save_steps: int = Field(default=0, ge=0)
+    # end with the weights of the lowest eval loss, evaluated each epoch (every save_steps when set)
+    load_best: bool = False
+    early_stopping_patience: int = Field(default=0, ge=0)  # > 0: stop after that many evaluations without a new best
     checkpoint_dir: str = ".ptune/checkpoints"  # <dir>/<run key>: outside DVC outputs, deleted after success
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
     num_threads: int | None = Field(default=None, gt=0)
@@ -335,6 +338,14 @@ class TuneConfig(_Section):
     ptuning: PtuningMethodConfig = PtuningMethodConfig()
     lora: LoraMethodConfig = LoraMethodConfig()
     full: MethodConfig = MethodConfig()
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self):
+        if (self.load_best or self.early_stopping_patience) and not self.eval_examples:
+            raise ValueError("load_best / early_stopping_patience: need tune.eval_examples > 0 (the eval loss decides)")
+        if self.early_stopping_patience and not self.load_best:
+            raise ValueError("early_stopping_patience: needs tune.load_best: true (it stops on the best eval loss)")
+        return self
 
     @model_validator(mode="after")
     def _recipe_complete(self):

@@ -61,6 +61,7 @@ class TuneStats:
     train_seconds: float
     train_tokens_per_s: float
     world_size: int = 1
+    best_step: int | None = None  # load_best: the step whose weights were kept (lowest eval loss)
 
 
 def device_and_dtype() -> tuple[str, torch.dtype]:
@@ -191,7 +192,8 @@ def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eva
     With ``cfg.save_steps`` the Trainer writes a resumable checkpoint (adapter in
     safetensors, optimizer, scheduler and RNG state, all read back with
     ``weights_only=True``) every that many steps, keeping the last two: a kill during
-    a save leaves the previous one whole.
+    a save leaves the previous one whole. With ``cfg.load_best`` it evaluates and saves
+    at the same points (each epoch without ``save_steps``) and ends on the lowest eval loss.
     """
     from transformers import TrainingArguments
 
@@ -210,10 +212,16 @@ def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eva
         num_train_epochs=r.epochs,
         max_steps=cfg.max_steps,
         logging_steps=max(1, min(10, est_steps // 4)),  # a loss curve even for tiny runs
-        eval_strategy="epoch" if has_eval else "no",
-        save_strategy="steps" if cfg.save_steps else "no",
+        # load_best: evaluate and save at the same points (each epoch, or every save_steps)
+        eval_strategy=("steps" if cfg.save_steps else "epoch") if cfg.load_best else ("epoch" if has_eval else "no"),
+        eval_steps=cfg.save_steps or None,
+        save_strategy=("steps" if cfg.save_steps else "epoch") if cfg.load_best else
+        ("steps" if cfg.save_steps else "no"),
         save_steps=cfg.save_steps or 500,
-        save_total_limit=2,
+        save_total_limit=2,  # with load_best the best checkpoint is kept as well
+        load_best_model_at_end=cfg.load_best,
+        metric_for_best_model="eval_loss" if cfg.load_best else None,
+        greater_is_better=False if cfg.load_best else None,
         report_to=[],
         seed=cfg.seed,
         bf16=device == "cuda" and dtype == torch.bfloat16,
@@ -458,6 +466,11 @@ class EncoderCheckpoints:
         device = next(encoder.parameters()).device
         encoder.load_state_dict(load_file(str(path), device=str(device)), strict=True)
 
+    def _load_best_model(self) -> None:
+        if _prompt_encoder(self.model) is None:
+            return super()._load_best_model()
+        return self._load_from_checkpoint(self.state.best_model_checkpoint)
+
 
 def make_trainer(model, args, train, evalset, collator, lengths: list[int] | None, callbacks=()):
     """A Trainer with the label-only LM head, and length-grouped batches when ``lengths``."""
@@ -571,10 +584,14 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False, resume=bool(resume)) \
         if rank == 0 else None
     collator = (CountingPackedCollator if manifest["packed"] else PadCollator)(tok.pad_token_id)
+    callbacks = [DVCLiveCallback(live=live)] if live is not None else []
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = make_trainer(model, args, train.remove_columns(["id"]),
                            evalset.remove_columns(["id"]) if evalset is not None else None, collator,
-                           lengths if cfg.group_by_length else None,
-                           callbacks=[DVCLiveCallback(live=live)] if live is not None else [])
+                           lengths if cfg.group_by_length else None, callbacks=callbacks)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
@@ -596,6 +613,8 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         train_seconds=round(seconds, 1),
         train_tokens_per_s=round(tokens / seconds, 1),  # this session's tokens (after a resume: since it)
         world_size=world,
+        best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[-1])
+        if cfg.load_best and trainer.state.best_model_checkpoint else None,
     )
     if rank != 0:
         return stats

@@ -272,6 +272,32 @@ def _adapter(path):
     return load_file(path / "adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("method", ["prefix", "lora"])
+def test_load_best_ends_on_the_lowest_eval_loss_and_early_stopping_stops(method, six_shards, tiny_base, tmp_path):
+    """A learning rate too high makes the eval loss wander: the adapter kept must be
+    the one of the lowest eval loss (its own eval loss equal to that minimum), and
+    patience 1 stops training after the first evaluation without a new best."""
+    cfg = tune_cfg(method, epochs=8, batch_size=2, learning_rate={"prefix": 0.1, "lora": 0.3}[method],
+                   eval_examples=2, load_best=True,
+                   checkpoint_dir=str(tmp_path / "ckpt"))
+    stats = tune.run(cfg, six_shards, tiny_base, tmp_path / "adapter", tmp_path / "live")
+    rows = (tmp_path / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()[1:]
+    curve = [float(r.split("\t")[1]) for r in rows][:-1]  # one per epoch (3 steps); the last row: evaluate() after
+    assert len(curve) == 8 and min(curve) < curve[-1] - 1e-3, curve  # the best is not the last
+    best = curve.index(min(curve))
+    assert stats.best_step == 3 * (best + 1) and stats.steps == 24
+    assert stats.eval_loss == pytest.approx(curve[best], abs=1e-3)  # the weights kept are the best ones
+    assert float(rows[-1].split("\t")[1]) == pytest.approx(curve[best], abs=1e-4)
+    assert json.loads((tmp_path / "adapter" / "ptune_adapter.json").read_text())["stats"]["best_step"] == stats.best_step
+
+    stopped = tune.run(cfg.model_copy(update={"early_stopping_patience": 1, "checkpoint_dir": str(tmp_path / "c2")}),
+                       six_shards, tiny_base, tmp_path / "adapter2", tmp_path / "live2")
+    first_worse = next(i for i in range(1, 8) if curve[i] >= min(curve[:i]))
+    assert stopped.steps == 3 * (first_worse + 1)  # the same run up to there, stopped at its first miss
+    with pytest.raises(ValueError, match="load_best"):
+        tune_cfg(method, early_stopping_patience=2)
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix", "ptuning"])
 def test_a_sigkilled_run_resumes_from_its_checkpoint_to_the_same_adapter(method, six_shards, tiny_base, tmp_path):
     # lora: with dropout, so the RNG state must resume too; prefix and P-tuning: the saved
