@@ -97,12 +97,14 @@ def _label(m: dict, system: str) -> str:
 
 
 def _row(label: str, source: str, system: str, m: dict, train_seconds=None, train_steps=None,
-         commit: str | None = None, predictions: Path | None = None) -> dict:
-    """``commit`` (a run's) or ``predictions`` (a file): where its per-row predictions are."""
+         commit: str | None = None, predictions: Path | None = None, best_step=None) -> dict:
+    """``commit`` (a run's) or ``predictions`` (a file): where its per-row predictions are;
+    ``best_step``: the step whose weights a ``tune.load_best`` run kept."""
     info = m.get("system_info", {}).get(system, {})
     trainable = info.get("trainable_parameters", m.get("trainable_parameters") if system == "tuned" else 0)
     return {"label": label, "source": source, "trainable_parameters": trainable,
-            "train_seconds": train_seconds, "train_steps": train_steps, "metrics": m.get(system, {}),
+            "train_seconds": train_seconds, "train_steps": train_steps, "train_best_step": best_step,
+            "metrics": m.get(system, {}),
             "tokens_per_s": m.get("tokens_per_s", {}).get(system), "system": system,
             "commit": commit, "predictions": str(predictions) if predictions else None}
 
@@ -120,7 +122,8 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
         raise StageError(f"{path}: written before evaluate recorded its rows' hash; rerun `dvc repro evaluate`")
     ref_predictions = path.parent / Path(PREDICTIONS).name
     tuned = [_row(_label(m, "tuned"), ref.source, "tuned", m, _tune_stat(repo, ref, "train_seconds", "train_seconds"),
-                  _tune_stat(repo, ref, "train_steps", "steps"), predictions=ref_predictions)]
+                  _tune_stat(repo, ref, "train_steps", "steps"), predictions=ref_predictions,
+                  best_step=_tune_stat(repo, ref, "train_best_step", "best_step"))]
     baselines = [_row(_label(m, s), ref.source, s, m, predictions=ref_predictions)
                  for s in m.get("systems", ["tuned", "zero_shot"]) if s != "tuned"]
     excluded, seen = [], {json.dumps(m["tuned"], sort_keys=True) + m.get("method", "")}
@@ -144,7 +147,8 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
         seen.add(key)
         tuned.append(_row(_label(other, "tuned"), entry.source, "tuned", other,
                           _tune_stat(repo, entry, "train_seconds", "train_seconds"),
-                          _tune_stat(repo, entry, "train_steps", "steps"), commit=entry.commit))
+                          _tune_stat(repo, entry, "train_steps", "steps"), commit=entry.commit,
+                          best_step=_tune_stat(repo, entry, "train_best_step", "best_step")))
     return Comparison(ref, tuned + baselines, excluded)
 
 
@@ -268,8 +272,10 @@ def markdown(c: Comparison) -> str:
                 f"{b['diff_to_best']:+.2f} ({b['diff_ci95'][0]:+.2f} to {b['diff_ci95'][1]:+.2f})"
                 + (" ≈" if b["indistinguishable_from_best"] else "")]
             metric_cells[at:at] = extra
+        best = r.get("train_best_step")  # tune.load_best: the weights kept were this step's
+        steps_cell = num(r["train_steps"]) if best is None else f"{num(best)} of {num(r['train_steps'])}"
         cells = [r["label"], r["source"], num(r["trainable_parameters"]), num(r["train_seconds"]),
-                 num(r["train_steps"]), *metric_cells, num(r["tokens_per_s"])]
+                 steps_cell, *metric_cells, num(r["tokens_per_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Primary metric: {primary}. Rows: the reference run (workspace) first, then registered "
               "versions and DVC experiments of the same task scored on the same rows with the same decoding, "

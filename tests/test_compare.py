@@ -237,9 +237,11 @@ def test_runs_scored_before_evaluate_recorded_training_take_it_from_the_tune_sta
     del old["system_info"]["tuned"]["train_seconds"], old["system_info"]["tuned"]["train_steps"]
     git(repo, "checkout", "-q", "--detach", head)
     (repo / "data/metrics").mkdir(parents=True)
-    (repo / "data/metrics/tune.json").write_text(json.dumps({"steps": 64, "train_seconds": 99.5}))
+    (repo / "data/metrics/tune.json").write_text(json.dumps({"steps": 64, "train_seconds": 99.5, "best_step": 48}))
     exp = commit_metrics(repo, old, "old run")
     git(repo, "update-ref", f"refs/exps/ab/{head[2:]}/old-run", exp)
     git(repo, "checkout", "-q", "main")
-    row = next(r for r in compare.compare(repo).rows if r["source"] == "exp old-run")
-    assert (row["train_seconds"], row["train_steps"]) == (99.5, 64)
+    c = compare.compare(repo)
+    row = next(r for r in c.rows if r["source"] == "exp old-run")
+    assert (row["train_seconds"], row["train_steps"], row["train_best_step"]) == (99.5, 64, 48)
+    assert "| ptuning (tuned) | exp old-run | 100 | 99.5 | 48 of 64 | 27.0 |" in compare.markdown(c)  # load_best kept 48

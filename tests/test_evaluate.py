@@ -176,8 +176,9 @@ def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_pa
     table = (tmp_path / "eval" / "report.md").read_text()
     assert "| lora (tuned) | " in table and "1-shot prompt (base model)" in table and "tokens/s" in table
     assert json.loads((tmp_path / "eval" / "validation.json").read_text())["success"] is True
-    assert metrics["system_info"]["tuned"]["train_steps"] == json.loads(
-        (tmp_path / "adapter" / "ptune_adapter.json").read_text())["stats"]["steps"]
+    stats = json.loads((tmp_path / "adapter" / "ptune_adapter.json").read_text())["stats"]
+    assert metrics["system_info"]["tuned"]["train_steps"] == stats["steps"]
+    assert metrics["system_info"]["tuned"]["train_best_step"] == stats.get("best_step")  # None: no load_best
     # ptune compare's bootstrap recomputes every system's corpus BLEU from these predictions.
     from pipelines import compare
 
