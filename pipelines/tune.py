@@ -198,6 +198,7 @@ def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eva
     from transformers import TrainingArguments
 
     r = cfg.recipe
+    every = "steps" if cfg.save_steps else "epoch"  # load_best: evaluate and save at the same points
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=r.batch_size,
@@ -212,11 +213,9 @@ def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eva
         num_train_epochs=r.epochs,
         max_steps=cfg.max_steps,
         logging_steps=max(1, min(10, est_steps // 4)),  # a loss curve even for tiny runs
-        # load_best: evaluate and save at the same points (each epoch, or every save_steps)
-        eval_strategy=("steps" if cfg.save_steps else "epoch") if cfg.load_best else ("epoch" if has_eval else "no"),
+        eval_strategy=every if cfg.load_best else ("epoch" if has_eval else "no"),
         eval_steps=cfg.save_steps or None,
-        save_strategy=("steps" if cfg.save_steps else "epoch") if cfg.load_best else
-        ("steps" if cfg.save_steps else "no"),
+        save_strategy=every if cfg.load_best else ("steps" if cfg.save_steps else "no"),
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,  # with load_best the best checkpoint is kept as well
         load_best_model_at_end=cfg.load_best,
