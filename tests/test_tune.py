@@ -174,7 +174,7 @@ def test_prefix_text_init_acts_as_if_the_text_were_written_before_the_input(proj
         assert (fresh(input_ids=x).logits[0] - written).abs().max() > 1e-2
 
 
-def test_prefix_text_init_is_recorded_and_trained_from(shards, tiny_base, tmp_path):
+def test_prefix_text_init_is_recorded_with_the_adapter(shards, tiny_base, tmp_path):
     from safetensors.torch import load_file
 
     cfg = tune_cfg("prefix", checkpoint_dir=str(tmp_path / "ckpt"),
