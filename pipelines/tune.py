@@ -612,8 +612,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         train_seconds=round(seconds, 1),
         train_tokens_per_s=round(tokens / seconds, 1),  # this session's tokens (after a resume: since it)
         world_size=world,
-        best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[-1])
-        if cfg.load_best and trainer.state.best_model_checkpoint else None,
+        best_step=trainer.state.best_global_step if cfg.load_best else None,
     )
     if rank != 0:
         return stats
