@@ -240,6 +240,37 @@ def _check_workspace(dvc_repo, repo: Path, sources: list[str]) -> None:
                          + "\nCommit them (or restore them and run `dvc repro`), then register.")
 
 
+def _declared_params(repo: Path) -> dict[str, dict]:
+    """params file -> {declared key: value} as dvc.lock records them, over every stage."""
+    from dvc.utils.serialize import parse_yaml
+
+    lock_file = repo / "dvc.lock"
+    lock = parse_yaml(lock_file.read_text(), str(lock_file)) if lock_file.is_file() else {}
+    declared: dict[str, dict] = {"params.yaml": {}}  # DVC's default params file, committed even if unread
+    for entry in (lock.get("stages") or {}).values():
+        for file, values in (entry.get("params") or {}).items():
+            declared.setdefault(file, {}).update(values)
+    return declared
+
+
+def _params_changed(repo: Path, declared: dict[str, dict]) -> list[str]:
+    """The declared params (``file:key``) whose values differ from the last commit's."""
+    from dvc.utils.serialize import parse_yaml
+
+    missing = object()
+    changed = []
+    for file, values in declared.items():
+        text = _git(repo, "show", f"HEAD:{file}", check=False)
+        committed = parse_yaml(text.stdout, file) if text.returncode == 0 else None
+        for key, value in values.items():
+            node = committed
+            for part in key.split("."):
+                node = node.get(part, missing) if isinstance(node, dict) else missing
+            if node != value:
+                changed.append(f"{file}:{key}")
+    return changed
+
+
 def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path) -> RegistrationResult:
     """After ``dvc repro``: push, commit, version with GTO, assign ``staging`` and, if the gate
     passed, ``prod``. Only a workspace that matches ``dvc.lock`` (every stage ran and
@@ -271,9 +302,14 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
         key, cand, zero = _scores(metrics, str(metrics_file))
         summary = f"{metrics.get('task', '?')}/{metrics.get('method', '?')} {key} {cand:.2f} (zero-shot {zero:.2f})"
 
-        paths = sorted({"dvc.lock", "params.yaml", _rel(repo, metrics_file), _rel(repo, gate_file), *to_git})
+        declared = _declared_params(repo)
+        paths = sorted({"dvc.lock", *declared, _rel(repo, metrics_file), _rel(repo, gate_file), *to_git})
         paths = [p for p in paths if (repo / p).exists()]
-        changed = bool(_git(repo, "status", "--porcelain", "--untracked-files=all", "--", *paths).stdout.strip())
+        # A params file counts as changed only where a stage reads it: dvc.lock records those
+        # values, and a key no stage declares (`prefect.port`) changes no output.
+        changed = bool(_git(repo, "status", "--porcelain", "--untracked-files=all", "--",
+                            *(p for p in paths if p not in declared)).stdout.strip()) \
+            or bool(_params_changed(repo, declared))
         versions = _versions(repo, artifact)
         head = _git(repo, "rev-parse", "HEAD").stdout.strip()
         existing = None if changed else next((v for v in versions if v["commit_hexsha"] == head), None)

@@ -342,3 +342,25 @@ def test_a_prod_assigned_after_the_gate_decided_is_refused(tmp_path):
 
     with pytest.raises(StageError, match=r"prod is now v0\.3\.0, but the gate compared the candidate with None"):
         register(repo, CFG, GATE, METRICS)
+
+
+def test_a_params_key_no_stage_reads_does_not_invalidate_the_registration(tmp_path):
+    repo = make_repo(tmp_path)
+    sh(repo, "dvc", "repro")
+    first = register(repo, CFG, GATE, METRICS)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "prefect": {"port": 4300}}, sort_keys=False))
+    assert "up to date" in sh(repo, "dvc", "status").stdout  # no stage declares `prefect`
+
+    again = register(repo, CFG, GATE, METRICS)  # was: "run `dvc repro --force --single-item register`"
+    assert (again.version, again.commit) == ("v0.0.1", first.commit) and "already registered" in again.message
+    assert len(tags(repo)) == 3 and git(repo, "status", "--porcelain").split() == ["M", "params.yaml"]
+
+    # A key a stage declares is part of the version: rerun, and it is registered anew with it.
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "register": {**params["register"],
+                                                                               "prod_tolerance": 2.0}}))
+    with pytest.raises(StageError, match="does not match dvc.lock"):
+        register(repo, CFG, GATE, METRICS)
+    sh(repo, "dvc", "repro")
+    third = register(repo, CFG, GATE, METRICS)
+    assert third.version == "v0.1.0" and "params.yaml" in git(repo, "show", "--name-only", "--format=", "HEAD")
