@@ -3,8 +3,10 @@
 Everything is read at the version's commit (a GTO tag names it): ``dvc.lock`` (the hash
 of every stage's inputs and outputs), ``params.yaml``, the ``cache: false`` metrics and
 gate committed with it, and — through ``dvc.api.DVCFileSystem`` at that commit, from the
-local DVC cache or the remote — the validation report each cached output carries and the
-clean train split, to answer whether a source record was in the version's training data.
+local DVC cache or the remote — the validation report each cached output carries, and
+the raw and clean outputs to say what became of a source record: trained on, in a split
+but not trained on, removed by clean or quarantined by collect (with the reason), or never
+collected.
 Nothing in the working tree is read or changed.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ DATA_OUTPUTS = {"base_model": "base model", "collect": "raw", "clean": "clean", 
 # Outputs that carry their stage's validation report inside (GX, see pipelines/validation.py).
 VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/adapter", "data/models/base")
 SPLITS = ("train", "validation", "test")
+# Where a record that reached no split is: clean's removals (one file per reason), collect's quarantine.
+REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl", "data/raw/records.jsonl"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -107,42 +111,77 @@ def _trained_on(fs, record_id: str) -> tuple[bool, float | None] | None:
     return found, recorded.get("epochs_drawn")
 
 
+def _find(fs, path: str, record_id: str) -> dict | None:
+    """The first JSON line of ``path`` whose id is ``record_id``; None if none or no such file.
+
+    A file the version has but the cache and remote lack is an error, never "not found".
+    """
+    needle = json.dumps(record_id, ensure_ascii=False)  # as the stages write ids
+    try:
+        f = fs.open(path, "r", encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - DVC's missing-cache errors have several types
+        raise StageError(f"{path}: cannot be read from the DVC cache or remote ({exc}); `dvc pull` it "
+                         "to tell what happened to a record") from None
+    with f:
+        for line in f:
+            if needle in line and (row := json.loads(line)).get("id") == record_id:
+                return row
+    return None
+
+
+def _removed_files(fs) -> list[str]:
+    try:
+        return sorted(p for p in fs.find(REMOVED) if p.endswith(".jsonl"))
+    except FileNotFoundError:
+        return []
+
+
+def _outside_clean(fs, record_id: str) -> dict:
+    """Why ``record_id`` is in no clean split: removed by clean, quarantined by collect, or never collected."""
+    for path in _removed_files(fs):
+        if row := _find(fs, path, record_id):
+            return {"status": "removed", "reason": row.get("reason"), "detail": (
+                f"removed by clean: {row.get('reason')} ({row.get('detail')}); {path.lstrip('/')}")}
+    if row := _find(fs, QUARANTINE, record_id):
+        return {"status": "quarantined", "reason": row.get("reason"), "detail": (
+            f"quarantined by collect: {row.get('reason')} ({row.get('detail')}) at {row.get('location')}; "
+            f"{QUARANTINE}")}
+    if _find(fs, RECORDS, record_id):  # clean accounts for every record (in = out + removed)
+        raise StageError(f"{record_id}: collected ({RECORDS}) but in no clean split and not in {REMOVED}: "
+                         "the version's clean output is inconsistent")
+    return {"status": "never_collected", "detail": (
+        f"never collected: no source row of this version has that id ({RECORDS}, {QUARANTINE})")}
+
+
 def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -> dict:
-    """Was ``record_id`` in the version's training data? Reads the clean splits at ``commit``."""
+    """What happened to ``record_id`` in the version: ``status`` is ``trained``, ``not_trained``
+    (in a split, not in the training rows), ``removed`` (by clean, with its ``reason``),
+    ``quarantined`` (by collect, with its ``reason``), ``never_collected``, or ``unknown``
+    (a version older than tune's record of its rows). Reads the stage outputs at ``commit``."""
     fs = fs or _fs(repo, commit)
-    found = None
-    for split in SPLITS:
-        path = f"data/clean/{split}.jsonl"
-        try:
-            with fs.open(path, "r", encoding="utf-8") as f:
-                for line in f:
-                    if f'"{record_id}"' in line and json.loads(line).get("id") == record_id:
-                        found = split
-                        break
-        except FileNotFoundError:
-            continue
-        if found:
-            break
+    found = next((split for split in SPLITS if _find(fs, f"data/clean/{split}.jsonl", record_id)), None)
     answer = {"record_id": record_id, "split": found, "in_training_data": False}
     if found is None:
-        answer["detail"] = ("not in any clean split: never collected, or removed by the clean stage "
-                            "(data/clean/removed/<reason>.jsonl says why)")
+        answer.update(_outside_clean(fs, record_id))
         return answer
     if found != "train":
-        answer["detail"] = f"in the {found} split: held out from training"
+        answer.update(status="not_trained", detail=f"in the {found} split: held out from training")
         return answer
     trained = _trained_on(fs, record_id)
     if trained is not None:
         info, drawn = trained
         if info:
             partial = drawn is not None and drawn < 1
-            answer.update(in_training_data=True, detail=(
+            answer.update(in_training_data=True, status="trained", detail=(
                 "in the train split and in the adapter's training rows (data/models/adapter/train_ids.txt)"
                 + (f"; training stopped after {drawn:.0%} of an epoch, so it may not have been drawn"
                    if partial else "")))
         else:
-            answer["detail"] = ("in the train split but not in the adapter's training rows: dropped by tokenize "
-                                "(data/shards/dropped.jsonl) or outside the tune.max_train_examples subset")
+            answer.update(status="not_trained", detail=(
+                "in the train split but not in the adapter's training rows: dropped by tokenize "
+                "(data/shards/dropped.jsonl) or outside the tune.max_train_examples subset"))
         return answer
     # Versions from before tune recorded its rows: infer from the params where that is exact.
     limit = (params.get("tune") or {}).get("max_train_examples")
@@ -152,9 +191,10 @@ def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -
     except Exception:  # noqa: BLE001
         train_rows = None
     if not limit or (train_rows is not None and train_rows <= limit):
-        answer.update(in_training_data=True, detail="in the train split, and tune trained on all of it")
+        answer.update(in_training_data=True, status="trained",
+                      detail="in the train split, and tune trained on all of it")
     else:
-        answer.update(in_training_data=None, detail=(
+        answer.update(in_training_data=None, status="unknown", detail=(
             f"in the train split; tune used a seeded subset of {limit} of its {train_rows or '?'} examples "
             "(tune.max_train_examples), and this version did not record which ones"))
     return answer

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipelines.common import StageError, sha256_file
-from pipelines.lineage import parse_spec
+from pipelines.lineage import membership, parse_spec
 from tests.conftest import build_tiny_model
 from tests.pipeline_project import git, make_project, run
 from tests.test_pipeline import TINY
@@ -47,6 +47,54 @@ def test_spec_must_name_artifact_and_version():
         parse_spec("e2e-adapter")
 
 
+# A version's stage outputs, as lineage reads them through DVCFileSystem at its commit.
+VERSION = {
+    "data/raw/records.jsonl": [{"id": f"s:{i}"} for i in (2, 3, 4, 5, 6)],
+    "data/raw/quarantine.jsonl": [{"id": "s:7", "reason": "bad_json", "detail": "Expecting value",
+                                   "location": "s.jsonl:7"}],
+    "data/clean/removed/near_duplicate.jsonl": [{"id": "s:4", "reason": "near_duplicate",
+                                                 "detail": "near-duplicate of s:2 (estimated Jaccard 0.91)"}],
+    "data/clean/train.jsonl": [{"id": "s:2"}, {"id": "s:3"}],
+    "data/clean/test.jsonl": [{"id": "s:5"}],
+    "data/models/adapter/train_ids.txt": "s:2\n",
+    "data/models/adapter/ptune_adapter.json": {"data": {"train_ids": {"file": "train_ids.txt", "epochs_drawn": 1.0}}},
+}
+
+
+def version_fs(root, files=VERSION):
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    for path, content in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(content if isinstance(content, str) else json.dumps(content) if
+                                 isinstance(content, dict) else "".join(json.dumps(r) + "\n" for r in content))
+    return DirFileSystem(path=str(root))
+
+
+@pytest.mark.parametrize("record_id, status, split, reason, words", [
+    ("s:2", "trained", "train", None, "in the adapter's training rows"),
+    ("s:3", "not_trained", "train", None, "not in the adapter's training rows"),
+    ("s:5", "not_trained", "test", None, "in the test split: held out"),
+    ("s:4", "removed", None, "near_duplicate", "removed by clean: near_duplicate (near-duplicate of s:2"),
+    ("s:7", "quarantined", None, "bad_json", "quarantined by collect: bad_json (Expecting value) at s.jsonl:7"),
+    ("s:99", "never_collected", None, None, "never collected: no source row of this version has that id"),
+])
+def test_membership_says_what_became_of_a_record(tmp_path, record_id, status, split, reason, words):
+    got = membership(tmp_path, "0" * 40, record_id, {}, fs=version_fs(tmp_path))
+    assert (got["status"], got["split"], got.get("reason")) == (status, split, reason), got
+    assert got["in_training_data"] is (status == "trained") and words in got["detail"], got
+
+
+def test_membership_refuses_to_guess_from_unreadable_or_inconsistent_outputs(tmp_path):
+    fs = version_fs(tmp_path)
+    with pytest.raises(StageError, match=r"s:6: collected \(data/raw/records.jsonl\) but in no clean split"):
+        membership(tmp_path, "0" * 40, "s:6", {}, fs=fs)
+    (tmp_path / "data/clean/test.jsonl").unlink()
+    (tmp_path / "data/clean/test.jsonl").mkdir()  # a file the version has that cannot be read
+    with pytest.raises(StageError, match=r"data/clean/test.jsonl: cannot be read from the DVC cache or remote"):
+        membership(tmp_path, "0" * 40, "s:99", {}, fs=fs)
+
+
 def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(registered):
     project = registered
     head = git(project, "rev-parse", "HEAD").strip()
@@ -75,7 +123,11 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     held_out = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", test_id).stdout)
     assert held_out["record"]["split"] == "test" and held_out["record"]["in_training_data"] is False
     text = run(project, "ptune", "lineage", SPEC, "--record-id", "e2e_devel_fixed:999999").stdout
-    assert f"commit {head}" in text and "in training data: no" in text
+    assert f"commit {head}" in text and "in training data: no — never collected" in text
+    removed = next((project / "data/clean/removed").glob("*.jsonl"))
+    gone = json.loads(removed.read_text().splitlines()[0])
+    record = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", gone["id"]).stdout)["record"]
+    assert (record["status"], record["reason"], record["split"]) == ("removed", removed.stem, None), record
 
     missing = run(project, "ptune", "lineage", "e2e-adapter@v9.9.9", check=False)
     assert missing.returncode == 1 and "has no version v9.9.9" in missing.stderr
