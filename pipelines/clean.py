@@ -6,7 +6,8 @@ so far (pipelines/dedup.py), across sources and splits. Every removed record is
 written, as the removing step saw it, with ``reason`` and ``detail`` to
 ``removed/<reason>.jsonl``; every step counts what came in, went out, was removed,
 changed or skipped, and ``records in = records out + removed`` is checked per step,
-per source and overall.
+per source and overall. A step that removes more than ``max_removed_share`` of one
+source's records fails the stage before anything is written.
 
 Splits are assigned per *group* (``Task.group_key``; for E2E the meaning
 representation) by a seeded hash of the normalized group, so every reference of one
@@ -62,7 +63,8 @@ class CleanStats:
     steps: dict[str, dict[str, int]] = field(default_factory=dict)
     pii_replaced: dict[str, int] = field(default_factory=dict)  # placeholders written, by kind
     duplicate_clusters: dict[str, int] = field(default_factory=dict)  # kept records that had exact / near copies
-    per_source: dict[str, dict] = field(default_factory=dict)  # in, out, removed by reason, splits
+    # in, out, removed by reason, the steps that removed any (their in and removed), splits
+    per_source: dict[str, dict] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     groups: dict[str, int] = field(default_factory=dict)
     groups_moved_to_held_out: int = 0
@@ -123,7 +125,7 @@ class _Worker:
             outcome = apply_steps(self.steps, fields, events)
             rec = {**rec, **outcome.fields}
             if outcome.drop:
-                out.append(("drop", rec["source"], outcome.drop,
+                out.append(("drop", rec["source"], rec["id"], outcome.dropped_by, outcome.drop,
                             json.dumps({**rec, "reason": outcome.drop.reason, "detail": outcome.drop.detail},
                                        ensure_ascii=False)))
                 continue
@@ -261,14 +263,16 @@ def _pass1(cfg: CleanConfig, task: Task, fractions: dict, records: Path, staging
     stats = CleanStats()
     events: Counter = Counter()
     source_in: Counter = Counter()
-    source_removed: dict[str, Counter] = defaultdict(Counter)
+    by_step: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))  # source -> step -> reasons
+    examples: dict[tuple[str, str, str], str] = {}  # (source, step, reason) -> its first removal, "id: detail"
     removed = _Removed(staging / "removed")
     dedup = DedupIndex(scratch / "dedup.sqlite", cfg.dedup.near if cfg.dedup.near.enabled else None)
     groups = _GroupIndex(scratch / "groups.sqlite")
 
-    def remove(source: str, reason: str, line: str) -> None:
-        removed.write(reason, line)
-        source_removed[source][reason] += 1
+    def remove(source: str, step: str, rec_id: str, drop: Drop, line: str) -> None:
+        removed.write(drop.reason, line)
+        by_step[source][step][drop.reason] += 1
+        examples.setdefault((source, step, drop.reason), f"{rec_id}: {drop.detail}")
 
     try:
         with open(scratch / "kept.tsv", "w", encoding="utf-8") as kept:
@@ -277,9 +281,9 @@ def _pass1(cfg: CleanConfig, task: Task, fractions: dict, records: Path, staging
                 for item in results:
                     stats.records_in += 1
                     if item[0] == "drop":
-                        _, source, drop, line = item  # the worker counted it against its step
+                        _, source, rec_id, step, drop, line = item  # the worker counted it against its step
                         source_in[source] += 1
-                        remove(source, drop.reason, line)
+                        remove(source, step, rec_id, drop, line)
                         continue
                     _, sig, bands, meta, line = item
                     key = bytes.fromhex(meta["key"])
@@ -288,8 +292,8 @@ def _pass1(cfg: CleanConfig, task: Task, fractions: dict, records: Path, staging
                         events["exact_dedup", "in"] += 1
                         if match := dedup.exact_match(key):
                             events["exact_dedup", "removed"] += 1
-                            remove(meta["source"], "duplicate", _with_reason(line, Drop(
-                                "duplicate", f"same text as {match.kept_id}{_conflict(match, meta)}")))
+                            drop = Drop("duplicate", f"same text as {match.kept_id}{_conflict(match, meta)}")
+                            remove(meta["source"], "exact_dedup", meta["id"], drop, _with_reason(line, drop))
                             continue
                     if cfg.dedup.near.enabled:
                         events["near_dedup", "in"] += 1
@@ -297,9 +301,9 @@ def _pass1(cfg: CleanConfig, task: Task, fractions: dict, records: Path, staging
                             events["near_dedup", "skipped"] += 1
                         elif match := dedup.near_match(sig, bands, meta["id"], meta["group"], meta["label"]):
                             events["near_dedup", "removed"] += 1
-                            remove(meta["source"], "near_duplicate", _with_reason(line, Drop(
-                                "near_duplicate", f"near-duplicate of {match.kept_id} (estimated Jaccard "
-                                f"{match.similarity:.2f}){_conflict(match, meta)}")))
+                            drop = Drop("near_duplicate", f"near-duplicate of {match.kept_id} (estimated Jaccard "
+                                                          f"{match.similarity:.2f}){_conflict(match, meta)}")
+                            remove(meta["source"], "near_dedup", meta["id"], drop, _with_reason(line, drop))
                             continue
                     if cfg.dedup.exact:
                         dedup.add_exact(key, meta["id"], meta["label"])
@@ -313,10 +317,57 @@ def _pass1(cfg: CleanConfig, task: Task, fractions: dict, records: Path, staging
         groups.close()
     if stats.records_in == 0:
         raise StageError(f"{records}: no records; check the collect stage's output")
-    stats.removed = dict(sorted(sum(source_removed.values(), Counter()).items()))
-    stats.per_source = {s: {"in": n, "out": 0, "removed": dict(sorted(source_removed[s].items())),
-                            "splits": {}} for s, n in sorted(source_in.items())}
+    names, total = _step_names(cfg, task), Counter()
+    for s, n in sorted(source_in.items()):
+        reasons = sum(by_step[s].values(), Counter())
+        total += reasons
+        stats.per_source[s] = {"in": n, "out": 0, "removed": dict(sorted(reasons.items())),
+                               "steps": _source_steps(n, by_step[s], names), "splits": {}}
+    stats.removed = dict(sorted(total.items()))
+    _check_removed_shares(cfg, stats.per_source, by_step, examples)
     return stats, events
+
+
+def _source_steps(n_in: int, removed: dict[str, Counter], names: list[str]) -> dict[str, dict[str, int]]:
+    """In and removed of each step that removed any of one source's ``n_in`` records."""
+    steps = {}
+    for name in names:
+        if n := sum(removed.get(name, Counter()).values()):
+            steps[name] = {"in": n_in, "removed": n}
+        n_in -= n
+    return steps
+
+
+def _removal_limit(cfg: CleanConfig, step: str) -> tuple[float, str, str]:
+    """The share of a source's records ``step`` may remove, the key it comes from, and the
+    key that would set it for this step alone."""
+    dedup = step in ("exact_dedup", "near_dedup")
+    own_key = "clean.dedup.max_removed_share" if dedup else f"clean.filters.{step}.max_removed_share"
+    own = cfg.dedup.max_removed_share if dedup else getattr(getattr(cfg.filters, step), "max_removed_share", None)
+    return (own, own_key, own_key) if own is not None else (cfg.max_removed_share, "clean.max_removed_share", own_key)
+
+
+def _check_removed_shares(cfg: CleanConfig, per_source: dict[str, dict], by_step: dict[str, dict[str, Counter]],
+                          examples: dict[tuple[str, str, str], str]) -> None:
+    """Fail, before anything is published, when a step removed more of a source's records
+    than its limit: a source that loses most of its records to one rule is misread (a wrong
+    column or format), mislabeled or a copy of another, and what is left of it is no sample."""
+    failures = []
+    for source, s in per_source.items():
+        for step, n in s["steps"].items():
+            limit, key, own_key = _removal_limit(cfg, step)
+            if n["removed"] / n["in"] <= limit:
+                continue
+            top = by_step[source][step].most_common(3)
+            reasons = ", ".join(f"{reason} {count}" for reason, count in top)
+            scope = "deduplication" if own_key == "clean.dedup.max_removed_share" else "this step"
+            allow = f"raise {key}" + (f" or set {own_key} for {scope} alone" if own_key != key else "")
+            failures.append(f"source {source!r}, step {step!r}: {n['removed']} of {n['in']} records removed "
+                            f"({n['removed'] / n['in']:.1%}), more than {key} = {limit}; top reasons: {reasons} "
+                            f"(e.g. {examples[source, step, top[0][0]]}); if that is right, {allow}")
+    if failures:
+        raise StageError("clean: " + " | ".join(failures) + ". Check the source first: removing most of it "
+                         "points at a wrong column mapping, format or label set, or a copy of another source")
 
 
 def _conflict(match, meta: dict) -> str:

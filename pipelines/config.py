@@ -123,6 +123,11 @@ class _Step(_Section):
     enabled: bool = True
 
 
+class _Filter(_Step):
+    # A step that removes records; None: clean.max_removed_share applies to it.
+    max_removed_share: float | None = Field(default=None, ge=0, le=1)
+
+
 class UnicodeConfig(_Step):
     form: Literal["NFC", "NFKC"] = "NFKC"  # NFKC folds compatibility forms (ligatures, full-width, NBSP)
     strip_control: bool = True  # zero-width and other invisible control/format characters
@@ -133,7 +138,7 @@ class PiiConfig(_Step):
                                                                       min_length=1)
 
 
-class LengthConfig(_Step):
+class LengthConfig(_Filter):
     # Over a record's text fields together; an empty field is always removed.
     min_chars: int = Field(default=1, ge=0)
     max_chars: int = Field(default=100_000, gt=0)
@@ -149,7 +154,7 @@ class LengthConfig(_Step):
         return self
 
 
-class GopherRepetitionConfig(_Step):
+class GopherRepetitionConfig(_Filter):
     # Rae et al. (2021), Gopher, table A1; below min_words the rules are skipped (counted):
     # a one-sentence record has no lines or paragraphs to repeat.
     min_words: int = Field(default=50, ge=1)
@@ -161,7 +166,7 @@ class GopherRepetitionConfig(_Step):
     dup_ngram_char_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
 
-class GopherQualityConfig(_Step):
+class GopherQualityConfig(_Filter):
     min_words: int = Field(default=50, ge=1)  # Gopher drops documents under 50 words; here they skip the rules
     min_mean_word_length: float = Field(default=3, ge=0)
     max_mean_word_length: float = Field(default=10, gt=0)
@@ -176,7 +181,7 @@ LinguaLanguage = Literal["arabic", "chinese", "dutch", "english", "french", "ger
                          "korean", "polish", "portuguese", "russian", "spanish", "swedish", "turkish"]
 
 
-class LanguageConfig(_Step):
+class LanguageConfig(_Filter):
     keep: tuple[LinguaLanguage, ...] = ("english",)
     # The languages the model tells apart (lingua ships one model per language): a
     # handful keeps it fast and small. A text judged one of those not in `keep` is removed.
@@ -196,7 +201,7 @@ class FiltersConfig(_Section):
     whitespace: _Step = _Step()
     pii: PiiConfig = PiiConfig()
     length: LengthConfig = LengthConfig()
-    label: _Step = _Step()
+    label: _Filter = _Filter()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     language: LanguageConfig = LanguageConfig()
@@ -232,11 +237,14 @@ class NearDedupConfig(_Step):
 class DedupConfig(_Section):
     exact: bool = True
     near: NearDedupConfig = NearDedupConfig()
+    max_removed_share: float | None = Field(default=None, ge=0, le=1)  # exact and near; None: clean's
 
 
 class CleanConfig(_Section):
     split_seed: int = 0
     workers: int = Field(default=1, gt=0)  # processes for the per-record steps; outputs do not depend on it
+    # One step removing more of a source's records than this fails the stage: misread, mislabeled or copied data.
+    max_removed_share: float = Field(default=0.5, ge=0, le=1)
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()
 

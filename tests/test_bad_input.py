@@ -76,8 +76,15 @@ def test_wrong_labels_are_collected_then_removed_by_clean_as_bad_label(bad_corpu
     root, cfg = bad_corpus
     task = make_task(SST, LABELS)
     collect.run(cfg, task, root, root / "raw")
-    clean_cfg = CleanConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["clean"])
-    clean.run(clean_cfg, task, root / "raw", root / "clean")
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["clean"]
+    # With the shipped limit, losing 2 of its 3 records to one step fails the stage, before
+    # it writes anything; the other sources are fine.
+    with pytest.raises(StageError, match=r"^clean: source 'labels', step 'label': 2 of 3 records removed \(66\.7%\), "
+                                         r"more than clean\.max_removed_share = 0\.5; top reasons: bad_label 2 \(e\.g\. "
+                                         r"labels:2: label '2' not in \['0', '1'\]\); if that is right, [^|]*$"):
+        clean.run(CleanConfig.model_validate(shipped), task, root / "raw", root / "clean")
+    assert not (root / "clean").exists()
+    clean.run(CleanConfig.model_validate({**shipped, "max_removed_share": 1.0}), task, root / "raw", root / "clean")
     removed = read_jsonl(root / "clean" / "removed" / "bad_label.jsonl")
     assert sorted((r["id"], r["label"]) for r in removed) == [("labels:2", "2"), ("labels:3", "positive")]
 
@@ -171,3 +178,38 @@ def test_cli_writes_quarantine_counts_as_metrics(tmp_path, monkeypatch):
     metrics = read_json(tmp_path / "data" / "metrics" / "collect.json")
     assert (metrics["records"], metrics["quarantined"]) == (1, 2)
     assert metrics["quarantine_reasons"] == {"field_count": 1, "invalid_utf8": 1}
+
+
+def _clean_args(project_args: list[str]) -> list[str]:
+    return [*project_args[:2], "stage", "clean", "--raw", "data/raw", "--out", "data/clean",
+            "--stats", "data/metrics/clean.json"]
+
+
+def test_a_source_clean_removes_most_of_fails_the_stage_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "good.csv").write_text("sentence,label\na fine film,1\na dull film,0\nnot bad at all,1\n")
+    # labelled in words where the task has 0/1: collected as they are, then removed by clean
+    (tmp_path / "words.csv").write_text("sentence,label\nan instant classic,positive\nnever again,negative\n"
+                                        "a waste of time,negative\nsolid work,1\n")
+    args = _cli_project(tmp_path, source("good", "good.csv", columns=SST))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["collect"]["sources"]["sst2"].append(source("words", "words.csv", columns=SST))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(_clean_args(args)) == 1
+    assert capsys.readouterr().err.strip() == (
+        "ptune stage clean: error: clean: source 'words', step 'label': 3 of 4 records removed (75.0%), more than "
+        "clean.max_removed_share = 0.5; top reasons: bad_label 3 (e.g. words:2: label 'positive' not in "
+        "['0', '1']); if that is right, raise clean.max_removed_share or set clean.filters.label.max_removed_share "
+        "for this step alone. Check the source first: removing most of it points at a wrong column mapping, format "
+        "or label set, or a copy of another source")
+    # nothing that looks like a result: no output, no metrics, no scratch
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["metrics", "raw"]
+    assert [p.name for p in (tmp_path / "data" / "metrics").iterdir()] == ["collect.json"]
+    params["clean"]["filters"]["label"] = {"max_removed_share": 0.75}  # the removals are right: allowed for this step
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert cli.main(_clean_args(args)) == 0
+    metrics = read_json(tmp_path / "data" / "metrics" / "clean.json")
+    assert metrics["per_source"]["words"]["steps"] == {"label": {"in": 4, "removed": 3}}
+    assert (metrics["records_in"], metrics["records_out"]) == (7, 4)

@@ -282,8 +282,55 @@ def test_raw_without_sources_json_or_from_an_unknown_source_is_refused(tmp_path)
 def test_an_output_with_nothing_left_is_an_error_that_points_at_removed(tmp_path):
     raw = write_raw(tmp_path / "raw", [rec(1, mr="a", ref="b"), rec(2, mr="c", ref="d")])
     with pytest.raises(StageError, match=r"every record was removed \({'too_short': 2}\); check clean\.filters"):
-        clean.run(FAST, GEN, raw, tmp_path / "clean")
+        clean.run(FAST.model_copy(update={"max_removed_share": 1.0}), GEN, raw, tmp_path / "clean")
     assert not (tmp_path / "clean").exists()
+
+
+FAST_STEPS = {"html": {}, "unicode": {}, "whitespace": {}, "pii": {}, "length": {"min_chars": 3}, "label": {}}
+CHECK_THE_SOURCE = (". Check the source first: removing most of it points at a wrong column mapping, format or "
+                    "label set, or a copy of another source")
+
+
+def test_a_step_removing_most_of_a_source_fails_naming_source_step_and_reasons(tmp_path):
+    records = ([rec(i, "good", mr=f"name[G{i}]", ref=f"G{i} serves food.") for i in range(4)]
+               + [rec(1, "bad", mr="a", ref="b"), rec(2, "bad", mr="c", ref="d"), rec(3, "bad", mr="e", ref=""),
+                  rec(4, "bad", mr="name[H]", ref="H serves food.")])
+    raw = write_raw(tmp_path / "raw", records)
+    with pytest.raises(StageError) as err:
+        clean.run(FAST, GEN, raw, tmp_path / "clean")
+    assert str(err.value) == (
+        "clean: source 'bad', step 'length': 3 of 4 records removed (75.0%), more than clean.max_removed_share = "
+        "0.5; top reasons: too_short 2, empty_field 1 (e.g. bad:1: 2 < 3 (min_chars)); if that is right, raise "
+        "clean.max_removed_share or set clean.filters.length.max_removed_share for this step alone"
+        + CHECK_THE_SOURCE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing published, no scratch left
+    # The step's own limit wins over clean's; 3 of 4 is not more than 0.75.
+    lenient = CleanConfig(filters={**FAST_STEPS, "length": {"min_chars": 3, "max_removed_share": 0.75}})
+    stats = clean.run(lenient, GEN, raw, tmp_path / "clean")
+    assert stats.per_source["bad"] == {"in": 4, "out": 1, "removed": {"empty_field": 1, "too_short": 2},
+                                       "steps": {"length": {"in": 4, "removed": 3}},
+                                       "splits": stats.per_source["bad"]["splits"]}
+    assert stats.per_source["good"]["steps"] == {} and stats.records_out == 5
+
+
+def test_a_source_that_copies_another_fails_at_dedup(tmp_path):
+    originals = [rec(i, "a", mr=f"name[M{i}]", ref=f"M{i} is a pub by the river.") for i in range(3)]
+    copies = [{**r, "id": f"b:{i}", "source": "b"} for i, r in enumerate(originals)]
+    raw = write_raw(tmp_path / "raw", originals + copies + [rec(9, "b", mr="name[N]", ref="N is new.")])
+    with pytest.raises(StageError) as err:
+        clean.run(FAST, GEN, raw, tmp_path / "clean")
+    assert str(err.value) == (
+        "clean: source 'b', step 'exact_dedup': 3 of 4 records removed (75.0%), more than clean.max_removed_share "
+        "= 0.5; top reasons: duplicate 3 (e.g. b:0: same text as a:0); if that is right, raise "
+        "clean.max_removed_share or set clean.dedup.max_removed_share for deduplication alone" + CHECK_THE_SOURCE)
+    strict = CleanConfig(max_removed_share=0.9, filters=FAST_STEPS, dedup={"max_removed_share": 0.5})
+    with pytest.raises(StageError, match=r"^clean: source 'b', step 'exact_dedup': 3 of 4 records removed \(75\.0%\), "
+                                         r"more than clean\.dedup\.max_removed_share = 0\.5; .*; if that is right, "
+                                         r"raise clean\.dedup\.max_removed_share\. Check the source"):
+        clean.run(strict, GEN, raw, tmp_path / "clean")
+    stats = clean.run(CleanConfig(filters=FAST_STEPS, dedup={"max_removed_share": 0.75}), GEN, raw,
+                      tmp_path / "clean")
+    assert stats.per_source["b"]["steps"] == {"exact_dedup": {"in": 4, "removed": 3}} and stats.records_out == 4
 
 
 def test_config_errors_name_their_key():
@@ -299,6 +346,16 @@ def test_config_errors_name_their_key():
     raw["clean"]["filters"]["language"]["keep"] = ["klingon"]
     with pytest.raises(ConfigError, match=r"clean\.filters\.language\.keep\.0"):
         parse_params(raw)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["clean"]["max_removed_share"] = 1.5
+    raw["clean"]["filters"]["length"]["max_removed_share"] = -0.1
+    raw["clean"]["filters"]["html"]["max_removed_share"] = 0.9  # it never removes a record
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert str(err.value).splitlines()[1:] == [
+        "  params.yaml: clean.max_removed_share: Input should be less than or equal to 1",
+        "  params.yaml: clean.filters.html.max_removed_share: Extra inputs are not permitted",
+        "  params.yaml: clean.filters.length.max_removed_share: Input should be greater than or equal to 0"]
 
 
 def test_real_params_run_every_step_in_pipeline_order():
@@ -306,6 +363,7 @@ def test_real_params_run_every_step_in_pipeline_order():
     assert cfg.filters.order == ("html", "unicode", "whitespace", "pii", "length", "label", "gopher_repetition",
                                  "gopher_quality", "language")
     assert cfg.dedup.exact and cfg.dedup.near.enabled
+    assert cfg.max_removed_share == 0.5 and cfg.filters.length.max_removed_share is None
 
 
 # --- validation -----------------------------------------------------------------------
