@@ -39,7 +39,7 @@ from typing import IO, Iterator
 
 import pandas as pd
 
-from pipelines.common import StageError, atomic_dir, read_json, write_json
+from pipelines.common import StageError, atomic_dir, read_json, scratch_prefix, write_json
 from pipelines.config import CleanConfig
 from pipelines.dedup import DedupIndex, MinHasher, exact_key, normalized
 from pipelines.filters import Drop, apply_steps, build_steps, count_pii, pii_regex, step_names
@@ -239,9 +239,9 @@ def run(cfg: CleanConfig, task: Task, raw: Path, out: Path) -> CleanStats:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The scratch indexes sit beside the staging directory (not in the output) and are named
-    # like it, so atomic_dir clears them too if a run was killed.
+    # like it, so the next run clears them too if this one is killed.
     with atomic_dir(out) as staging, \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}.index-", dir=out.parent) as scratch:
+            tempfile.TemporaryDirectory(prefix=scratch_prefix(out) + "index-", dir=out.parent) as scratch:
         scratch = Path(scratch)
         stats, step_events = _pass1(cfg, task, fractions, records, staging, scratch)
         _pass2(cfg, task, stats, staging, scratch)

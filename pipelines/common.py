@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -66,12 +67,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A run killed with SIGKILL leaves its scratch directory behind; only this function
-    # makes `.<name>.*` directories, and DVC's lock rules out a concurrent run writing one.
-    for stale in out.parent.glob(f".{out.name}.*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_scratch(out)
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(out), dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     failed_report = out.parent / f"{out.name}.validation-failed.json"
     try:
@@ -85,6 +82,37 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def scratch_prefix(out: Path) -> str:
+    """The name prefix of this process's scratch directories beside ``out``: hidden (and
+    ignored by git), with the PID, so a later run can tell a killed run's from a live one's."""
+    return f".{Path(out).name}.{os.getpid()}."
+
+
+def remove_stale_scratch(out: Path) -> None:
+    """Remove the scratch directories beside ``out`` of runs that are gone (SIGKILL skips
+    every cleanup), and those named before they carried a PID; a running stage's stay."""
+    out = Path(out)
+    # `.<name>.<pid>.*`; before the PID, `.<name>.<random>` (mkdtemp) and clean's `.<name>.index-<random>`
+    name = re.compile(rf"\.{re.escape(out.name)}\.(?:(\d+)\..+|[^.]+)", re.S)
+    for path in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = name.fullmatch(path.name)
+        if m and path.is_dir() and not (m[1] and _running(int(m[1]))):
+            log.info("removing %s, left behind by a killed run", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def setup_logging(level: int = logging.INFO) -> None:

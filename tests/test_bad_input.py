@@ -2,12 +2,15 @@
 the place, or as a quarantined row with its reason; never a traceback, never a silent drop."""
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from pipelines import clean, cli, collect
-from pipelines.common import StageError, read_json, read_jsonl
+from pipelines.common import StageError, atomic_dir, read_json, read_jsonl
 from pipelines.config import CleanConfig
 from tests.collect_fixtures import config, make_task, serve, source
 from tests.conftest import ROOT
@@ -213,3 +216,54 @@ def test_a_source_clean_removes_most_of_fails_the_stage_in_one_line(tmp_path, mo
     metrics = read_json(tmp_path / "data" / "metrics" / "clean.json")
     assert metrics["per_source"]["words"]["steps"] == {"label": {"in": 4, "removed": 3}}
     assert (metrics["records_in"], metrics["records_out"]) == (7, 4)
+
+
+KILLED_IN_PASS_2 = """
+import os, signal, sys
+from pathlib import Path
+from pipelines import clean
+from pipelines.config import CleanConfig
+from tests.collect_fixtures import make_task
+
+def killed(*args):  # as SIGKILL from outside would: no except, finally or atexit runs
+    os.kill(os.getpid(), signal.SIGKILL)
+
+clean._pass2 = killed
+cfg = CleanConfig.model_validate({"filters": {"length": {"min_chars": 3}, "label": {}}})
+clean.run(cfg, make_task(("sentence", "label"), {"0": "negative", "1": "positive"}), Path(sys.argv[1]),
+          Path(sys.argv[2]))
+"""
+
+
+def test_a_killed_clean_leaves_scratch_git_ignores_and_the_next_run_removes(tmp_path):
+    (tmp_path / "s.csv").write_text("sentence,label\na fine film,1\na dull film,0\nnot bad at all,1\nbad,0\n")
+    task, data = make_task(SST, LABELS), tmp_path / "data"
+    collect.run(config(source("s", "s.csv", columns=SST)), task, tmp_path, data / "raw")
+    cfg = CleanConfig.model_validate({"filters": {"length": {"min_chars": 3}, "label": {}}})
+    first = clean.run(cfg, task, data / "raw", data / "clean")
+    published = {p.name: p.read_bytes() for p in (data / "clean").glob("*.jsonl")}
+    live = subprocess.Popen(["sleep", "60"])  # stands for a run still going: its scratch stays
+    try:
+        (data / f".clean.{live.pid}.abcd1234").mkdir()
+        (data / ".clean.k3j4h5g6").mkdir()  # named before scratch names carried the PID
+        killed = subprocess.Popen([sys.executable, "-c", KILLED_IN_PASS_2, data / "raw", data / "clean"], cwd=ROOT)
+        assert killed.wait(timeout=120) == -signal.SIGKILL
+        left = {p.name for p in data.iterdir() if p.name.startswith(f".clean.{killed.pid}.")}
+        (index,) = {n for n in left if n.startswith(f".clean.{killed.pid}.index-")}
+        (staging,) = left - {index}
+        assert (data / staging / "removed").is_dir() and (data / index / "kept.tsv").is_file()
+        assert {p.name: p.read_bytes() for p in (data / "clean").glob("*.jsonl")} == published  # untouched
+        for name in [staging, index, "models/.adapter.4242.abcd1234"]:  # git never lists a stage's scratch
+            assert subprocess.run(["git", "check-ignore", "-q", f"data/{name}/x"], cwd=ROOT).returncode == 0, name
+
+        assert clean.run(cfg, task, data / "raw", data / "clean") == first
+        assert sorted(p.name for p in data.iterdir()) == [f".clean.{live.pid}.abcd1234", "clean", "raw"]
+        assert {p.name: p.read_bytes() for p in (data / "clean").glob("*.jsonl")} == published
+        # Every stage's output goes through the same helper: tokenize's, say.
+        (data / f".shards.{killed.pid}.abcd1234").mkdir()
+        with atomic_dir(data / "shards") as staging:
+            (staging / "manifest.json").write_text("{}")
+        assert sorted(p.name for p in data.iterdir()) == [f".clean.{live.pid}.abcd1234", "clean", "raw", "shards"]
+    finally:
+        live.kill()
+        live.wait()
