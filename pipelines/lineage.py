@@ -27,6 +27,7 @@ VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/adapter", "da
 SPLITS = ("train", "validation", "test")
 # Where a record that reached no split is: clean's removals (one file per reason), collect's quarantine.
 REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl", "data/raw/records.jsonl"
+ADAPTER = "data/models/adapter"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -99,56 +100,70 @@ def _hashes(lock: dict) -> dict:
     return out
 
 
+def _unavailable(path: str, exc: Exception) -> StageError:
+    return StageError(f"{path}: in the version but not readable from the DVC cache or remote "
+                      f"({type(exc).__name__}: {exc}); `dvc pull` it to tell what happened to a record")
+
+
+def _files(fs, out: str) -> set[str]:
+    """The files of the output directory ``out`` in the version, from its DVC listing.
+
+    Asked of the listing, never of one file: for an output the cache and remote lack,
+    DVCFileSystem may answer that a file does not exist, and an answer built on that
+    ("never collected") would be a guess.
+    """
+    try:
+        files = {p.lstrip("/") for p in fs.find(out)}
+    except Exception as exc:  # noqa: BLE001 - DVC's missing-cache errors have several types
+        raise _unavailable(out, exc) from None
+    if not files:
+        raise StageError(f"{out}: not in the version, so what became of a record cannot be told")
+    return files
+
+
+def _lines(fs, path: str):
+    try:
+        with fs.open(path, "r", encoding="utf-8") as f:
+            yield from f
+    except Exception as exc:  # noqa: BLE001 - as in _files
+        raise _unavailable(path, exc) from None
+
+
 def _trained_on(fs, record_id: str) -> tuple[bool, float | None] | None:
     """(is ``record_id`` in the adapter's train_ids.txt, epochs drawn), or None if not recorded."""
-    try:
-        meta = json.loads(fs.read_text("data/models/adapter/ptune_adapter.json"))
-        recorded = meta["data"]["train_ids"]
-        with fs.open(f"data/models/adapter/{recorded['file']}", "r", encoding="utf-8") as f:
-            found = any(line.rstrip("\n") == record_id for line in f)
-    except Exception:  # noqa: BLE001 - older versions, or the adapter not in cache/remote
+    files = _files(fs, ADAPTER)
+    if f"{ADAPTER}/ptune_adapter.json" not in files:
         return None
-    return found, recorded.get("epochs_drawn")
+    recorded = (json.loads("".join(_lines(fs, f"{ADAPTER}/ptune_adapter.json"))).get("data") or {}).get("train_ids")
+    if not recorded:
+        return None  # a version from before tune recorded its rows
+    path = f"{ADAPTER}/{recorded['file']}"
+    if path not in files:
+        raise StageError(f"{path}: named in ptune_adapter.json but not in the version")
+    return any(line.rstrip("\n") == record_id for line in _lines(fs, path)), recorded.get("epochs_drawn")
 
 
-def _find(fs, path: str, record_id: str) -> dict | None:
-    """The first JSON line of ``path`` whose id is ``record_id``; None if none or no such file.
-
-    A file the version has but the cache and remote lack is an error, never "not found".
-    """
+def _find(fs, files: set[str], path: str, record_id: str) -> dict | None:
+    """The first JSON line of ``path`` whose id is ``record_id``; None if none or no such file."""
     needle = json.dumps(record_id, ensure_ascii=False)  # as the stages write ids
-    try:
-        f = fs.open(path, "r", encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # noqa: BLE001 - DVC's missing-cache errors have several types
-        raise StageError(f"{path}: cannot be read from the DVC cache or remote ({exc}); `dvc pull` it "
-                         "to tell what happened to a record") from None
-    with f:
-        for line in f:
+    if path in files:
+        for line in _lines(fs, path):
             if needle in line and (row := json.loads(line)).get("id") == record_id:
                 return row
     return None
 
 
-def _removed_files(fs) -> list[str]:
-    try:
-        return sorted(p for p in fs.find(REMOVED) if p.endswith(".jsonl"))
-    except FileNotFoundError:
-        return []
-
-
-def _outside_clean(fs, record_id: str) -> dict:
+def _outside_clean(fs, files: set[str], record_id: str) -> dict:
     """Why ``record_id`` is in no clean split: removed by clean, quarantined by collect, or never collected."""
-    for path in _removed_files(fs):
-        if row := _find(fs, path, record_id):
+    for path in sorted(p for p in files if p.startswith(f"{REMOVED}/") and p.endswith(".jsonl")):
+        if row := _find(fs, files, path, record_id):
             return {"status": "removed", "reason": row.get("reason"), "detail": (
-                f"removed by clean: {row.get('reason')} ({row.get('detail')}); {path.lstrip('/')}")}
-    if row := _find(fs, QUARANTINE, record_id):
+                f"removed by clean: {row.get('reason')} ({row.get('detail')}); {path}")}
+    if row := _find(fs, files, QUARANTINE, record_id):
         return {"status": "quarantined", "reason": row.get("reason"), "detail": (
             f"quarantined by collect: {row.get('reason')} ({row.get('detail')}) at {row.get('location')}; "
             f"{QUARANTINE}")}
-    if _find(fs, RECORDS, record_id):  # clean accounts for every record (in = out + removed)
+    if _find(fs, files, RECORDS, record_id):  # clean accounts for every record (in = out + removed)
         raise StageError(f"{record_id}: collected ({RECORDS}) but in no clean split and not in {REMOVED}: "
                          "the version's clean output is inconsistent")
     return {"status": "never_collected", "detail": (
@@ -161,10 +176,11 @@ def membership(repo: Path, commit: str, record_id: str, params: dict, fs=None) -
     ``quarantined`` (by collect, with its ``reason``), ``never_collected``, or ``unknown``
     (a version older than tune's record of its rows). Reads the stage outputs at ``commit``."""
     fs = fs or _fs(repo, commit)
-    found = next((split for split in SPLITS if _find(fs, f"data/clean/{split}.jsonl", record_id)), None)
+    files = _files(fs, "data/clean") | _files(fs, "data/raw")
+    found = next((split for split in SPLITS if _find(fs, files, f"data/clean/{split}.jsonl", record_id)), None)
     answer = {"record_id": record_id, "split": found, "in_training_data": False}
     if found is None:
-        answer.update(_outside_clean(fs, record_id))
+        answer.update(_outside_clean(fs, files, record_id))
         return answer
     if found != "train":
         answer.update(status="not_trained", detail=f"in the {found} split: held out from training")

@@ -89,10 +89,36 @@ def test_membership_refuses_to_guess_from_unreadable_or_inconsistent_outputs(tmp
     fs = version_fs(tmp_path)
     with pytest.raises(StageError, match=r"s:6: collected \(data/raw/records.jsonl\) but in no clean split"):
         membership(tmp_path, "0" * 40, "s:6", {}, fs=fs)
-    (tmp_path / "data/clean/test.jsonl").unlink()
-    (tmp_path / "data/clean/test.jsonl").mkdir()  # a file the version has that cannot be read
-    with pytest.raises(StageError, match=r"data/clean/test.jsonl: cannot be read from the DVC cache or remote"):
+
+    class Uncached(type(fs)):
+        """As DVCFileSystem answers for outputs that neither the DVC cache nor the remote holds."""
+
+        unlisted = {"data/raw"}  # not even its .dir listing
+
+        def open(self, path, *args, **kwargs):
+            if path == "data/clean/test.jsonl":  # listed in the .dir, its content missing
+                raise FileNotFoundError(2, "No storage files available", path)
+            return super().open(path, *args, **kwargs)
+
+        def find(self, path, *args, **kwargs):
+            if path in self.unlisted:
+                raise OSError("failed to load directory ('data', 'raw')")
+            return super().find(path, *args, **kwargs)
+
+        def exists(self, path, **kwargs):
+            return False  # what it may answer then: a guess to build nothing on
+
+    uncached = Uncached(path=str(tmp_path))
+    with pytest.raises(StageError, match=r"^data/raw: in the version but not readable from the DVC cache or "
+                                         r"remote \(OSError: failed to load directory"):
+        membership(tmp_path, "0" * 40, "s:99", {}, fs=uncached)
+    (tmp_path / "data/raw").rename(tmp_path / "raw")
+    with pytest.raises(StageError, match=r"^data/raw: not in the version"):
         membership(tmp_path, "0" * 40, "s:99", {}, fs=fs)
+    (tmp_path / "raw").rename(tmp_path / "data/raw")
+    uncached.unlisted = set()
+    with pytest.raises(StageError, match=r"^data/clean/test.jsonl: in the version but not readable .*No storage"):
+        membership(tmp_path, "0" * 40, "s:5", {}, fs=uncached)
 
 
 def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(registered):
