@@ -8,8 +8,12 @@ fsspec URL; as csv, tsv, jsonl, parquet, txt or Stack Exchange Posts.xml.
 Each raw record keeps where it came from (``source``; ``location``, file:line or
 file:row) and a stable ``id`` (source name and line, row index or post Id, or the
 source's own id column), so any later output traces back to the exact place in the
-exact file. A row that cannot become a record is quarantined with its reason, never
-dropped: per source, rows read = records + quarantined.
+exact file. A row that cannot become a record is quarantined with its reason and its
+raw text, never dropped: per source, rows read = records + quarantined. A task field is
+text: a string, not null, a number, a list or an object (a label may be a number or
+boolean standing for one of the task's labels). A source with more than
+``max_quarantined_share`` of its rows quarantined fails the stage: its format or columns
+changed, and what is left of it is no sample of it.
 
 Outputs: ``records.jsonl``, ``quarantine.jsonl``, ``sources.json`` (each source's uri,
 format, files with their sha256, splits and counts; the clean stage takes the splits
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -38,6 +43,8 @@ from pipelines.validation import validate
 log = logging.getLogger(__name__)
 
 PREVIEW = 1000  # characters of each value kept in quarantine.jsonl: enough to judge the row, bounded
+RAW_KEPT = 4000  # characters of a quarantined row's raw text kept: enough to fix a row by hand, bounded
+TOP_REASONS = 3  # reasons named when a source has too many rows quarantined
 
 
 @dataclass
@@ -120,30 +127,67 @@ def _preview(values: dict | None) -> dict | None:
                 if isinstance(v, str) and len(v) > PREVIEW else v) for k, v in values.items()}
 
 
-def _text(value: Any) -> str | None:
-    """A source value as record text; None for one that is not text (a list, a mapping)."""
+def _kept(raw: str | None) -> str | None:
+    if raw is None or len(raw) <= RAW_KEPT:
+        return raw
+    return raw[:RAW_KEPT] + f"... [{len(raw) - RAW_KEPT:,} more characters]"
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in JSON's terms: 'null', 'a number (12345)', 'an array', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _label(value: Any, labels: dict[str, str]) -> str | None:
+    """The label a number or boolean stands for (SST-2's 1 -> "1"); None if it stands for none."""
+    if isinstance(value, bool):
+        names = (json.dumps(value), str(int(value)))  # true/false labels, else 1/0
+    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        names = (str(int(value)),)  # 1.0: a label column that pandas once made float
+    else:
+        return None
+    return next((n for n in names if n in labels), None)
+
+
+def _field_text(value: Any, labels: dict[str, str] | None) -> str | None:
+    """A source value as the text of a task field (``labels``: of the label field); None if it is not one."""
     if isinstance(value, str):
         return value
-    if isinstance(value, (bool, int, float)):
-        return json.dumps(value)  # 1 -> "1", True -> "true": as the value reads in the source
-    if isinstance(value, bytes):
+    if isinstance(value, bytes):  # a Parquet text column written without its UTF8 annotation
         return value.decode("utf-8", "surrogateescape")
-    if isinstance(value, (dict, list, tuple)):
-        return None
-    return str(value)
+    return _label(value, labels) if labels else None
 
 
-def task_fields(src: SourceConfig, values: dict, max_bytes: int
-                ) -> tuple[dict[str, str] | None, int, tuple[str, str] | None]:
-    """(task fields, their size in bytes, problem) of a row read from ``src``."""
+def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[str, str] | None = None,
+                label_field: str | None = None) -> tuple[dict[str, str] | None, int, tuple[str, str] | None]:
+    """(task fields, their size in bytes, problem) of a row read from ``src``.
+
+    ``labels``: the task's label set, which a number or boolean in ``label_field`` may stand for.
+    """
     fields = {}
     for column, name in src.columns.items():
-        value = values.get(column)
-        if value is None:
+        if column not in values:
             return None, 0, ("missing_field", f"no value for column {column!r}")
-        text = _text(value)
+        value = values[column]
+        is_label = bool(labels) and name == label_field
+        text = _field_text(value, labels if is_label else None)
         if text is None:
-            return None, 0, ("bad_value", f"column {column!r} holds a {type(value).__name__}, not text")
+            where = f"field {name!r}" + (f" (column {column!r})" if column != name else "")
+            wanted = (f"a string, or a number or boolean standing for one of the labels {sorted(labels)}"
+                      if is_label else "a string")
+            return None, 0, ("bad_value", f"{where} is {_kind(value)}, not {wanted}")
         fields[name] = text
     for name, text in fields.items():
         if bad := sources.undecodable(text):
@@ -154,8 +198,20 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int
     if size > max_bytes:
         return None, size, ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})")
     if empty := [k for k, v in fields.items() if not v.strip()]:
-        return None, size, ("empty_field", f"empty {empty}")
+        return None, size, ("empty_field", f"field(s) {', '.join(map(repr, empty))} empty or only whitespace")
     return fields, size, None
+
+
+def _own_id(src: SourceConfig, values: dict) -> tuple[str | None, tuple[str, str] | None]:
+    """(the row's id from ``src.id_column``, problem): a string or an integer, not blank."""
+    value = values.get(src.id_column)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, ("missing_id", f"no value in id column {src.id_column!r}")
+    if not isinstance(value, str):
+        return None, ("bad_value", f"id column {src.id_column!r} holds {_kind(value)}, not a string or an integer")
+    return value.strip(), None
 
 
 class _Sink:
@@ -163,6 +219,8 @@ class _Sink:
 
     def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], staging: Path, scratch: Path):
         self.max_bytes = cfg.max_record_bytes
+        self.labels, self.label_field = task.labels, task.target_field
+        self.first: dict[tuple[str, str], str] = {}  # (source, reason) -> its first row's location and detail
         self.records = open(staging / "records.jsonl", "w", encoding="utf-8")
         # A quarantined value may hold undecodable bytes (as surrogates): written escaped, not refused.
         self.quarantine = open(staging / "quarantine.jsonl", "w", encoding="utf-8", errors="backslashreplace")
@@ -174,20 +232,19 @@ class _Sink:
         rec_id = f"{src.name}:{file.key + ':' if file.key else ''}{row.key}"
         fields, size, problem = None, 0, row.problem
         if problem is None:
-            fields, size, problem = task_fields(src, row.fields, self.max_bytes)
+            fields, size, problem = task_fields(src, row.fields, self.max_bytes, self.labels, self.label_field)
         if problem is None and src.id_column:
-            own = _text(row.fields.get(src.id_column))
-            if own is None or not own.strip():
-                problem = ("missing_id", f"no value in id column {src.id_column!r}")
-            else:
-                rec_id = f"{src.name}:{own.strip()}"
+            own, problem = _own_id(src, row.fields)
+            if own is not None:
+                rec_id = f"{src.name}:{own}"
         if problem is None and (first := self.ids.first_location(rec_id, row.location)):
             problem = ("duplicate_id", f"id {rec_id!r} already used at {first}")
         if problem:
             reason, detail = problem
+            self.first.setdefault((src.name, reason), f"{row.location}: {detail}")
             self.quarantine.write(json.dumps({"id": rec_id, "source": src.name, "location": row.location,
-                                              "reason": reason, "detail": detail, "fields": _preview(row.fields)},
-                                             ensure_ascii=False, default=str) + "\n")
+                                              "reason": reason, "detail": detail, "fields": _preview(row.fields),
+                                              "raw": _kept(row.raw)}, ensure_ascii=False, default=str) + "\n")
             return reason
         record = {"id": rec_id, "source": src.name, "location": row.location, **fields}
         self.records.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -240,6 +297,7 @@ def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
     declared = cfg.sources[task.name]
     stats = CollectStats()
     described: dict[str, dict] = {}
+    failed_quarantine = out.parent / f"{out.name}.quarantine-failed.jsonl"
     with atomic_dir(out) as staging:
         scratch = staging / ".scratch"
         scratch.mkdir()
@@ -249,6 +307,12 @@ def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
                 described[src.name], stats.per_source[src.name] = _collect_source(src, cfg, root, scratch, sink)
         finally:
             sink.close()
+        if over := [problem for i, src in enumerate(declared)
+                    if (problem := _too_much_quarantined(cfg, task.name, i, src, stats.per_source[src.name],
+                                                         sink.first))]:
+            # Kept beside the output, which is not written: the rows to look at before fixing the source.
+            os.replace(staging / "quarantine.jsonl", failed_quarantine)
+            raise StageError(f"{'; '.join(over)}. The quarantined rows are in {failed_quarantine}")
         shutil.rmtree(scratch)
         reasons: Counter[str] = Counter()
         for s in stats.per_source.values():
@@ -262,7 +326,24 @@ def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
                              f"{stats.quarantine_reasons}: check the sources' `columns` and `format`")
         write_json(staging / "sources.json", described)
         sink.checks.finish()
+    failed_quarantine.unlink(missing_ok=True)
     return stats
+
+
+def _too_much_quarantined(cfg: CollectConfig, task: str, index: int, src: SourceConfig, counts: dict,
+                          first: dict[tuple[str, str], str]) -> str | None:
+    """Why the share of ``src``'s rows quarantined is over its limit; None when it is not."""
+    limit, key = ((src.max_quarantined_share, f"collect.sources.{task}.{index}.max_quarantined_share")
+                  if src.max_quarantined_share is not None else (cfg.max_quarantined_share,
+                                                                 "collect.max_quarantined_share"))
+    rows, quarantined = counts["rows"], counts["quarantined"]
+    if quarantined <= limit * rows:
+        return None
+    top = sorted(counts["quarantine_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
+    reasons = ", ".join(f"{reason} {n:,} (first: {first[(src.name, reason)]})" for reason, n in top)
+    return (f"source {src.name!r} ({src.uri}): {quarantined:,} of {rows:,} rows ({quarantined / rows:.1%}) "
+            f"quarantined, over {key} ({limit}): {reasons}; fix the source or its declaration (columns, format, "
+            f"quoting), or raise {key} if so many bad rows are expected")
 
 
 def _checked_hashes(src: SourceConfig, file: sources.SourceFile) -> list[dict]:

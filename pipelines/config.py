@@ -59,6 +59,8 @@ class SourceConfig(_Section):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # required for http(s); verified when given
     quoting: Literal["minimal", "none"] = "minimal"  # csv/tsv; GLUE TSVs carry raw quote characters
     id_column: str | None = None  # take the record id from this column instead of the line / row number
+    # This source's own collect.max_quarantined_share (None: the collect-wide one).
+    max_quarantined_share: float | None = Field(default=None, ge=0, le=1)
     split: str = "train"  # hf: the dataset split to read
     subset: str | None = None  # hf: the dataset configuration name, if it has several
 
@@ -97,6 +99,8 @@ class CollectConfig(_Section):
     max_record_bytes: int = Field(default=1_000_000, gt=0)  # a longer row is quarantined (too_large), never loaded
     download_dir: str = ".ptune/downloads"  # http(s) sources, by sha256, relative to the project root
     validation_chunk_rows: int = Field(default=50_000, gt=0)  # GX validates per chunk: memory stays flat
+    # Over this share of a source's rows quarantined, its format or columns changed: the stage fails.
+    max_quarantined_share: float = Field(default=0.5, ge=0, le=1)
     sources: dict[str, tuple[SourceConfig, ...]]  # task name -> its sources
 
     @model_validator(mode="after")

@@ -14,10 +14,15 @@ question), lazily, so memory is bounded by the largest record, never by the sour
 - hf: ``datasets`` (memory-mapped Arrow from a local directory, streaming from the hub).
 
 A row that cannot become a record carries ``problem = (reason, detail)``; ``collect``
-quarantines it, never drops it. What makes a whole source unusable (no such file, a
-missing column, malformed XML, a failed download, a wrong checksum) raises
-``StageError`` naming the source and the place. What the format itself says is not
-a record (blank lines; answers and tag wikis in Posts.xml) is counted in ``skipped``.
+quarantines it, never drops it, with the row's raw text where the format has lines.
+In csv/tsv an unclosed quote costs its own line only: a quoted field that does not
+close into a well-formed row (the file ends inside it, the row has the wrong number of
+fields, it outgrows ``max_record_bytes``) means its opening line was malformed, so that
+line is quarantined alone and reading resumes at the next line. What makes a whole
+source unusable (no such file, a missing column, malformed XML, a failed download, a
+wrong checksum) raises ``StageError`` naming the source and the place. What the format
+itself says is not a record (blank lines; answers and tag wikis in Posts.xml) is
+counted in ``skipped``.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import re
 import sqlite3
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -69,6 +74,7 @@ class Row:
     location: str  # <file>:<line / row index>
     fields: dict[str, Any] | None  # source column -> value as read; None when unparseable
     problem: tuple[str, str] | None = None  # (reason, detail): quarantine it
+    raw: str | None = None  # the row's line(s) as read (csv/tsv, jsonl, txt), undecodable bytes as surrogates
 
 
 @dataclass
@@ -244,6 +250,13 @@ class _Lines:
         size, head = self.cut[line]
         return f"line {line} is {size:,} bytes, over collect.max_record_bytes ({self.limit:,}); it starts {head!r}"
 
+    def raw(self, line: int, text: str) -> str:
+        """``text`` of ``line`` as read; for an over-long line, its first bytes and its size."""
+        if line not in self.cut:
+            return text
+        size, head = self.cut[line]
+        return head.decode("utf-8", "surrogateescape") + f"... [{size - len(head):,} more bytes]"
+
 
 def undecodable(text: str) -> str | None:
     """Detail for undecodable bytes carried as surrogates (``surrogateescape``), else None."""
@@ -255,22 +268,64 @@ def undecodable(text: str) -> str | None:
     return f"{byte} at character {m.start() + 1} is not valid UTF-8 text"
 
 
+class _Runaway(Exception):
+    """A record's lines outgrew ``max_record_bytes`` before the record ended."""
+
+
+class _Feed:
+    """The lines under a ``csv.reader``: it notes the lines each record takes, and can be
+    given lines back to read again (after an unclosed quote, the lines it swallowed)."""
+
+    def __init__(self, lines: _Lines):
+        self.lines, self.source = lines, iter(lines)
+        self.pending: deque[tuple[int, str, int]] = deque()  # (line, text, bytes) to read again
+        self.taken: list[tuple[int, str, int]] = []  # the current record's lines
+        self.size = 0  # their bytes
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            line = self.pending.popleft()
+        else:
+            raw, n = next(self.source), self.lines.number  # StopIteration: the end of the file
+            # Undecodable bytes become surrogates so that they cost their own row only.
+            line = ((n, "\n", self.lines.cut[n][0]) if raw is None
+                    else (n, raw.decode("utf-8", "surrogateescape"), len(raw)))
+        self.taken.append(line)
+        self.size += line[2]
+        if len(self.taken) > 1 and self.size > self.lines.limit:
+            raise _Runaway
+        return line[1]
+
+    def next_record(self) -> None:
+        self.taken, self.size = [], 0
+
+    def give_back(self, lines: list[tuple[int, str, int]]) -> None:
+        self.pending.extendleft(reversed(lines))
+
+    def raw(self, lines: list[tuple[int, str, int]]) -> str:
+        """The text of ``lines`` as read, without the last line break (as jsonl and txt rows)."""
+        return "".join(self.lines.raw(n, text) for n, text, _ in lines).rstrip("\r\n")
+
+
 def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
     delimiter = "\t" if src.format == "tsv" else ","
     quoting = csv.QUOTE_NONE if src.quoting == "none" else csv.QUOTE_MINIMAL
-    # A quoted field may span lines; this caps how far an unclosed quote can run (a process-wide setting).
+    # A quoted field may span lines, up to max_record_bytes (a process-wide setting).
     csv.field_size_limit(max(csv.field_size_limit(), ctx.max_record_bytes))
     with _open_binary(file) as f:
         lines = _Lines(f, ctx.max_record_bytes)
-        # Undecodable bytes become surrogates so that they cost their own row only.
-        text = ("\n" if line is None else line.decode("utf-8", "surrogateescape") for line in lines)
-        reader = csv.reader(text, delimiter=delimiter, quoting=quoting, strict=True)
+        feed = _Feed(lines)
+        reader = csv.reader(feed, delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = next(reader)
         except StopIteration:
             raise StageError(f"{file.display}: empty file (source {src.name!r} needs a header row)") from None
-        except csv.Error as exc:
-            raise StageError(f"{file.display}:1: malformed header (source {src.name!r}): {exc}") from None
+        except (csv.Error, _Runaway) as exc:
+            raise StageError(f"{file.display}:1: malformed header (source {src.name!r}): "
+                             f"{str(exc) or 'a quoted field runs past collect.max_record_bytes'}") from None
         if 1 in lines.cut or (bad := undecodable("".join(header))):
             raise StageError(f"{file.display}:1: unreadable header (source {src.name!r}): "
                              f"{lines.too_large(1) if 1 in lines.cut else bad}")
@@ -278,81 +333,106 @@ def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> It
             raise StageError(f"{file.display}:1: source {src.name!r} lacks column(s) {missing}; "
                              f"header is {header}")
         while True:
-            first = lines.number + 1  # the row's first physical line
+            feed.next_record()
+            row, problem = None, None
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                line, message = reader.line_num, str(exc)
-                reason = ("truncated_row" if "unexpected end of data" in message
-                          else "too_large" if "field larger than field limit" in message else "malformed_row")
-                if reason == "too_large":
-                    message = (f"a field spanning lines {first}-{line} is over collect.max_record_bytes "
-                               f"({ctx.max_record_bytes:,}) bytes; an unclosed quote?")
-                elif reason == "truncated_row":
-                    message = f"the file ends inside a quoted field that starts at line {first}"
-                yield Row(str(line), f"{file.display}:{line}", None, (reason, message))
+                problem = str(exc)
+            except _Runaway:
+                problem = "field larger than field limit"
+            taken = feed.taken
+            first, last = taken[0][0], taken[-1][0]
+            if len(taken) > 1 and (problem or len(row) != len(header)):
+                feed.give_back(taken[1:])
+                yield Row(str(first), f"{file.display}:{first}", None,
+                          _unclosed_quote(first, last, problem, row, len(header), ctx.max_record_bytes),
+                          feed.raw(taken[:1]))
                 continue
-            line = reader.line_num
-            location = f"{file.display}:{line}"
-            if cut := [n for n in range(first, line + 1) if n in lines.cut]:
-                yield Row(str(line), location, None, ("too_large", lines.too_large(cut[0])))
+            location, raw = f"{file.display}:{last}", feed.raw(taken)
+            if problem:
+                reason = ("truncated_row" if "unexpected end of data" in problem
+                          else "too_large" if "field larger than field limit" in problem else "malformed_row")
+                if reason == "truncated_row":
+                    problem = f"the file ends inside a quoted field that starts at line {first}"
+                yield Row(str(last), location, None, (reason, problem), raw)
+            elif cut := [n for n, *_ in taken if n in lines.cut]:
+                yield Row(str(last), location, None, ("too_large", lines.too_large(cut[0])), raw)
             elif not row:
                 ctx.skipped["blank_line"] += 1
             elif len(row) != len(header):
                 fields = dict(zip(header, row))
                 if len(row) > len(header):
                     fields["_extra"] = row[len(header):]
-                yield Row(str(line), location, fields,
-                          ("field_count", f"expected {len(header)} fields, found {len(row)}"))
+                yield Row(str(last), location, fields,
+                          ("field_count", f"expected {len(header)} fields, found {len(row)}"), raw)
             elif bad := next((f"column {c!r}: {d}" for c, v in zip(header, row) if (d := undecodable(v))), None):
-                yield Row(str(line), location, dict(zip(header, row)), ("invalid_utf8", bad))
+                yield Row(str(last), location, dict(zip(header, row)), ("invalid_utf8", bad), raw)
             else:
-                yield Row(str(line), location, dict(zip(header, row)))
+                yield Row(str(last), location, dict(zip(header, row)), raw=raw)
 
 
-def _text_lines(file: SourceFile, ctx: ReadContext) -> Iterator[tuple[int, str | None, tuple[str, str] | None]]:
-    """(line, text, problem) for every non-blank line; blank lines are counted as skipped."""
+def _unclosed_quote(first: int, last: int, problem: str | None, row: list[str] | None, width: int,
+                    limit: int) -> tuple[str, str]:
+    """(reason, detail) for line ``first``, whose quoted field ran to line ``last`` without making a row."""
+    alone = f"an unclosed quote? line {first} is quarantined alone and reading resumes at line {first + 1}"
+    if problem is None:
+        return "field_count", (f"expected {width} fields, found {len(row)} in the row that a quoted field opened "
+                               f"on line {first} makes with the lines up to {last}; {alone}")
+    if "unexpected end of data" in problem:
+        return "truncated_row", f"the file ends inside a quoted field that starts at line {first}; {alone}"
+    if "field larger than field limit" in problem:
+        return "too_large", (f"a quoted field opened on line {first} runs past collect.max_record_bytes "
+                             f"({limit:,}) by line {last}; {alone}")
+    return "malformed_row", f"a quoted field opened on line {first} runs to line {last}, where: {problem}; {alone}"
+
+
+def _text_lines(file: SourceFile, ctx: ReadContext
+                ) -> Iterator[tuple[int, str | None, tuple[str, str] | None, str]]:
+    """(line, text, problem, raw text) for every non-blank line; blank lines are counted as skipped."""
     with _open_binary(file) as f:
         lines = _Lines(f, ctx.max_record_bytes)
         for raw in lines:
             n = lines.number
             if raw is None:
-                yield n, None, ("too_large", lines.too_large(n))
+                yield n, None, ("too_large", lines.too_large(n)), lines.raw(n, "")
                 continue
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 ctx.skipped["blank_line"] += 1
                 continue
             try:
-                yield n, raw.decode("utf-8"), None
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield n, None, ("invalid_utf8", f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line "
-                                                "is not valid UTF-8")
+                                                "is not valid UTF-8"), raw.decode("utf-8", "surrogateescape")
+            else:
+                yield n, text, None, text
 
 
 def _read_jsonl(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
-    for n, text, problem in _text_lines(file, ctx):
+    for n, text, problem, raw in _text_lines(file, ctx):
         location = f"{file.display}:{n}"
         if problem:
-            yield Row(str(n), location, None, problem)
+            yield Row(str(n), location, None, problem, raw)
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield Row(str(n), location, None, ("bad_json", f"{exc.msg} (character {exc.pos + 1})"))
+            yield Row(str(n), location, None, ("bad_json", f"{exc.msg} (character {exc.pos + 1})"), raw)
             continue
         if not isinstance(obj, dict):
-            yield Row(str(n), location, None, ("bad_json", f"a JSON {type(obj).__name__}, not an object"))
+            yield Row(str(n), location, None, ("bad_json", f"a JSON {type(obj).__name__}, not an object"), raw)
         else:
-            yield Row(str(n), location, obj)
+            yield Row(str(n), location, obj, raw=raw)
 
 
 def _read_txt(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
     """One record per non-blank line, in the column ``text``."""
-    for n, text, problem in _text_lines(file, ctx):
-        yield Row(str(n), f"{file.display}:{n}", None if problem else {"text": text}, problem)
+    for n, text, problem, raw in _text_lines(file, ctx):
+        yield Row(str(n), f"{file.display}:{n}", None if problem else {"text": text}, problem, raw)
 
 
 def _read_parquet(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
@@ -419,7 +499,9 @@ def _read_stackexchange(src: SourceConfig, file: SourceFile, ctx: ReadContext) -
         rows = db.execute("SELECT q.line, q.id, q.title, q.body, q.tags, q.accepted, a.body FROM question q"
                           " LEFT JOIN answer a ON a.id = q.accepted ORDER BY q.line")
         for line, post_id, title, body, tags, accepted, answer in rows:
-            fields = {"title": title, "question": body, "answer": answer, "tags": tags}
+            # An absent attribute is a missing field (not a null value), as in a CSV without the column.
+            fields = {k: v for k, v in {"title": title, "question": body, "answer": answer, "tags": tags}.items()
+                      if v is not None}
             problem = (("missing_field", "the question has no Id") if not post_id
                        else ("no_accepted_answer", "the question has no accepted answer") if accepted is None
                        else ("accepted_answer_missing", f"its accepted answer (Id {accepted}) is not in the file")
@@ -446,7 +528,8 @@ def _load_hf(src: SourceConfig, file: SourceFile):
 
     try:
         if file.fs is None:
-            return datasets.load_dataset(file.path, src.subset, split=src.split, streaming=True)
+            return datasets.load_dataset(file.path, src.subset, split=src.split, streaming=True,
+                                         revision=src.revision)
         saved = Path(file.path)
         if not any((saved / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
             # A directory of data files (csv, json, parquet ...) that datasets can read as it is.

@@ -1,11 +1,14 @@
 """A corpus of malformed input: every kind ends as a clear error naming the source and
 the place, or as a quarantined row with its reason; never a traceback, never a silent drop."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -25,6 +28,7 @@ QUARANTINE_CORPUS = {
     "utf8": ("utf8.csv", b"sentence,label\ngood one,1\ncaf\xe9 au lait,0\n", {}),
     "nul": ("nul.csv", b"sentence,label\nnul\x00 inside,1\nfine,0\n", {}),
     "truncated": ("truncated.csv", b'sentence,label\nfine,1\nno label column\n"cut off in the mid', {}),
+    "unclosed": ("unclosed.csv", b'sentence,label\n"no closing quote,1\nthe next good row,0\n', {}),
     "missing": ("missing.jsonl", b'{"sentence": "no label"}\n{"sentence": "ok", "label": 1}\n{"sentence": "br\n',
                 {}),
     "big": ("big.jsonl", None, {}),  # written at run time: one 10 MB record, then a normal one
@@ -37,6 +41,8 @@ EXPECTED_QUARANTINE = [  # (id, location, reason, words of the detail)
     ("nul:2", "nul.csv:2", "nul_byte", "field 'sentence' holds a NUL byte at character 4"),
     ("truncated:3", "truncated.csv:3", "field_count", "expected 2 fields, found 1"),
     ("truncated:4", "truncated.csv:4", "truncated_row", "ends inside a quoted field that starts at line 4"),
+    ("unclosed:2", "unclosed.csv:2", "truncated_row", "ends inside a quoted field that starts at line 2; an "
+     "unclosed quote? line 2 is quarantined alone and reading resumes at line 3"),
     ("missing:1", "missing.jsonl:1", "missing_field", "no value for column 'label'"),
     ("missing:3", "missing.jsonl:3", "bad_json", "Unterminated string starting at"),
     ("big:1", "big.jsonl:1", "too_large", "line 1 is 10,485,"),
@@ -53,7 +59,8 @@ def bad_corpus(tmp_path):
                     + b'{"sentence": "after the big one", "label": "0"}\n')
         (tmp_path / file).write_bytes(data)
         declared.append(source(name, file, columns=SST, **options))
-    return tmp_path, config(*declared)
+    # Bad rows among a few good ones, on purpose: over collect's usual quarantined share.
+    return tmp_path, config(*declared, max_quarantined_share=1.0)
 
 
 def test_bad_rows_are_quarantined_with_their_reason_and_place(bad_corpus):
@@ -65,14 +72,151 @@ def test_bad_rows_are_quarantined_with_their_reason_and_place(bad_corpus):
     for q, (*_, words) in zip(quarantined, EXPECTED_QUARANTINE):
         assert words in q["detail"], (q["reason"], q["detail"])
     records = read_jsonl(root / "raw" / "records.jsonl")
-    assert [r["id"] for r in records] == ["utf8:2", "nul:3", "truncated:2", "missing:2", "big:2", "dupes:r1",
-                                          "dupes:r2", "labels:2", "labels:3", "labels:4"]
-    # every row read is accounted for, per source
-    assert stats.records == 10 and stats.quarantined == 8 and stats.skipped == 0
+    assert [r["id"] for r in records] == ["utf8:2", "nul:3", "truncated:2", "unclosed:3", "missing:2", "big:2",
+                                          "dupes:r1", "dupes:r2", "labels:2", "labels:3", "labels:4"]
+    # every data line is one row, a record or quarantined, per source (the unclosed quote took no other line)
+    assert stats.records == 11 and stats.quarantined == 9 and stats.skipped == 0
     assert all(s["rows"] == s["records"] + s["quarantined"] for s in stats.per_source.values())
+    assert {name: s["rows"] for name, s in stats.per_source.items()} == {
+        name: len((root / file).read_bytes().splitlines()) - file.endswith(".csv")
+        for name, (file, *_) in QUARANTINE_CORPUS.items()}
     assert stats.per_source["truncated"]["quarantine_reasons"] == {"field_count": 1, "truncated_row": 1}
+    # each quarantined line keeps its text as read, to fix by hand; an undecodable byte as
+    # its surrogate (0xe9: \udce9, as Python's surrogateescape decodes it)
+    raw = {q["id"]: q["raw"] for q in quarantined}
+    assert {i: raw[i] for i in ("utf8:3", "truncated:3", "truncated:4", "unclosed:2", "missing:3", "dupes:r1")} == {
+        "utf8:3": "caf\udce9 au lait,0", "truncated:3": "no label column", "truncated:4": '"cut off in the mid',
+        "unclosed:2": '"no closing quote,1', "missing:3": '{"sentence": "br', "dupes:r1": "r1,second,0"}
+    assert raw["big:1"] == '{"sentence": "' + "x" * 66 + f"... [{TEN_MB + 31 - 80:,} more bytes]"
     # the 10 MB row is audited by its size and first bytes, not copied whole
     assert (root / "raw" / "quarantine.jsonl").stat().st_size < 20_000
+
+
+def test_task_fields_hold_text_and_labels_hold_labels(tmp_path):
+    rows = [{"sentence": "a string", "label": "1"}, {"sentence": "a number label", "label": 1},
+            {"sentence": "a boolean label", "label": False}, {"sentence": "a float label", "label": 0.0},
+            {"sentence": True, "label": "1"}, {"sentence": 12345, "label": "0"}, {"sentence": None, "label": "0"},
+            {"sentence": ["a", "list"], "label": "0"}, {"sentence": {"an": "object"}, "label": "0"},
+            {"sentence": " \t", "label": "0"}, {"sentence": "no such label", "label": 2},
+            {"sentence": "a list label", "label": [1]}, {"sentence": "a null label", "label": None},
+            {"sentence": "a label in words", "label": "positive"}]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "v.csv").write_text('sentence,label\n"",1\n   ,0\nfine,1\n')
+    pq.write_table(pa.table({"sentence": ["ok", None, "seven"], "label": [1, 0, 7]}), tmp_path / "v.parquet")
+    cfg = config(source("j", "v.jsonl", columns=SST), source("c", "v.csv", columns=SST),
+                 source("p", "v.parquet", columns=SST), max_quarantined_share=1.0)
+    collect.run(cfg, make_task(SST, LABELS), tmp_path, tmp_path / "raw")
+    assert [(r["id"], r["sentence"], r["label"]) for r in read_jsonl(tmp_path / "raw" / "records.jsonl")] == [
+        ("j:1", "a string", "1"), ("j:2", "a number label", "1"), ("j:3", "a boolean label", "0"),
+        ("j:4", "a float label", "0"),
+        ("j:14", "a label in words", "positive"),  # a string: clean's label step judges it (bad_label)
+        ("c:4", "fine", "1"), ("p:0", "ok", "1")]
+    not_label = "not a string, or a number or boolean standing for one of the labels ['0', '1']"
+    assert [(q["id"], q["reason"], q["detail"]) for q in read_jsonl(tmp_path / "raw" / "quarantine.jsonl")] == [
+        ("j:5", "bad_value", "field 'sentence' is a boolean (true), not a string"),
+        ("j:6", "bad_value", "field 'sentence' is a number (12345), not a string"),
+        ("j:7", "bad_value", "field 'sentence' is null, not a string"),
+        ("j:8", "bad_value", "field 'sentence' is an array, not a string"),
+        ("j:9", "bad_value", "field 'sentence' is an object, not a string"),
+        ("j:10", "empty_field", "field(s) 'sentence' empty or only whitespace"),
+        ("j:11", "bad_value", f"field 'label' is a number (2), {not_label}"),
+        ("j:12", "bad_value", f"field 'label' is an array, {not_label}"),
+        ("j:13", "bad_value", f"field 'label' is null, {not_label}"),
+        ("c:2", "empty_field", "field(s) 'sentence' empty or only whitespace"),
+        ("c:3", "empty_field", "field(s) 'sentence' empty or only whitespace"),
+        ("p:1", "bad_value", "field 'sentence' is null, not a string"),
+        ("p:2", "bad_value", f"field 'label' is a number (7), {not_label}")]
+
+
+SHIFTED_ROWS = (10, 4_289)  # rows as declared, rows that gained a column
+
+
+def test_a_source_mostly_quarantined_fails_collect_naming_it(tmp_path):
+    good, shifted = SHIFTED_ROWS
+    (tmp_path / "shifted.csv").write_text("sentence,label\n" + "".join(f"row {i},1\n" for i in range(good))
+                                          + "".join(f"row {i},1,new column\n" for i in range(shifted)))
+    (tmp_path / "fine.csv").write_text("sentence,label\na fine row,1\nshort\nanother fine row,0\n")
+    task, failed = make_task(SST, LABELS), tmp_path / "raw.quarantine-failed.jsonl"
+    declared = [source("fine", "fine.csv", columns=SST), source("shifted", "shifted.csv", columns=SST)]
+    with pytest.raises(StageError) as err:
+        collect.run(config(*declared), task, tmp_path, tmp_path / "raw")
+    assert str(err.value) == (
+        "source 'shifted' (shifted.csv): 4,289 of 4,299 rows (99.8%) quarantined, over "
+        "collect.max_quarantined_share (0.5): field_count 4,289 (first: shifted.csv:12: expected 2 fields, found 3); "
+        "fix the source or its declaration (columns, format, quoting), or raise collect.max_quarantined_share if so "
+        f"many bad rows are expected. The quarantined rows are in {failed}")
+    assert not (tmp_path / "raw").exists()  # nothing that looks like a result
+    assert [q["id"] for q in read_jsonl(failed)] == ["fine:3", *(f"shifted:{n}" for n in range(12, 4_301))]
+
+    # A source may allow itself more (or less) than the stage does; the message names its key.
+    declared[1]["max_quarantined_share"] = 1.0
+    stats = collect.run(config(*declared), task, tmp_path, tmp_path / "raw")
+    assert stats.per_source["shifted"]["quarantine_reasons"] == {"field_count": 4_289}
+    assert not failed.exists()  # a success removes the last failure's rows
+    declared[0]["max_quarantined_share"] = 0.25
+    with pytest.raises(StageError, match=r"^source 'fine' \(fine\.csv\): 1 of 3 rows \(33\.3%\) quarantined, over "
+                                         r"collect\.sources\.t\.0\.max_quarantined_share \(0\.25\): field_count 1 "
+                                         r"\(first: fine\.csv:3: expected 2 fields, found 1\); .* or raise "
+                                         r"collect\.sources\.t\.0\.max_quarantined_share if"):
+        collect.run(config(*declared), task, tmp_path, tmp_path / "raw2")
+    (tmp_path / "half.csv").write_text("sentence,label\ngood,1\nshort\nfine,0\nalso short\n")
+    assert collect.run(config(source("half", "half.csv", columns=SST)), task, tmp_path,
+                       tmp_path / "raw3").quarantined == 2  # 2 of 4: at the limit is within it
+
+
+QUOTES_CSV = (b'sentence,label\n'
+              b'good one,1\n'
+              b'"unclosed on line 3,0\n'
+              b'swallowed no more,1\n'
+              b'"a quoted field\n'
+              b'over two lines",0\n'
+              b'"closed"then more,1\n'
+              b'"opens here,1\n'
+              b'fine again,0\n'
+              b'and ends",1,2\n'
+              b'after,1\n'
+              b'"runs to the end,0\n'
+              b'last good,1\n')
+
+
+def test_an_unclosed_quote_costs_its_own_line_only(tmp_path):
+    (tmp_path / "quotes.csv").write_bytes(QUOTES_CSV)
+    stats = collect.run(config(source("q", "quotes.csv", columns=SST)), make_task(SST, LABELS), tmp_path,
+                        tmp_path / "raw")
+    records = read_jsonl(tmp_path / "raw" / "records.jsonl")
+    assert [(r["id"], r["location"], r["sentence"]) for r in records] == [
+        ("q:2", "quotes.csv:2", "good one"), ("q:4", "quotes.csv:4", "swallowed no more"),
+        ("q:6", "quotes.csv:6", "a quoted field\nover two lines"),  # a quote that closes may span lines
+        ("q:9", "quotes.csv:9", "fine again"), ("q:11", "quotes.csv:11", "after"),
+        ("q:13", "quotes.csv:13", "last good")]
+    alone = "an unclosed quote? line {0} is quarantined alone and reading resumes at line {1}"
+    assert [(q["id"], q["reason"], q["detail"], q["fields"], q["raw"])
+            for q in read_jsonl(tmp_path / "raw" / "quarantine.jsonl")] == [
+        ("q:3", "malformed_row", "a quoted field opened on line 3 runs to line 5, where: ',' expected after '\"'; "
+         + alone.format(3, 4), None, '"unclosed on line 3,0'),
+        ("q:7", "malformed_row", "',' expected after '\"'", None, '"closed"then more,1'),
+        ("q:8", "field_count", "expected 2 fields, found 3 in the row that a quoted field opened on line 8 makes "
+         "with the lines up to 10; " + alone.format(8, 9), None, '"opens here,1'),
+        ("q:10", "field_count", "expected 2 fields, found 3", {"sentence": 'and ends"', "label": "1", "_extra": ["2"]},
+         'and ends",1,2'),
+        ("q:12", "truncated_row", "the file ends inside a quoted field that starts at line 12; " + alone.format(12, 13),
+         None, '"runs to the end,0')]
+    # every data line is in exactly one row: 12 lines, one record spanning two
+    assert stats.per_source["q"] == {"rows": 11, "records": 6, "quarantined": 5, "skipped": {},
+                                     "quarantine_reasons": {"field_count": 2, "malformed_row": 2, "truncated_row": 1}}
+
+
+def test_a_quote_running_past_max_record_bytes_costs_its_own_line_only(tmp_path):
+    (tmp_path / "runaway.csv").write_text('sentence,label\n"never closed,1\n'
+                                          + "".join(f"row {i},0\n" for i in range(20)))
+    stats = collect.run(config(source("r", "runaway.csv", columns=SST), max_record_bytes=64),
+                        make_task(SST, LABELS), tmp_path, tmp_path / "raw")
+    assert [r["id"] for r in read_jsonl(tmp_path / "raw" / "records.jsonl")] == [f"r:{n}" for n in range(3, 23)]
+    [q] = read_jsonl(tmp_path / "raw" / "quarantine.jsonl")
+    assert (q["id"], q["reason"], q["detail"], q["raw"]) == (
+        "r:2", "too_large", "a quoted field opened on line 2 runs past collect.max_record_bytes (64) by line 9; an "
+        "unclosed quote? line 2 is quarantined alone and reading resumes at line 3", '"never closed,1')
+    assert (stats.records, stats.quarantined) == (20, 1)
 
 
 def test_wrong_labels_are_collected_then_removed_by_clean_as_bad_label(bad_corpus):
@@ -176,11 +320,23 @@ def test_cli_prints_one_line_and_exits_1_on_bad_input(tmp_path, monkeypatch, cap
 
 def test_cli_writes_quarantine_counts_as_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "a.csv").write_bytes(b"sentence,label\ngood,1\nbad\xff,0\nshort\n")
+    (tmp_path / "a.csv").write_bytes(b"sentence,label\ngood,1\nbad\xff,0\nshort\nalso good,0\nfine,1\n")
     assert cli.main(_cli_project(tmp_path, source("a", "a.csv", columns=SST))) == 0
     metrics = read_json(tmp_path / "data" / "metrics" / "collect.json")
-    assert (metrics["records"], metrics["quarantined"]) == (1, 2)
+    assert (metrics["records"], metrics["quarantined"]) == (3, 2)
     assert metrics["quarantine_reasons"] == {"field_count": 1, "invalid_utf8": 1}
+
+
+def test_cli_fails_in_one_line_when_most_of_a_source_is_quarantined(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.csv").write_text("sentence,label\ngood,1\nshort\nalso short\n")
+    assert cli.main(_cli_project(tmp_path, source("a", "a.csv", columns=SST))) == 1
+    assert capsys.readouterr().err.strip() == (
+        "ptune stage collect: error: source 'a' (a.csv): 2 of 3 rows (66.7%) quarantined, over "
+        "collect.max_quarantined_share (0.5): field_count 2 (first: a.csv:3: expected 2 fields, found 1); fix the "
+        "source or its declaration (columns, format, quoting), or raise collect.max_quarantined_share if so many bad "
+        "rows are expected. The quarantined rows are in data/raw.quarantine-failed.jsonl")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw.quarantine-failed.jsonl"]  # no output, no metrics
 
 
 def _clean_args(project_args: list[str]) -> list[str]:

@@ -71,22 +71,25 @@ def test_tsv_without_quoting_keeps_raw_quotes_and_maps_columns(tmp_path):
         {"id": "a:2", "source": "a", "location": "a.tsv:2", "mr": '"quoted" start , ok', "ref": "1"}]
 
 
-def test_jsonl_values_become_text_and_bad_lines_are_quarantined(tmp_path):
-    lines = ['{"mr": "a", "ref": 1}', "", '{"mr": "b", "ref": true, "other": [1]}', '{"mr": "c"}',
-             "{not json", '["a", "list"]', '{"mr": {"nested": 1}, "ref": "x"}']
+def test_jsonl_strings_become_records_and_bad_lines_are_quarantined(tmp_path):
+    lines = ['{"mr": "a", "ref": "x"}', "", '{"mr": "b", "ref": "y", "other": [1]}', '{"mr": "c"}',
+             "{not json", '["a", "list"]', '{"mr": {"nested": 1}, "ref": "x"}', '{"mr": "d", "ref": 1}']
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
-    stats = collect.run(config(source("a", "a.jsonl")), make_task(), tmp_path, tmp_path / "raw")
+    stats = collect.run(config(source("a", "a.jsonl"), max_quarantined_share=1), make_task(), tmp_path,
+                        tmp_path / "raw")
     records, quarantined, _ = collected(tmp_path / "raw")
-    assert [(r["id"], r["mr"], r["ref"]) for r in records] == [("a:1", "a", "1"), ("a:3", "b", "true")]
-    assert [(q["location"], q["reason"]) for q in quarantined] == [
-        ("a.jsonl:4", "missing_field"), ("a.jsonl:5", "bad_json"), ("a.jsonl:6", "bad_json"),
-        ("a.jsonl:7", "bad_value")]
+    assert [(r["id"], r["mr"], r["ref"]) for r in records] == [("a:1", "a", "x"), ("a:3", "b", "y")]
+    assert [(q["location"], q["reason"], q["raw"]) for q in quarantined] == [
+        ("a.jsonl:4", "missing_field", lines[3]), ("a.jsonl:5", "bad_json", lines[4]),
+        ("a.jsonl:6", "bad_json", lines[5]), ("a.jsonl:7", "bad_value", lines[6]),
+        ("a.jsonl:8", "bad_value", lines[7])]
     assert stats.per_source["a"]["skipped"] == {"blank_line": 1}
 
 
 def test_parquet_is_read_in_batches_with_row_index_ids(tmp_path):
     n = 2500  # more than one 1024-row batch
-    pq.write_table(pa.table({"mr": [f"m{i}" for i in range(n)], "ref": list(range(n)), "unused": [0.5] * n}),
+    pq.write_table(pa.table({"mr": [f"m{i}" for i in range(n)], "ref": [str(i) for i in range(n)],
+                             "unused": [0.5] * n}),
                    tmp_path / "t.parquet", row_group_size=1000)
     stats = collect.run(config(source("p", "t.parquet")), make_task(), tmp_path, tmp_path / "raw")
     records = read_jsonl(tmp_path / "raw" / "records.jsonl")
@@ -238,13 +241,16 @@ def test_source_config_infers_format_and_checks_its_options():
            ({"splits": {"train": 0.5, "test": 0.4}}, "sum to 1"),
            ({"name": "a:b"}, "name"),
            ({"columns": {"a": "f", "b": "f"}}, "same task field"),
-           ({"uri": "x/*.csv", "sha256": "0" * 64}, "pins one file")]
+           ({"uri": "x/*.csv", "sha256": "0" * 64}, "pins one file"),
+           ({"max_quarantined_share": 1.5}, "max_quarantined_share\n  Input should be less than or equal to 1")]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             SourceConfig.model_validate({"name": "a", "uri": "x.csv", "columns": {"a": "b"},
                                          "splits": {"train": 1}, **change})
     with pytest.raises(ValueError, match=r"source names must be unique; repeated: \['a'\]"):
         config(source("a", "x.csv"), source("a", "y.csv"))
+    with pytest.raises(ValueError, match="max_quarantined_share\n  Input should be greater than or equal to 0"):
+        config(source("a", "x.csv"), max_quarantined_share=-0.1)
 
 
 def test_real_params_declare_sources_for_every_task():
