@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE = "The capital of France is"
+# What this stage writes and later stages load: checked on both sides, so a damaged
+# directory is named before transformers fails in it.
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # tokenize needs the fast (Rust) tokenizer
+REBUILD = "rerun `dvc repro base_model`"
 
 
 @dataclass
@@ -91,6 +96,44 @@ def load_causal_lm(source: str, dtype: torch.dtype, gguf_file: str | None = None
     return model, tok
 
 
+def require_files(path: Path, files: tuple[str, ...], remedy: str = REBUILD) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        raise StageError(f"{path}: no such directory; {remedy}")
+    if missing := [f for f in files if not (path / f).is_file()]:
+        raise StageError(f"{path}: no {', '.join(missing)} (the directory is incomplete); {remedy}")
+
+
+def _load(what: str, path: Path, files: tuple[str, ...], load, remedy: str = REBUILD):
+    require_files(path, files, remedy)
+    try:
+        return load(str(path))
+    except Exception as exc:  # a damaged file: OSError, ValueError, KeyError or SafetensorError, by file
+        log.debug("loading the %s from %s failed", what, path, exc_info=True)  # `ptune -v` shows where
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise StageError(f"{path}: cannot load the {what} ({type(exc).__name__}: {first}); {remedy}") from None
+
+
+def load_tokenizer(path: Path):
+    """The base model's tokenizer; a one-line StageError naming ``path`` if it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    return _load("tokenizer", path, TOKENIZER_FILES, AutoTokenizer.from_pretrained)
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+
+    return _load("model config", path, MODEL_FILES[:1], AutoConfig.from_pretrained)
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, remedy: str = REBUILD):
+    """A causal LM saved by ``save_pretrained`` (the base model, or a fully fine-tuned one)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load("model", path, MODEL_FILES, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dtype), remedy)
+
+
 def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
     dtype = DTYPES[cfg.dtype]
     with tempfile.TemporaryDirectory(prefix="ptune-base-") as tmp:
@@ -126,8 +169,7 @@ def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
             model.save_pretrained(staging, safe_serialization=True)
             tok.save_pretrained(staging)
             write_json(staging / "ptune_base.json", asdict(stats))
-            files_ok = all((staging / f).is_file() for f in ("model.safetensors", "config.json",
-                                                              "tokenizer.json", "tokenizer_config.json"))
+            files_ok = all((staging / f).is_file() for f in MODEL_FILES + TOKENIZER_FILES)
             validate("base_model", pd.DataFrame([{"parameters": stats.parameters,
                                                   "vocab_size": stats.vocab_size,
                                                   "tokenizer_tokens": stats.tokenizer_tokens,

@@ -34,10 +34,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, read_json, read_jsonl, sha256_file, write_json
 from pipelines.config import EvaluateConfig
 from pipelines.prompts import Demo, PromptFormat, context, draw_demos, render, render_target, render_zero_shot
-from pipelines.shards import tokenizer_fingerprint, verify
+from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
 from pipelines.tune import device_and_dtype
 from pipelines.validation import validate
@@ -81,18 +82,16 @@ def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Row
 
 def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer(base)
     tok.padding_side = "left"  # generation continues from the last real token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+    base_model = load_model(base, dtype).to(device).eval()
     if (adapter / "adapter_config.json").is_file():
-        tuned = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter).to(device).eval()
+        tuned = PeftModel.from_pretrained(load_model(base, dtype), adapter).to(device).eval()
     elif (adapter / "model.safetensors").is_file():  # full fine-tuning
-        tuned = AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype).to(device).eval()
+        tuned = load_model(adapter, dtype, remedy="rerun `dvc repro tune`").to(device).eval()
     else:
         raise StageError(f"{adapter}: neither a PEFT adapter nor a full checkpoint")
     return tok, base_model, tuned
@@ -225,7 +224,7 @@ class TunedPrompts:
         if check:
             manifest = verify(shards, base, splits=("test",))
         else:  # only the manifest and demonstrations were fetched (a registered version)
-            manifest = read_json(shards / "manifest.json")
+            manifest = read_manifest(shards)
             if base is not None and tokenizer_fingerprint(base) != manifest["tokenizer"]["sha256"]:
                 raise StageError(f"{base}: not the tokenizer the adapter's shards were cut with; "
                                  "pass --base with that version's base model")
@@ -414,11 +413,11 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     tok, base_model, tuned = load_models(base, adapter, device, dtype)
     info = adapter_info(adapter)
     if shards is not None:
+        tuned_prompts = TunedPrompts.from_dir(task, tok, shards, base, check=check_shards)  # reads the manifest
         trained_on = info.get("data", {}).get("manifest_sha256")
         if trained_on and trained_on != sha256_file(Path(shards) / "manifest.json"):
             raise StageError(f"{adapter} was trained on other shards than {shards} (manifest sha256 "
                              f"{trained_on[:12]}); evaluate it with the shards it was trained on")
-        tuned_prompts = TunedPrompts.from_dir(task, tok, shards, base, check=check_shards)
     else:
         tuned_prompts = TunedPrompts(task, tok, {"params": {}, "template_sha256": PromptFormat(task, tok).hash}, [])
     train_path = Path(clean) / "train.jsonl" if clean else None

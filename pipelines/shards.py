@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines import base_model
 from pipelines.common import StageError, read_json, sha256_file
 
 FORMAT = "ptune-shards/2"  # bumped whenever the layout below changes; the reader refuses others
@@ -36,6 +37,8 @@ PACKED_SCHEMA = pa.schema([
     ("position_ids", pa.list_(pa.int32())),  # restart at 0 at each example
     ("seq_lens", pa.list_(pa.int32())),  # the examples' lengths, in order
 ])
+# What readers of a manifest rely on (tokenize writes more).
+MANIFEST_KEYS = ("task", "tokenizer", "template_sha256", "packed", "splits", "files")
 # The files that make a tokenizer: any change to them changes the token ids.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
@@ -43,11 +46,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def tokenizer_fingerprint(base: Path) -> str:
     """sha256 over the tokenizer files of a base-model directory (names and contents)."""
+    base_model.require_files(base, base_model.TOKENIZER_FILES)
     h = hashlib.sha256()
-    found = [name for name in TOKENIZER_FILES if (Path(base) / name).is_file()]
-    if not found:
-        raise StageError(f"{base}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); run the base_model stage")
-    for name in found:
+    for name in [name for name in TOKENIZER_FILES if (Path(base) / name).is_file()]:
         h.update(f"{name}\0{sha256_file(Path(base) / name)}\0".encode())
     return h.hexdigest()
 
@@ -108,13 +109,20 @@ def file_entry(path: Path) -> dict:
 
 
 def read_manifest(shards: Path) -> dict:
+    """The manifest of a shards directory; every reader of one comes through here, so a
+    missing, truncated or foreign manifest is one message, not a JSON traceback."""
     path = Path(shards) / "manifest.json"
     if not path.is_file():
-        raise StageError(f"{path}: missing; run the tokenize stage (dvc repro tokenize)")
-    manifest = read_json(path)
-    if manifest.get("format") != FORMAT:
-        raise StageError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT!r}; "
-                         "re-run tokenize")
+        raise StageError(f"{path}: missing; run `dvc repro tokenize`")
+    try:
+        manifest = read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise StageError(f"{path}: not valid JSON ({exc}): truncated or edited; rerun `dvc repro tokenize`") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise StageError(f"{path}: format {found!r}, this code reads {FORMAT!r}; rerun `dvc repro tokenize`")
+    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
+        raise StageError(f"{path}: no {', '.join(missing)}: edited by hand; rerun `dvc repro tokenize`")
     return manifest
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
 from pipelines.shards import PackedCollator, load_split, read_manifest
@@ -526,7 +527,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     """
     from dvclive import Live
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from transformers.integrations import DVCLiveCallback
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -550,8 +551,8 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     if len(train) == 0:
         raise StageError(f"{shards}: the train split is empty; nothing to tune on")
 
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tok = load_tokenizer(base)
+    model = load_model(base, torch.float32)
     peft_config = build_peft_config(cfg, base)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

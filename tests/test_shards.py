@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 
 import pyarrow as pa
@@ -50,6 +51,20 @@ def test_a_missing_shard_an_extra_file_or_a_split_not_there(out):
     (out / "manifest.json").unlink()
     with pytest.raises(StageError, match="manifest.json: missing"):
         load_split(out, "validation")
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda text: text[:len(text) // 2], r"not valid JSON \(.*\): truncated or edited"),
+    (lambda text: "[]", r"format None, this code reads 'ptune-shards/2'"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "splits"}), "no splits: edited"),
+])
+def test_a_damaged_manifest_is_one_line_naming_it(out, damage, says):
+    path = out / "manifest.json"
+    path.write_text(damage(path.read_text()))
+    for read in (read_manifest, verify, lambda d: load_split(d, "train")):
+        with pytest.raises(StageError, match=f"^{re.escape(str(path))}: {says}.*; rerun `dvc repro tokenize`$") as err:
+            read(out)
+        assert "\n" not in str(err.value)
 
 
 def test_shards_cut_by_another_tokenizer_are_refused(out, tiny_base, tmp_path):
