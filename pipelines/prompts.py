@@ -39,19 +39,73 @@ def _template(source: str) -> tuple[jinja2.Template, tuple[str, ...]]:
     return _ENV.from_string(source), tuple(sorted(jinja2.meta.find_undeclared_variables(_ENV.parse(source))))
 
 
+def json_type(value) -> str:
+    """The JSON name of a value's type, as a person reading the JSONL file sees it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _described(value) -> str:
+    if value is None:
+        return "JSON null"
+    return f"a JSON {json_type(value)} ({json.dumps(value, ensure_ascii=False, default=str)[:40]})"
+
+
+def label_key(value, labels: dict[str, str]) -> str | None:
+    """The one of ``labels`` a label field's value names, or None: a string as it is; a
+    number or boolean as collect reads one (SST-2's 1 -> "1", 1.0 -> "1"; true -> "true"
+    where the task has that label, else "1")."""
+    if isinstance(value, str):
+        names: tuple[str, ...] = (value,)
+    elif isinstance(value, bool):
+        names = (json.dumps(value), str(int(value)))
+    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        names = (str(int(value)),)
+    else:
+        return None
+    return next((n for n in names if n in labels), None)
+
+
+def is_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def field_problem(task: Task, record: dict) -> str | None:
+    """Why ``record`` cannot be rendered for ``task``, or None.
+
+    Jinja2 renders any value: a null ``mr`` would become the prompt "Attributes: None" and a
+    number the target "12345", silently. So a field the task uses as text must be a
+    non-empty string, and the label field of a classification task a string, number or
+    boolean that names one of its labels.
+    """
+    if missing := [name for name in task.fields if name not in record]:
+        return f"no field {', '.join(map(repr, missing))} (task {task.name} needs {', '.join(task.fields)})"
+    for name in task.fields:
+        value = record[name]
+        if task.labels and name == task.target_field:
+            if label_key(value, task.labels) is None:
+                return (f"label field {name!r} holds {_described(value)}, which names none of task "
+                        f"{task.name}'s labels {sorted(task.labels)}")
+        elif not isinstance(value, str):
+            return f"field {name!r} holds {_described(value)}, not text"
+        elif not value.strip():
+            return f"field {name!r} holds {_described(value)}: empty, but task {task.name} uses it as text"
+    return None
+
+
 def context(task: Task, record: dict) -> dict:
-    try:
-        ctx = {f: record[f] for f in task.fields}
-    except KeyError:
-        missing = [f for f in task.fields if f not in record]
-        raise StageError(f"record {record.get('id', '?')}: no field {', '.join(map(repr, missing))} "
-                         f"(task {task.name} needs {', '.join(task.fields)}); re-run the clean stage") from None
+    """The template variables of ``record``; a StageError naming the record and the field
+    if a value is not what the task renders (``field_problem``)."""
+    if problem := field_problem(task, record):
+        raise StageError(f"record {record.get('id', '?')}: {problem}; re-run the clean stage (`dvc repro clean`)")
+    ctx = {f: record[f] for f in task.fields}
     if task.labels:
-        label = str(record[task.target_field])
-        if label not in task.labels:
-            raise StageError(f"record {record.get('id', '?')}: label {label!r} has no verbalizer "
-                             f"(task {task.name} knows {sorted(task.labels)})")
-        ctx["verbalizer"] = task.labels[label]
+        ctx["verbalizer"] = task.labels[label_key(record[task.target_field], task.labels)]
     return ctx
 
 
@@ -121,6 +175,7 @@ class PromptFormat:
         # verbalizer, so two renders serve 67k records.
         self._render_prompt = self._cached(task.prompt)
         self._render_target = self._cached(task.target)
+        self._substituted = tuple(dict.fromkeys(_template(task.prompt)[1] + _template(task.target)[1]))
 
     @staticmethod
     def _cached(source: str):
@@ -141,14 +196,21 @@ class PromptFormat:
         return self._render_prompt(context(self.task, record), record.get("id", "?"))
 
     def target(self, record: dict) -> str:
-        text = self._render_target(context(self.task, record), record.get("id", "?"))
+        return self._chat_target(self._render_target(context(self.task, record), record.get("id", "?")))
+
+    def _chat_target(self, text: str) -> str:
         # The chat template already separates the turns; a leading space would be a token the
         # model never produces after "assistant\n".
         return text.lstrip() if self.chat else text
 
-    def demo(self, record: dict) -> Demo:
-        return Demo(str(record["id"]), str(record.get("group", record["id"])), self.prompt(record),
-                    self.target(record))
+    def example(self, record: dict) -> tuple[str, str, int]:
+        """(prompt, target, non_text): ``non_text`` counts the values substituted into them
+        that are not non-empty strings, counted on what the templates read, not on the
+        checked fields, so that a value ``context`` ever lets through shows up in the
+        shards' validation (which requires 0) instead of as "None" in the training text."""
+        ctx, rid = context(self.task, record), record.get("id", "?")
+        return (self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
+                sum(not is_text(ctx[n]) for n in self._substituted if n in ctx))
 
     def source(self, prompt: str, demos: Sequence[Demo] = ()) -> str:
         if not self.chat:

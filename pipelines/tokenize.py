@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.base_model import load_config, load_tokenizer
 from pipelines.common import StageError, atomic_dir, write_json
 from pipelines.config import TokenizeConfig
 from pipelines.prompts import Demo, PromptFormat, draw_demos
@@ -88,6 +89,7 @@ class Encoded:
     labels: np.ndarray  # int32, IGNORE on the source
     offsets: np.ndarray  # int64, len(ids) + 1
     source_len: np.ndarray  # int32
+    non_text: np.ndarray  # int32: values substituted into the texts that were not text (PromptFormat.example)
     dropped: list[dict]
     truncated: list[dict]
 
@@ -104,19 +106,36 @@ class Encoded:
         """What the GX suite checks, one row per example (every example has >= 2 tokens)."""
         if not self.ids:
             return {k: np.zeros(0, np.int64) for k in ("length", "min_id", "max_id", "label_tokens",
-                                                       "source_tokens")}
+                                                       "source_tokens", "non_text_values")}
         starts = self.offsets[:-1]
         return {"length": self.lengths, "min_id": np.minimum.reduceat(self.input_ids, starts),
                 "max_id": np.maximum.reduceat(self.input_ids, starts),
                 "label_tokens": np.add.reduceat((self.labels != IGNORE).astype(np.int64), starts),
-                "source_tokens": self.source_len}
+                "source_tokens": self.source_len, "non_text_values": self.non_text}
+
+
+def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> tuple[dict, str, str, int]:
+    """(record, prompt, target, non_text) of JSONL line ``n`` of ``path``; any fault in it is
+    a StageError naming the file and line (and, from ``prompts``, the record and field)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}:{n}: not a JSON record ({exc}); re-run the clean stage") from None
+    if not isinstance(record, dict) or "id" not in record:
+        raise StageError(f"{path}:{n}: not a record with an id ({line[:60].strip()!r}); re-run the clean stage")
+    try:
+        return (record, *fmt.example(record))
+    except StageError as exc:
+        raise StageError(f"{path}:{n}: {exc}") from None
 
 
 class Encoder:
     """JSONL lines -> ``Encoded``; runs in the stage's process or in a forked worker."""
 
-    def __init__(self, fmt: PromptFormat, tokenizer, cfg: TokenizeConfig, pool: list[Demo]):
+    def __init__(self, fmt: PromptFormat, tokenizer, cfg: TokenizeConfig, pool: list[Demo],
+                 pool_non_text: dict[str, int] | None = None):
         self.fmt, self.cfg, self.pool = fmt, cfg, pool
+        self.pool_non_text = pool_non_text or {}
         # The Rust tokenizer itself: the same ids as tokenizer(texts, add_special_tokens=False)
         # (a test checks), without building a BatchEncoding per call.
         self.backend = tokenizer.backend_tokenizer
@@ -127,17 +146,17 @@ class Encoder:
 
     def __call__(self, job: tuple[str, str, int, list[str]]) -> Encoded:
         split, path, first_line, lines = job
-        records = []
+        records, prompts, targets, non_text = [], [], [], []
         for n, line in enumerate(lines, first_line):
             if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise StageError(f"{path}:{n}: not a JSON record ({exc}); re-run the clean stage") from None
-        prompts = [self.fmt.prompt(r) for r in records]
-        targets = [self.fmt.target(r) for r in records]
+                record, prompt, target, k = rendered(self.fmt, path, n, line)
+                records.append(record)
+                prompts.append(prompt)
+                targets.append(target)
+                non_text.append(k)
         demos = ([draw_demos(self.pool, r, self.cfg.few_shot, self.cfg.seed) for r in records]
                  if self.cfg.few_shot else [[]] * len(records))
+        non_text = [k + sum(self.pool_non_text.get(d.id, 0) for d in ds) for k, ds in zip(non_text, demos)]
         sources = ([self.fmt.source(p, d) for p, d in zip(prompts, demos)]
                    if self.cfg.few_shot or self.fmt.chat else prompts)
         source_ids = self.encode(sources)
@@ -145,8 +164,8 @@ class Encoder:
         target_ids = dict(zip(unique, self.encode(unique)))
 
         flat: list[int] = []
-        offsets, source_len, ids, dropped, truncated = [0], [], [], [], []
-        for rec, prompt, target, d, full in zip(records, prompts, targets, demos, source_ids):
+        offsets, source_len, kept_non_text, ids, dropped, truncated = [0], [], [], [], [], []
+        for rec, prompt, target, d, full, k in zip(records, prompts, targets, demos, source_ids, non_text):
             t, s = target_ids[target], full
             room = self.cfg.max_length - len(t) - 1  # the EOS token
             reason = None
@@ -166,6 +185,7 @@ class Encoder:
             flat.append(self.eos)
             offsets.append(len(flat))
             source_len.append(len(s))
+            kept_non_text.append(k)
             ids.append(str(rec["id"]))
         values = np.array(flat, dtype=np.int32)
         offs = np.array(offsets, dtype=np.int64)
@@ -173,7 +193,7 @@ class Encoder:
         within = np.arange(len(values)) - np.repeat(offs[:-1], lens)
         labels = np.where(within < np.repeat(np.array(source_len, np.int64), lens), IGNORE, values)
         return Encoded(split, ids, values, labels.astype(np.int32), offs, np.array(source_len, np.int32),
-                       dropped, truncated)
+                       np.array(kept_non_text, np.int32), dropped, truncated)
 
     def _fit(self, prompt: str, demos: list[Demo], room: int) -> tuple[list[int] | None, str]:
         """A shorter source that fits ``room`` tokens, and why; (None, reason) to drop."""
@@ -345,43 +365,46 @@ def _ordered(encoder: Encoder, jobs: Iterator, num_proc: int) -> Iterator[Encode
             yield pending.popleft().get()
 
 
-def demo_pool(fmt: PromptFormat, train: Path, cfg: TokenizeConfig) -> list[Demo]:
-    """``DEMO_POOL`` train records by seeded reservoir sampling (one streaming pass)."""
+def demo_pool(fmt: PromptFormat, train: Path, cfg: TokenizeConfig) -> tuple[list[Demo], dict[str, int]]:
+    """``DEMO_POOL`` train records by seeded reservoir sampling (one streaming pass), and each
+    one's ``non_text`` count (see ``PromptFormat.example``)."""
     rng = random.Random(cfg.seed)
-    pool: list[str] = []
+    pool: list[tuple[int, str]] = []  # (line number, line)
     with open(train, encoding="utf-8") as f:
-        for n, line in enumerate(line for line in f if line.strip()):
+        for n, numbered in enumerate((k, line) for k, line in enumerate(f, 1) if line.strip()):
             if n < DEMO_POOL:
-                pool.append(line)
+                pool.append(numbered)
             elif (j := rng.randrange(n + 1)) < DEMO_POOL:
-                pool[j] = line
-    demos = [fmt.demo(json.loads(line)) for line in pool]
+                pool[j] = numbered
+    demos, non_text = [], {}
+    for n, line in pool:
+        record, prompt, target, k = rendered(fmt, str(train), n, line)
+        demos.append(Demo(str(record["id"]), str(record.get("group", record["id"])), prompt, target))
+        non_text[demos[-1].id] = k
     if len({d.group for d in demos}) <= cfg.few_shot:
         raise StageError(f"params.yaml: tokenize.few_shot={cfg.few_shot}: {train} offers "
                          f"{len({d.group for d in demos})} groups to draw from; each example needs "
                          f"{cfg.few_shot} from groups other than its own. Lower few_shot")
-    return demos
+    return demos, non_text
 
 
 def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> TokenizeStats:
-    from transformers import AutoConfig, AutoTokenizer
-
     t0 = time.perf_counter()
     sources = {split: Path(clean) / f"{split}.jsonl" for split in SPLITS}
     for path in sources.values():
         if not path.is_file():
             raise StageError(f"{path}: missing; run the clean stage first")
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer(base)
     if getattr(tok, "backend_tokenizer", None) is None:
         raise StageError(f"{base}: tokenize needs a fast (Rust) tokenizer; this one is {type(tok).__name__}")
     if tok.eos_token_id is None:
         raise StageError(f"{base}: the tokenizer has no end-of-sequence token; targets need one")
     # Token ids must index the model's embedding matrix, not merely the tokenizer's
     # vocabulary: a tokenizer paired with the wrong model is caught here, by validation.
-    model_vocab = AutoConfig.from_pretrained(base).vocab_size
+    model_vocab = load_config(base).vocab_size
     fmt = PromptFormat(task, tok, cfg.chat_template)
-    pool = demo_pool(fmt, sources["train"], cfg) if cfg.few_shot else []
-    encoder = Encoder(fmt, tok, cfg, pool)
+    pool, pool_non_text = demo_pool(fmt, sources["train"], cfg) if cfg.few_shot else ([], {})
+    encoder = Encoder(fmt, tok, cfg, pool, pool_non_text)
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
     truncated, dropped = Counter(), Counter()
 
@@ -431,7 +454,9 @@ def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> 
         packing_efficiency=round(train["tokens"] / (train["rows"] * cfg.max_length), 4)
         if cfg.pack and train["rows"] else None,
         seconds=round(seconds, 2), tokens_per_s=round(total / seconds, 1))
-    log.info("tokenize: %s examples, %s tokens (%.0f tokens/s, %d processes); truncated %s, dropped %s; "
-             "lengths %s -> %s", stats.examples, stats.tokens, stats.tokens_per_s, num_proc,
-             stats.truncated or "none", stats.dropped or "none", stats.length, out)
+    log.info("tokenize: %s examples (%s), %s tokens in %.1f s (%.0f tokens/s, %d processes); truncated %s, "
+             "dropped %s; train lengths p50 %s, p99 %s, max %s -> %s", f"{sum(stats.examples.values()):,}",
+             ", ".join(f"{s} {n:,}" for s, n in stats.examples.items()), f"{total:,}", stats.seconds,
+             stats.tokens_per_s, num_proc, stats.truncated or "none", stats.dropped or "none",
+             *(stats.length["train"][q] for q in ("p50", "p99", "max")), out)
     return stats

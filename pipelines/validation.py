@@ -27,6 +27,11 @@ import pandas as pd
 from pipelines.common import StageError, write_json
 
 log = logging.getLogger(__name__)
+# GX logs its bookkeeping at INFO while it is imported ("Skipping registering function ...",
+# ~200 lines a stage), burying the stage's own summary; quieted before anything imports it,
+# unless logging was configured for it already.
+if logging.getLogger("great_expectations").level == logging.NOTSET:
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GX_DIR = PROJECT_ROOT / "gx"
@@ -98,9 +103,6 @@ def _context():
         # get_context would scaffold a fresh, empty project here instead of failing.
         raise StageError(f"{GX_DIR}/great_expectations.yml is missing: the GX project must be "
                          f"checked out with the code")
-    gx_log = logging.getLogger("great_expectations")
-    if gx_log.level == logging.NOTSET:  # GX reports its bookkeeping at INFO; a stage's log wants the verdict
-        gx_log.setLevel(logging.WARNING)
     import great_expectations as gx
 
     return gx.get_context(mode="file", project_root_dir=str(PROJECT_ROOT))

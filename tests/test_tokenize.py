@@ -1,8 +1,10 @@
+import dataclasses
 import json
+import re
 
 import pytest
 
-from pipelines import tokenize
+from pipelines import prompts, tokenize
 from pipelines.common import StageError
 from pipelines.config import TokenizeConfig
 from pipelines.prompts import PromptFormat
@@ -10,6 +12,7 @@ from pipelines.shards import load_split, read_manifest
 from pipelines.tasks import get_task
 
 E2E = get_task("e2e")
+SST2 = get_task("sst2")
 EOS = "<|im_end|>"
 
 
@@ -19,7 +22,7 @@ def write_clean(path, rows_by_split):
         with open(path / f"{split}.jsonl", "w") as f:
             for i, r in enumerate(rows_by_split.get(split, [])):
                 f.write(json.dumps({"id": f"{split}:{i}", "source": "s", "location": "s:1",
-                                    "group": r["mr"], "split": split, **r}) + "\n")
+                                    "group": r.get("mr", r.get("sentence")), "split": split, **r}) + "\n")
     return path
 
 
@@ -202,6 +205,61 @@ def test_a_missing_field_is_a_clear_error(tmp_path, tiny_base):
     assert not (tmp_path / "shards").exists()
 
 
+NOT_TEXT = {  # value of a text field -> how the error shows it
+    None: "JSON null", 12345: "a JSON number (12345)", "  ": 'a JSON string ("  "): empty',
+    ("name[Aromi]",): 'a JSON array (["name[Aromi]"])', False: "a JSON boolean (false)"}
+
+
+@pytest.mark.parametrize("field, value", [("mr", None), ("ref", 12345), ("ref", "  "), ("mr", ("name[Aromi]",)),
+                                          ("ref", False)])
+def test_a_text_field_that_is_not_a_non_empty_string_is_refused(tmp_path, tiny_base, field, value):
+    train = [ROWS["train"][0], {**ROWS["train"][1], field: list(value) if isinstance(value, tuple) else value}]
+    clean = write_clean(tmp_path / "clean", {**ROWS, "train": train})
+    where = re.escape(f"{clean / 'train.jsonl'}:2: record train:1: field {field!r} holds {NOT_TEXT[value]}")
+    with pytest.raises(StageError, match=f"^{where}") as err:
+        tokenize.run(cfg(), E2E, clean, tiny_base, tmp_path / "shards")
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]  # no shards, no scratch directory
+
+
+def test_a_null_is_refused_from_a_worker_process_and_from_the_demonstration_pool(tmp_path, tiny_base):
+    train = [*MANY["train"][:5], {**MANY["train"][5], "mr": None}]
+    clean = write_clean(tmp_path / "clean", {**MANY, "train": train})
+    where = re.escape(f"{clean / 'train.jsonl'}:6: record train:5: field 'mr' holds JSON null, not text")
+    with pytest.raises(StageError, match=f"^{where}"):
+        tokenize.run(cfg(num_proc=2), E2E, clean, tiny_base, tmp_path / "shards")
+    with pytest.raises(StageError, match=f"^{where}"):  # few-shot: the demonstration pool reads it first
+        tokenize.run(cfg(few_shot=1), E2E, clean, tiny_base, tmp_path / "shards")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]
+
+
+def test_a_label_may_be_a_number_or_boolean_that_names_a_label_and_nothing_else():
+    fmt = PromptFormat(SST2)
+    record = {"id": "r", "sentence": "a charming journey"}
+    for label in (1, 1.0, True):  # as collect reads them: SST-2's 1, a column pandas made float, a boolean
+        assert fmt.example({**record, "label": label}) == fmt.example({**record, "label": "1"}) == (
+            "Review: a charming journey\nSentiment:", " positive", 0)
+    for label, shown in ((None, "JSON null"), (2, "a JSON number (2)"), (0.5, "a JSON number (0.5)"),
+                         ("yes", 'a JSON string ("yes")'), ([1], "a JSON array ([1])")):
+        with pytest.raises(StageError, match=re.escape(f"record r: label field 'label' holds {shown}, which names "
+                                                       "none of task sst2's labels ['0', '1']")):
+            fmt.example({**record, "label": label})
+    yes_no = dataclasses.replace(SST2, labels={"false": "negative", "true": "positive", "1": "one"})
+    assert PromptFormat(yes_no).example({**record, "label": True})[1] == " positive"  # its own name first
+
+
+def test_the_shards_suite_catches_a_null_that_gets_past_the_field_check(tmp_path, tiny_base, monkeypatch):
+    from pipelines.validation import ValidationFailed
+
+    monkeypatch.setattr(prompts, "field_problem", lambda task, record: None)  # the refusal, gone
+    clean = write_clean(tmp_path / "clean", {**ROWS, "test": [{"mr": None, "ref": 12345}]})
+    with pytest.raises(ValidationFailed) as err:
+        tokenize.run(cfg(), E2E, clean, tiny_base, tmp_path / "shards")
+    (failure,) = err.value.summary.failures
+    assert failure["column"] == "non_text_values" and failure["unexpected_sample"] == [2]  # mr and ref
+    assert not (tmp_path / "shards").exists()
+
+
 def test_output_is_identical_for_one_and_two_processes(tmp_path, tiny_base, monkeypatch):
     monkeypatch.setattr(tokenize, "CHUNK", 2)  # several chunks per split, spread over the workers
     rows = {**MANY, "train": MANY["train"] * 3}
@@ -229,17 +287,17 @@ def test_token_ids_beyond_the_model_embedding_fail_validation(tmp_path):
     assert report["success"] is False
 
 
-def test_the_shards_suite_fails_examples_without_target_or_source(tmp_path):
+def test_the_shards_suite_fails_examples_without_target_or_source_or_with_a_non_text_value(tmp_path):
     import numpy as np
 
     from pipelines.validation import ValidationFailed, validate
 
     ids = np.array([5, 6, 7, 8, 9], np.int32)
     enc = tokenize.Encoded("train", ["a", "b"], ids, np.array([-100, -100, -100, 8, 9], np.int32),
-                           np.array([0, 3, 5]), np.array([3, 0], np.int32), [], [])
+                           np.array([0, 3, 5]), np.array([3, 0], np.int32), np.array([0, 1], np.int32), [], [])
     frame = tokenize.pd.DataFrame({**enc.aggregates(), "split": "train"})
     assert frame.to_dict("list") == {"length": [3, 2], "min_id": [5, 8], "max_id": [7, 9], "label_tokens": [0, 2],
-                                     "source_tokens": [3, 0], "split": ["train", "train"]}
+                                     "source_tokens": [3, 0], "non_text_values": [0, 1], "split": ["train", "train"]}
     with pytest.raises(ValidationFailed) as info:
         validate("shards", frame, {"max_length": 128, "vocab_size": 400}, tmp_path / "v.json")
-    assert {f["column"] for f in info.value.summary.failures} == {"label_tokens", "source_tokens"}
+    assert {f["column"] for f in info.value.summary.failures} == {"label_tokens", "source_tokens", "non_text_values"}

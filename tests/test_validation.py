@@ -54,9 +54,10 @@ def clean_frame():
                          "pii_left": [0, 0, 0]})
 
 
-def shards_frame(length=5, max_id=10):
+def shards_frame(length=5, max_id=10, non_text=0):
     return pd.DataFrame({"length": [length, 3], "min_id": [0, 2], "max_id": [max_id, 4],
-                         "label_tokens": [1, 2], "source_tokens": [3, 1], "split": ["train", "test"]})
+                         "label_tokens": [1, 2], "source_tokens": [3, 1], "non_text_values": [0, non_text],
+                         "split": ["train", "test"]})
 
 
 def predictions_frame():
@@ -172,6 +173,13 @@ def test_shards_token_ids_must_be_strictly_below_the_vocabulary(tmp_path):
     with pytest.raises(ValidationFailed) as err:
         validate("shards", shards_frame(max_id=100), SHARDS_PARAMS, tmp_path / "b.json")
     assert failed(err) == {("expect_column_values_to_be_between", "max_id")}
+
+
+def test_shards_refuse_an_example_rendered_from_a_value_that_was_not_text(tmp_path):
+    with pytest.raises(ValidationFailed) as err:
+        validate("shards", shards_frame(non_text=1), SHARDS_PARAMS, tmp_path / "v.json")
+    (failure,) = err.value.summary.failures
+    assert failure["column"] == "non_text_values" and failure["unexpected_sample"] == [1]
 
 
 def test_an_empty_or_misshapen_frame_names_the_missing_columns(tmp_path):
