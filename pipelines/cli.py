@@ -26,7 +26,7 @@ import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from pipelines.common import StageError, setup_logging, write_json
+from pipelines.common import StageError, check_output, setup_logging, write_json
 from pipelines.config import ConfigError, load_params
 
 log = logging.getLogger("ptune")
@@ -251,10 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every path the command writes, before any work: a wrong --out would otherwise fail
+    only at the end, after the work, beside a complete hidden output."""
+    if args.command == "stage":
+        outputs = {"out": args.stage != "register", "live": True, "stats": False}  # register's --out: gate.json
+    else:
+        outputs = {"out": args.command == "evaluate"}  # compare --out is a markdown file
+    for name, directory in outputs.items():
+        if path := getattr(args, name, None):
+            check_output(Path(path), directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        _check_outputs(args)
         args.func(args)
     except (StageError, ConfigError) as exc:
         where = f"ptune {args.command}" + (f" {args.stage}" if args.command == "stage" else "")

@@ -57,6 +57,18 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def check_output(path: Path, directory: bool = True) -> None:
+    """Refuse, before any work, an output path the stage could not write at the end: a
+    file where a directory goes (or the reverse), or a file where a parent directory goes."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise StageError(f"{path}: exists and is {'not ' if directory else ''}a directory; the stage writes "
+                         f"a {'directory' if directory else 'file'} there: move it away or choose another path")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise StageError(f"{parent}: is a file, so {path} cannot be created; move it away or choose another path")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces ``out`` only if the block succeeds.
@@ -66,6 +78,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     into the scratch directory is kept beside it as ``<out>.validation-failed.json``.
     """
     out = Path(out)
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(out)
     tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(out), dir=out.parent))
@@ -116,7 +129,11 @@ def _running(pid: int) -> bool:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request / tokenizer choice
+    """The project's loggers at ``level``, every library's at WARNING (INFO under DEBUG):
+    a stage's log is its own summary, not 200 lines of GX's (or httpx's) bookkeeping."""
+    logging.basicConfig(level=logging.INFO if level <= logging.DEBUG else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for own in ("pipelines", "ptune"):
+        logging.getLogger(own).setLevel(level)
+    for noisy in ("great_expectations", "httpx", "httpcore", "absl"):  # chatter even at INFO: WARNING with -v too
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -3,6 +3,8 @@ the place, or as a quarantined row with its reason; never a traceback, never a s
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import clean, cli, collect
+from pipelines import clean, cli, collect, tokenize
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl
 from pipelines.config import CleanConfig
 from tests.collect_fixtures import config, make_task, serve, source
 from tests.conftest import ROOT
+from tests.test_tokenize import E2E, ROWS, write_clean
+from tests.test_tokenize import cfg as tokenize_cfg
 
 SST = ("sentence", "label")
 QA = ("title", "question", "answer")
@@ -423,3 +427,138 @@ def test_a_killed_clean_leaves_scratch_git_ignores_and_the_next_run_removes(tmp_
     finally:
         live.kill()
         live.wait()
+
+
+# tokenize, tune, evaluate: values that are not text, the base model directory, the shards'
+# manifest, --out, and what a stage prints.
+
+def _e2e_params(tmp_path) -> list[str]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["task"]["name"] = "e2e"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", str(tmp_path / "params.yaml")]
+
+
+def test_tokenize_refuses_a_null_where_the_task_reads_text_in_one_line(tmp_path, tiny_base, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_clean(tmp_path / "data" / "clean", {**ROWS, "validation": [{"mr": None, "ref": "Aromi is a pub."}]})
+    argv = [*_e2e_params(tmp_path), "stage", "tokenize", "--clean", "data/clean", "--base", str(tiny_base),
+            "--out", "data/shards"]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == ("ptune stage tokenize: error: data/clean/validation.jsonl:1: record "
+                                       "validation:0: field 'mr' holds JSON null, not text; re-run the clean stage "
+                                       "(`dvc repro clean`)\n")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["clean"]  # no shards, no scratch directory
+
+
+def test_an_incomplete_or_damaged_base_model_is_one_line_naming_it(tmp_path, tiny_base):
+    import torch
+
+    from pipelines import evaluate, tune
+    from tests.test_tune import tune_cfg
+
+    clean = write_clean(tmp_path / "clean", ROWS)
+    tokenize.run(tokenize_cfg(), E2E, clean, tiny_base, tmp_path / "shards")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    loads = {"tokenize": lambda: tokenize.run(tokenize_cfg(), E2E, clean, base, tmp_path / "shards2"),
+             "tune": lambda: tune.run(tune_cfg("lora"), tmp_path / "shards", base, tmp_path / "adapter",
+                                      tmp_path / "live"),
+             "evaluate": lambda: evaluate.load_models(base, tmp_path / "adapter", "cpu", torch.float32)}
+    (base / "tokenizer.json").unlink()
+    for stage, load in loads.items():
+        with pytest.raises(StageError, match=re.escape(f"{base}: no tokenizer.json (the directory is incomplete); "
+                                                       "rerun `dvc repro base_model`") + "$"):
+            load()
+    shutil.copy(tiny_base / "tokenizer.json", base)
+    (base / "model.safetensors").write_bytes((tiny_base / "model.safetensors").read_bytes()[:1000])
+    for stage in ("tune", "evaluate"):
+        with pytest.raises(StageError, match=re.escape(f"{base}: cannot load the model (SafetensorError: ")
+                           + r"[^\n]*\); rerun `dvc repro base_model`$"):
+            loads[stage]()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "clean", "shards"]  # nothing written
+
+
+def test_a_truncated_manifest_is_one_line_naming_it_in_tune_and_evaluate(tmp_path, tiny_base, monkeypatch, capsys):
+    from pipelines import evaluate, tune
+    from pipelines.base_model import load_tokenizer
+    from tests.test_tune import tune_cfg
+
+    tokenize.run(tokenize_cfg(), E2E, write_clean(tmp_path / "clean", ROWS), tiny_base, tmp_path / "shards")
+    manifest = tmp_path / "shards" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    says = re.escape(f"{manifest}: not valid JSON (") + r"[^\n]*\): truncated or edited; rerun `dvc repro tokenize`$"
+    with pytest.raises(StageError, match=says):
+        tune.run(tune_cfg("lora"), tmp_path / "shards", tiny_base, tmp_path / "adapter", tmp_path / "live")
+    for check in (True, False):  # False: a registered version's manifest, fetched alone
+        with pytest.raises(StageError, match=says):
+            evaluate.TunedPrompts.from_dir(E2E, load_tokenizer(tiny_base), tmp_path / "shards", tiny_base, check)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*_e2e_params(tmp_path), "stage", "tune", "--shards", "shards", "--base", str(tiny_base),
+                     "--out", "adapter", "--live", "live"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ptune stage tune: error: shards/manifest.json: not valid JSON") and err.count("\n") == 1
+
+
+STAGE_INPUTS = {  # each stage command's other arguments: never read, the outputs are checked first
+    "base_model": [], "collect": [], "clean": ["--raw", "raw"], "tokenize": ["--clean", "clean", "--base", "base"],
+    "tune": ["--shards", "shards", "--base", "base", "--live", "live"],
+    "evaluate": ["--clean", "clean", "--shards", "shards", "--base", "base", "--adapter", "adapter"],
+}
+FILE_THERE = "taken: exists and is not a directory; the stage writes a directory there"
+OUTPUT_CASES = {  # name -> (stage command, error)
+    **{f"{stage} --out": ([stage, *args, "--out", "taken"], FILE_THERE) for stage, args in STAGE_INPUTS.items()},
+    "tune --live": (["tune", "--shards", "s", "--base", "b", "--out", "adapter", "--live", "taken"], FILE_THERE),
+    "register --out": (["register", "--metrics", "m.json", "--out", "folder"],
+                       "folder: exists and is a directory; the stage writes a file there"),
+    "--stats": (["collect", "--out", "raw", "--stats", "folder"], "folder: exists and is a directory"),
+    "under a file": (["collect", "--out", "taken/raw"], "taken: is a file, so taken/raw cannot be created"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, case):
+    argv, message = OUTPUT_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file\n")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(cli, "load_params", lambda path: pytest.fail("the stage started"))  # every stage's first step
+    assert cli.main(["stage", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ptune stage {argv[0]}: error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "taken"]
+    assert (tmp_path / "taken").read_text() == "a file\n" and not any((tmp_path / "folder").iterdir())
+
+
+def test_a_stage_run_with_out_on_a_file_leaves_no_hidden_output_beside_it(tmp_path, tiny_base):
+    clean = write_clean(tmp_path / "clean", ROWS)
+    (tmp_path / "shards").write_text("a file\n")
+    with pytest.raises(StageError, match=re.escape(f"{tmp_path / 'shards'}: exists and is not a directory")):
+        tokenize.run(tokenize_cfg(), E2E, clean, tiny_base, tmp_path / "shards")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "shards"]
+
+
+def _ptune(cwd, *argv) -> subprocess.CompletedProcess:
+    """A fresh process, so the CLI configures logging as it does for a person (pytest's
+    own log capture would keep it from configuring anything in this one)."""
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_a_stage_prints_its_own_summary_and_no_library_chatter(tmp_path, tiny_base):
+    # `ptune stage collect` printed 218 lines, 214 of them Great Expectations' INFO bookkeeping.
+    (tmp_path / "a.csv").write_bytes(b"sentence,label\ngood,1\nbad\xff,0\nalso good,0\nfine,1\n")
+    argv = _cli_project(tmp_path, source("a", "a.csv", columns=SST))
+    write_clean(tmp_path / "data" / "clean", {"train": [{"sentence": "good", "label": "1"}] * 2,
+                                              "validation": [{"sentence": "bad", "label": "0"}],
+                                              "test": [{"sentence": "fine", "label": "1"}]})
+    runs = {"collect": (_ptune(tmp_path, *argv), r"INFO pipelines\.collect: .*\b1 quarantined"),
+            "tokenize": (_ptune(tmp_path, *argv[:2], "stage", "tokenize", "--clean", "data/clean", "--base",
+                                str(tiny_base), "--out", "data/shards"),
+                         r"INFO pipelines\.tokenize: tokenize: 4 examples \(train 2, validation 1, test 1\)")}
+    for stage, (proc, summary) in runs.items():
+        assert proc.returncode == 0, proc.stderr
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert "great_expectations" not in proc.stdout + proc.stderr, stage
+        assert not [line for line in lines if re.search(r" INFO (?!pipelines\.|ptune\b)", line)], stage
+        assert any(re.search(summary, line) for line in lines), (stage, lines)
