@@ -12,6 +12,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
+# transformers 5.25 on CUDA otherwise fetches a rotary kernel from the hub at the first forward pass
+export USE_HUB_KERNELS := NO
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
