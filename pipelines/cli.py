@@ -43,6 +43,8 @@ def _stage(args: argparse.Namespace) -> None:
 
     task = get_task(params.task.name)
     name = args.stage
+    from pipelines import deps
+    deps.check(name, params, Path("."))  # under `dvc repro`: what params name must be a dep or pinned
     if name == "base_model":
         from pipelines import base_model
         stats = base_model.run(params.base_model, Path(args.out))

@@ -63,6 +63,8 @@ class SourceConfig(_Section):
     max_quarantined_share: float | None = Field(default=None, ge=0, le=1)
     split: str = "train"  # hf: the dataset split to read
     subset: str | None = None  # hf: the dataset configuration name, if it has several
+    # hf hub: the dataset's commit, its pin; `dvc repro` refuses a hub dataset without one (pipelines/deps.py).
+    revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +85,8 @@ class SourceConfig(_Section):
             raise ValueError(f"{self.uri}: an http(s) source needs `sha256` (the expected hash of the file)")
         if (self.format == "hf") != self.uri.startswith("hf:"):
             raise ValueError("format hf goes with a uri of the form hf:<dataset name or directory>, and only with it")
+        if self.revision and self.format != "hf":
+            raise ValueError("`revision` pins a Hugging Face hub dataset; pin a file with `sha256`")
         if self.sha256 and (self.format == "hf" or any(c in self.uri for c in "*?[")):
             raise ValueError("`sha256` pins one file; a glob or an hf dataset has no single file to pin")
         if len(set(self.columns.values())) < len(self.columns):

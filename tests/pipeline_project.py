@@ -41,6 +41,13 @@ def update_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def add_deps(project: Path, stage: str, *paths: str) -> None:
+    """List ``paths`` in ``stage``'s deps in the project's dvc.yaml (its comments are lost)."""
+    graph = yaml.safe_load((project / "dvc.yaml").read_text())
+    graph["stages"][stage]["deps"].extend(paths)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(graph, sort_keys=False))
+
+
 def make_project(tmp: Path, overrides: dict) -> Path:
     project = tmp / "project"
     for rel in COPIED:
@@ -51,6 +58,9 @@ def make_project(tmp: Path, overrides: dict) -> Path:
         else:
             shutil.copy2(src, dst)
     update_params(project, overrides)
+    base = overrides.get("base_model.source")
+    if base and Path(base).is_absolute():  # a local checkpoint: the base_model stage must hash it
+        add_deps(project, "base_model", base)
     git(project, "init", "-q", "-b", "main")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "test project")
