@@ -1,0 +1,60 @@
+"""What flows between the server, the engine and the model registry: plain records, no torch.
+
+A request is a prompt already formatted (with the adapter's training template) and
+tokenized, the served name it asked for, and how to decode. The engine answers with
+events, one choice (``n`` > 1: several) at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's queue bound: the server answers 429."""
+
+
+class UnknownModel(KeyError):
+    """A served name that resolves to nothing: the server answers 404 with what is served."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode one request (OpenAI's names where they exist)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # sampling: the same seed gives the same sample
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    num_beams: int = 1  # > 1: beam search (n best beams returned, n <= num_beams)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str  # the exact served version, e.g. "e2e-adapter@v0.0.1" or "base"
+    prompt_ids: tuple[int, ...]
+    decoding: Decoding = field(default_factory=Decoding)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One more piece of choice ``index``'s text (``text`` may be empty while a multi-byte
+    character is incomplete)."""
+
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: Literal["stop", "length", "cancelled", "error"]
+    text: str  # the whole choice, stop sequence excluded
+    completion_tokens: int
+    error: str | None = None
