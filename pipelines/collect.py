@@ -37,7 +37,7 @@ import pandas as pd
 from pipelines import sources
 from pipelines.common import StageError, atomic_dir, read_json, write_json
 from pipelines.config import CollectConfig, SourceConfig
-from pipelines.tasks import Task
+from pipelines.tasks import Task, label_key
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
@@ -150,24 +150,13 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _label(value: Any, labels: dict[str, str]) -> str | None:
-    """The label a number or boolean stands for (SST-2's 1 -> "1"); None if it stands for none."""
-    if isinstance(value, bool):
-        names = (json.dumps(value), str(int(value)))  # true/false labels, else 1/0
-    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        names = (str(int(value)),)  # 1.0: a label column that pandas once made float
-    else:
-        return None
-    return next((n for n in names if n in labels), None)
-
-
 def _field_text(value: Any, labels: dict[str, str] | None) -> str | None:
     """A source value as the text of a task field (``labels``: of the label field); None if it is not one."""
     if isinstance(value, str):
         return value
     if isinstance(value, bytes):  # a Parquet text column written without its UTF8 annotation
         return value.decode("utf-8", "surrogateescape")
-    return _label(value, labels) if labels else None
+    return label_key(value, labels) if labels else None
 
 
 def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[str, str] | None = None,

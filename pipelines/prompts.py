@@ -24,7 +24,7 @@ import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipelines.common import StageError, sha256_text
-from pipelines.tasks import Task
+from pipelines.tasks import Task, label_key
 
 _ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                                      autoescape=False)
@@ -54,21 +54,6 @@ def _described(value) -> str:
     if value is None:
         return "JSON null"
     return f"a JSON {json_type(value)} ({json.dumps(value, ensure_ascii=False, default=str)[:40]})"
-
-
-def label_key(value, labels: dict[str, str]) -> str | None:
-    """The one of ``labels`` a label field's value names, or None: a string as it is; a
-    number or boolean as collect reads one (SST-2's 1 -> "1", 1.0 -> "1"; true -> "true"
-    where the task has that label, else "1")."""
-    if isinstance(value, str):
-        names: tuple[str, ...] = (value,)
-    elif isinstance(value, bool):
-        names = (json.dumps(value), str(int(value)))
-    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        names = (str(int(value)),)
-    else:
-        return None
-    return next((n for n in names if n in labels), None)
 
 
 def is_text(value) -> bool:

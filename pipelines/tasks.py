@@ -6,6 +6,7 @@ its sources under ``collect.sources.<name>`` in params.yaml (files committed und
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,3 +86,18 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; defined tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def label_key(value, labels: dict[str, str]) -> str | None:
+    """The one of ``labels`` a label field's value names, or None: a string as it is; a
+    number or boolean by its value (SST-2's 1 -> "1", 1.0 -> "1"; true -> "true" where the
+    task has that label, else "1"). Collect and tokenize judge a label by this one rule."""
+    if isinstance(value, str):
+        names: tuple[str, ...] = (value,)
+    elif isinstance(value, bool):
+        names = (json.dumps(value), str(int(value)))
+    elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        names = (str(int(value)),)
+    else:
+        return None
+    return next((n for n in names if n in labels), None)
