@@ -191,6 +191,38 @@ def _bleu(summed) -> float:
     return BLEU.compute_bleu(c[0:4], c[4:8], c[8], c[9]).score
 
 
+def row_values(preds: list[dict], metric: str):
+    """Per-row values a resample of ``metric`` is computed from: BLEU's n-gram statistics
+    (``metric == "bleu"``), else the per-row scores evaluate saved (ROUGE-L for generation,
+    accuracy for classification)."""
+    import numpy as np
+
+    return _bleu_stats(preds) if metric == "bleu" else np.asarray([p["score"] for p in preds], float)
+
+
+def metric_of(values, metric: str) -> float:
+    """``metric`` over the rows in ``values`` (``row_values``' output, or a resample of it)."""
+    return _bleu(values.sum(axis=0)) if metric == "bleu" else float(values.mean())
+
+
+def bootstrap(values: dict, metric: str, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """{key: ``metric`` on each of ``samples`` resamples of the rows}, the same resamples for
+    every key (paired: the values of all keys must be of the same rows, in the same order)."""
+    import numpy as np
+
+    n = len(next(iter(values.values())))
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    return {k: np.array([metric_of(v[rows], metric) for rows in idx]) for k, v in values.items()}
+
+
+def interval(boot) -> list[float]:
+    """The 95% percentile interval of bootstrap values, rounded as metrics.json rounds."""
+    import numpy as np
+
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return [round(float(lo), 2), round(float(hi), 2)]
+
+
 def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
     """Paired bootstrap over the test rows for the primary metric: each row of ``c`` gets
     ``significance`` ({score, ci95, diff_to_best, diff_ci95, indistinguishable_from_best, best}),
@@ -201,8 +233,6 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
     cannot be told apart on these rows. BLEU is recomputed from summed per-row n-gram
     statistics (corpus BLEU, as evaluate reports it); accuracy and ROUGE-L are means of
     the per-row scores evaluate saved."""
-    import numpy as np
-
     m = c.reference.metrics
     metric = m.get("primary_metric")
     ids, per_row, full, missing = None, {}, {}, []
@@ -213,8 +243,8 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
         if preds is None:
             missing.append({"label": row["label"], "source": row["source"], "reason": why})
             continue
-        values = _bleu_stats(preds) if metric == "bleu" else np.asarray([p["score"] for p in preds], float)
-        again = _bleu(values.sum(axis=0)) if metric == "bleu" else float(values.mean())
+        values = row_values(preds, metric)
+        again = metric_of(values, metric)
         recorded = row["metrics"].get(metric)
         if recorded is None or abs(again - recorded) > 0.01 + 1e-9:  # metrics.json rounds to 2 places
             missing.append({"label": row["label"], "source": row["source"], "reason":
@@ -226,22 +256,14 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
     c.significance = result
     if not per_row:
         return result
-    idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
-
-    def score(values, rows) -> float:
-        picked = values[rows]
-        return _bleu(picked.sum(axis=0)) if metric == "bleu" else float(picked.mean())
-
-    boot = {i: np.array([score(v, r) for r in idx]) for i, v in per_row.items()}
+    boot = bootstrap(per_row, metric, samples, seed)
     best = max(full, key=full.get)
     result["best"] = {"label": c.rows[best]["label"], "source": c.rows[best]["source"], metric: round(full[best], 2)}
     for i in per_row:
-        lo, hi = np.percentile(boot[i], [2.5, 97.5])
-        diff = boot[i] - boot[best]
-        dlo, dhi = np.percentile(diff, [2.5, 97.5])
+        dlo, dhi = interval(boot[i] - boot[best])
         c.rows[i]["significance"] = {
-            "score": round(full[i], 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
-            "diff_to_best": round(full[i] - full[best], 2), "diff_ci95": [round(float(dlo), 2), round(float(dhi), 2)],
+            "score": round(full[i], 2), "ci95": interval(boot[i]),
+            "diff_to_best": round(full[i] - full[best], 2), "diff_ci95": [dlo, dhi],
             "indistinguishable_from_best": bool(dlo <= 0 <= dhi), "best": i == best}
     return result
 
