@@ -7,6 +7,9 @@
                              score an adapter on any file in the task's source format
     ptune lineage <artifact>@<version> [--record-id ID]
                              commit, params, data hashes, validation and metrics of a version
+    ptune export --adapter <dir | artifact@version> --out <dir>
+                             what other engines load: a merged checkpoint (LoRA, full), a soft
+                             prompt tensor (prompt tuning, P-tuning); prefix tuning is refused
     ptune compare            every trained method (registered versions, DVC experiments) on the
                              same test rows as data/eval/metrics.json, with the prompt baselines
                              and paired-bootstrap 95% intervals of the primary metric
@@ -120,6 +123,18 @@ def _compare(args: argparse.Namespace) -> None:
     import json
 
     from pipelines import compare
+
+def _export(args: argparse.Namespace) -> None:
+    from serving import export
+
+    record = export.export(args.adapter, Path(args.base), Path(args.shards), Path(args.out), force=args.force)
+    check = record["check"]
+    what = {"merged_checkpoint": "a merged checkpoint", "checkpoint": "a checkpoint",
+            "soft_prompt": "a soft prompt"}[record["kind"]]
+    print(f"{args.adapter} ({record['method']}) exported as {what} to {args.out}/ (logits within "
+          f"{check['max_abs_logit_difference']:.2g} of the PEFT model's on a training example); "
+          f"prompt format in {args.out}/prompt_format.json")
+
 
     c = compare.compare(Path("."), Path(args.reference) if args.reference else None)
     if not args.no_intervals:
@@ -241,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a parameter for this run, like `dvc exp run -S`")
     t.set_defaults(func=_retrain)
 
+    x = sub.add_parser("export", help="write what other engines load (merged checkpoint, soft prompt)")
+    x.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
+    x.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --force)")
+    x.add_argument("--base", default="data/models/base", help="the base model the adapter was trained on")
+    x.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on "
+                   "(its prompt format)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=_export)
+
     sv = sub.add_parser("server", help="a local Prefect server and UI on 127.0.0.1 (Ctrl-C stops it)")
     sv.add_argument("--port", type=int, help="default: prefect.port in params.yaml")
     sv.set_defaults(func=_server)
@@ -259,7 +283,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.command == "stage":
         outputs = {"out": args.stage != "register", "live": True, "stats": False}  # register's --out: gate.json
     else:
-        outputs = {"out": args.command == "evaluate"}  # compare --out is a markdown file
+        outputs = {"out": args.command in ("evaluate", "export")}  # compare --out is a markdown file
     for name, directory in outputs.items():
         if path := getattr(args, name, None):
             check_output(Path(path), directory)
