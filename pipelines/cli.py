@@ -13,6 +13,9 @@
     ptune compare            every trained method (registered versions, DVC experiments) on the
                              same test rows as data/eval/metrics.json, with the prompt baselines
                              and paired-bootstrap 95% intervals of the primary metric
+    ptune serve [--host --port]  the registry's versions over an OpenAI-compatible API on 127.0.0.1:8000
+    ptune generate --model e2e-adapter 'name[The Eagle], eatType[coffee shop]'
+                             one request through the serving path, without a server
     ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
     ptune server [--port N]  a local Prefect server (UI) on 127.0.0.1, database under .prefect/
     ptune deploy             the `retrain` deployment (schedule from params.yaml), process work pool
@@ -117,6 +120,69 @@ def _lineage(args: argparse.Namespace) -> None:
 
     info = lineage.lineage(Path("."), args.version, args.record_id)
     print(json.dumps(info, indent=2, default=str) if args.json else lineage.format_lineage(info))
+
+
+def _quiet_loading() -> None:
+    """No per-load progress bars: a server loads a version at every promotion, and its log
+    should say which version, not draw bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from serving import server
+
+    _quiet_loading()
+
+    repo = Path(args.repo)
+    server.serve(repo, Path(args.base) if args.base else repo / "data/models/base", args.host, args.port,
+                 max_batch=args.max_batch, max_queue=args.max_queue,
+                 limits=server.Limits(max_tokens=args.max_tokens_limit), max_versions=args.max_versions,
+                 poll_seconds=args.poll)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import json
+
+    from serving import models
+    from serving.types import Decoding
+
+    _quiet_loading()
+    fields = None
+    if args.field:
+        if args.text is not None or args.raw:
+            raise StageError("pass either TEXT or --field, not both")
+        fields = {}
+        for item in args.field:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise StageError(f"--field {item!r}: expected name=value, e.g. --field 'mr=name[The Eagle]'")
+            fields[key] = value
+    elif args.text is None:
+        raise StageError("nothing to generate from: pass TEXT (the task's input) or --field name=value")
+    decoding = Decoding(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()), n=args.n,
+                        num_beams=args.num_beams, length_penalty=args.length_penalty,
+                        no_repeat_ngram_size=args.no_repeat_ngram_size)
+    repo = Path(args.repo)
+    served, prompt_tokens, choices = models.generate(
+        repo, Path(args.base) if args.base else repo / "data/models/base", args.model, decoding,
+        text=args.text, fields=fields, raw=args.raw, chat=args.chat)
+    failed = [c for c in choices if c.reason == "error"]
+    if failed:
+        raise StageError(f"decoding failed: {failed[0].error}")
+    if args.json:
+        print(json.dumps({"model": served.name, "commit": served.commit, "method": served.method,
+                          "prompt_tokens": prompt_tokens,
+                          "choices": [{"index": c.index, "text": c.text, "finish_reason": c.reason,
+                                       "completion_tokens": c.completion_tokens} for c in choices]},
+                         indent=2, ensure_ascii=False))
+        return
+    print(f"{served.name} ({served.method}{', commit ' + served.commit[:10] if served.commit else ''})",
+          file=sys.stderr)
+    for c in choices:
+        print(f"[{c.index}] {c.text}" if len(choices) > 1 else c.text)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -240,6 +306,41 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--record-id", help="a source record id: was it in this version's training data?")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=_lineage)
+
+    sv = sub.add_parser("serve", help="the registry's versions over an OpenAI-compatible HTTP API (Ctrl-C stops it)")
+    sv.add_argument("--repo", default=".", help="the project whose registry is served (default: here)")
+    sv.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
+    sv.add_argument("--host", default="127.0.0.1", help="anything but loopback requires PTUNE_API_KEY")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=16, help="rows (choices) decoding together")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    sv.add_argument("--max-versions", type=int, default=8,
+                    help="versions kept loaded besides the prod ones (least recently used go first)")
+    sv.add_argument("--poll", type=float, default=5.0, help="seconds between reads of the registry (hot reload)")
+    sv.set_defaults(func=_serve)
+
+    g = sub.add_parser("generate", help="one request through the serving path, without a server")
+    g.add_argument("text", nargs="?", metavar="TEXT",
+                   help="the task's input (E2E: the meaning representation); with --raw, the model's input as it is")
+    g.add_argument("--model", required=True, help="base, <artifact> (its prod version) or <artifact>@<version>")
+    g.add_argument("--field", action="append", metavar="NAME=VALUE", help="one of the task's input fields (repeat)")
+    g.add_argument("--raw", action="store_true", help="send TEXT as it is, without the adapter's template")
+    g.add_argument("--chat", action="store_true", help="TEXT as one user message (base: in its chat template)")
+    g.add_argument("--repo", default=".", help="the project whose registry names the model (default: here)")
+    g.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (what evaluate scored)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, help="sampling: the same seed gives the same sample")
+    g.add_argument("--stop", action="append", help="a stop sequence (repeat for more)")
+    g.add_argument("-n", type=int, default=1, help="choices to return")
+    g.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="the version, token counts and every choice as JSON")
+    g.set_defaults(func=_generate)
 
     c = sub.add_parser("compare", help="every trained method (registered versions, DVC experiments) "
                        "on the same test rows, with the prompt baselines")

@@ -1,0 +1,577 @@
+"""``ptune serve``: the registry's versions behind an OpenAI-compatible HTTP API.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming as
+server-sent events with ``stream: true``), ``GET /v1/models``, ``GET /health`` and
+Prometheus ``GET /metrics``. Names and prompt formats are serving.models'; decoding is the
+engine's (serving.engine), the path ``evaluate`` scored with.
+
+What a request may say beyond OpenAI's parameters (extensions, top level as vLLM takes
+them): ``top_k``, ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``, and for
+completions ``raw_prompt`` (the prompt is sent to the model as it is, no template). A
+completion's ``prompt`` may be an object of the task's input fields. ``temperature``
+defaults to 0 (greedy, what ``evaluate`` scored), not OpenAI's 1. OpenAI parameters ptune
+does not implement (logprobs, penalties, logit_bias, echo, best_of, suffix, tools) are
+refused by name unless they hold their neutral value, never silently ignored.
+
+Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 400
+naming the field, 401 without the API key, 404 for a name that is not served (listing
+those that are), 429 with ``Retry-After`` when the engine's queue is full.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.common import StageError
+from serving.engine import Engine
+from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
+from serving.types import Decoding, Finished, QueueFull, Token, UnknownModel
+
+log = logging.getLogger("ptune.serve")
+
+API_KEY_ENV = "PTUNE_API_KEY"
+DEFAULT_MAX_TOKENS = 128  # when a request names none: an E2E description is under 60 tokens
+MAX_STOP = 4  # OpenAI's own bound on stop sequences
+RETRY_AFTER_S = 1  # a full queue drains by a batch every few steps; ask the client back soon
+RATE_WINDOW_S = 10.0  # tokens/s is the rate over this window (Prometheus' rate() gives any other)
+# Seconds; decode steps on CPU are tens of ms, a long answer tens of seconds.
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+OPEN = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 1024  # the most a request may ask for; the engine also stops at the context
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    max_beams: int = 8  # beam search holds the running batch while it runs (serving.engine)
+
+
+# -- request bodies -----------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    """Parameters common to both endpoints (OpenAI's names; extensions marked)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = None
+    temperature: float = Field(0.0, ge=0, le=2)  # 0: greedy; OpenAI defaults to 1
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, unused
+    top_k: int = Field(0, ge=0)  # extension
+    num_beams: int = Field(1, ge=1)  # extension: > 1 is beam search
+    length_penalty: float = 1.0  # extension (beam search)
+    no_repeat_ngram_size: int = Field(0, ge=0)  # extension
+    # OpenAI parameters not implemented: accepted at their neutral values only.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | dict[str, str | int]
+    raw_prompt: bool = False  # extension: the prompt is the model's input as it is
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+
+NEUTRAL = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+           "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
+           "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+           "response_format": (None, {"type": "text"})}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def response(self) -> JSONResponse:
+        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                429: "rate_limit_error"}.get(self.status, "server_error")
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+                            self.status, headers=self.headers)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|literal\[.*|function-.*)$", re.I)
+
+
+def _param(loc: tuple) -> str:
+    """A pydantic error location as the request's field path (``messages.0.content``),
+    without the union-member tags pydantic inserts (``stop.list[str]``)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))) or "body"
+
+
+def parse(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """The body as ``model``, or a 400 naming the first field that is wrong."""
+    try:
+        body = model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        if first["type"] in ("json_invalid", "json_type", "model_type") and not first["loc"]:
+            raise ApiError(400, f"request body: not a JSON object ({first['msg']})", "body") from None
+        param = _param(first["loc"])
+        same = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param))
+        if first["type"] == "missing":
+            message = f"{param}: missing; it is required"
+        elif first["type"] == "extra_forbidden":
+            message = f"{param}: not a parameter ptune serve accepts"
+        else:
+            message = f"{param}: " + " or ".join(m[0].lower() + m[1:] for m in same)
+        raise ApiError(400, message, param) from None
+    for name, neutral in NEUTRAL.items():
+        value = getattr(body, name, None)
+        if value not in neutral:
+            raise ApiError(400, f"{name}: not supported by ptune serve (leave it out)", name)
+    return body
+
+
+def decoding(body: _Body, limits: Limits, engine: Engine) -> Decoding:
+    asked = getattr(body, "max_completion_tokens", None)
+    name = "max_completion_tokens" if asked is not None else "max_tokens"
+    max_tokens = asked if asked is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"{name}: {max_tokens} is outside [1, {limits.max_tokens}] (this server's bound)", name)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP or not all(stop):
+        raise ApiError(400, f"stop: at most {MAX_STOP} sequences, none empty", "stop")
+    if body.n > engine.max_batch:
+        raise ApiError(400, f"n: {body.n} is more than the {engine.max_batch} rows a batch holds", "n")
+    if body.num_beams > limits.max_beams:
+        raise ApiError(400, f"num_beams: {body.num_beams} is more than this server's {limits.max_beams}", "num_beams")
+    return Decoding(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                    seed=body.seed, stop=stop, n=body.n, num_beams=body.num_beams,
+                    length_penalty=body.length_penalty, no_repeat_ngram_size=body.no_repeat_ngram_size)
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+# -- metrics ------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own (one per app: tests run several)."""
+
+    def __init__(self, engine: Engine, models: Models):
+        self.engine, self.models = engine, models
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ptune_requests", "Requests answered, by endpoint, served version and status",
+                                ["endpoint", "model", "status"], registry=self.registry)
+        self.latency = Histogram("ptune_request_latency_seconds", "From request to its last token",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("ptune_time_to_first_token_seconds", "From request to its first generated token",
+                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._samples: deque[tuple[float, int]] = deque()
+        self.registry.register(self)
+
+    def sample(self) -> None:
+        now, tokens = time.monotonic(), self.engine.stats().tokens_generated
+        self._samples.append((now, tokens))
+        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_S:
+            self._samples.popleft()
+
+    def tokens_per_s(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def collect(self):
+        """Read at each scrape: the engine's own counts, never a copy that could drift."""
+        s = self.engine.stats()
+        yield GaugeMetricFamily("ptune_queue_depth", "Requests waiting to join the running batch", value=s.waiting)
+        yield GaugeMetricFamily("ptune_running_batch_size", "Rows (choices) decoding in the running batch",
+                                value=s.running)
+        yield CounterMetricFamily("ptune_generated_tokens", "Tokens generated since start", value=s.tokens_generated)
+        yield GaugeMetricFamily("ptune_generated_tokens_per_second",
+                                f"Generated tokens per second over the last {RATE_WINDOW_S:.0f} s",
+                                value=self.tokens_per_s())
+        yield GaugeMetricFamily("ptune_loaded_models", "Versions loaded in the engine, base included",
+                                value=s.adapters)
+        yield CounterMetricFamily("ptune_prod_swaps", "Times a name moved to another prod version",
+                                  value=self.models.swaps)
+        served = GaugeMetricFamily("ptune_serving", "1 for the version each name serves now", labels=["name", "version"])
+        for name, exact in sorted(self.models.aliases().items()):
+            served.add_metric([name, exact], 1)
+        yield served
+
+
+# -- the app ------------------------------------------------------------------------
+
+
+class _Job:
+    """One request in the engine: its events, delivered from the engine's thread to the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, started: float):
+        self.loop, self.started = loop, started
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.served: Served | None = None
+        self.handle = None
+        self.prompt_tokens = 0
+        self.first_token: float | None = None
+        self.finished: dict[int, Finished] = {}
+
+    def on_event(self, event) -> None:
+        # Raises once the loop is gone (server stopping): the engine then cancels the request.
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose request leaves the engine however the response ends: a
+    client that disconnects cancels the body's task, which may never resume the generator."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def create_app(models: Models, *, api_key: str | None = None, limits: Limits = Limits(),
+               poll_seconds: float | None = POLL_SECONDS) -> FastAPI:
+    """The HTTP app over ``models`` (and its engine, which must be started). ``poll_seconds``:
+    how often the registry is re-read (None: never, for tests that refresh by hand)."""
+    engine = models.engine
+    metrics = Metrics(engine, models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if poll_seconds:
+            models.watch(poll_seconds)
+
+        async def sampler():
+            while True:
+                metrics.sample()
+                await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(sampler())
+        try:
+            yield
+        finally:
+            task.cancel()
+            models.close()
+
+    app = FastAPI(title="ptune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models, app.state.metrics = models, metrics
+
+    @app.middleware("http")
+    async def authorize(request: HttpRequest, call_next):
+        if api_key and request.url.path != "/health":  # health answers probes, and says nothing served
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <PTUNE_API_KEY>'",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HttpRequest, exc: ApiError):
+        return exc.response()
+
+    @app.get("/health")
+    async def health():
+        s = engine.stats()
+        return {"status": "ok", "models": models.aliases(), "waiting": s.waiting, "running": s.running,
+                "not_servable": models.failures()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": m.pop("id"), "object": "model", "created": created, "owned_by": "ptune", "root": m.pop("root"),
+             "ptune": m} for m in models.served()]}
+
+    async def start(request: HttpRequest, body: _Body, endpoint: str) -> _Job:
+        dec = decoding(body, limits, engine)
+        job = _Job(asyncio.get_running_loop(), time.monotonic())
+        chat = endpoint == "chat"
+
+        def build(served: Served):
+            if chat:
+                messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+                text = served.format_chat(messages, engine.tokenizer)
+            elif isinstance(body.prompt, dict):
+                text = served.format_fields(body.prompt)
+            elif body.raw_prompt:
+                text = body.prompt
+            else:
+                text = served.format_text(body.prompt)
+            return engine.encode(text), dec
+
+        try:
+            job.served, request_, job.handle = await anyio.to_thread.run_sync(
+                models.submit, body.model, build, job.on_event)
+        except UnknownModel as exc:
+            raise ApiError(404, exc.args[0], "model", "model_not_found") from None
+        except NotServable as exc:
+            raise ApiError(404, f"model {body.model!r} is registered but cannot be served here: {exc}",
+                           "model", "model_not_servable") from None
+        except BadRequest as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+        except QueueFull as exc:
+            raise ApiError(429, f"too many requests waiting ({exc}); retry after {RETRY_AFTER_S} s",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ValueError as exc:  # the engine's checks: "<field>: <why>"
+            field, _, why = str(exc).partition(": ")
+            field = {"prompt_ids": "messages" if chat else "prompt"}.get(field, field)
+            raise ApiError(400, f"{field}: {why}", field) from None
+        job.prompt_tokens = len(request_.prompt_ids)
+        return job
+
+    def record(job: _Job | None, endpoint: str, status: str) -> None:
+        model = job.served.name if job and job.served else "-"  # never a client's string: bounded labels
+        metrics.requests.labels(endpoint, model, status).inc()
+        if job is not None and status == "ok":
+            metrics.latency.labels(endpoint).observe(time.monotonic() - job.started)
+
+    def saw_token(job: _Job, endpoint: str) -> None:
+        if job.first_token is None:
+            job.first_token = time.monotonic()
+            metrics.ttft.labels(endpoint).observe(job.first_token - job.started)
+
+    def usage(job: _Job) -> dict:
+        completion = sum(f.completion_tokens for f in job.finished.values())
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": job.prompt_tokens + completion}
+
+    def failed(f: Finished) -> ApiError | None:
+        if f.reason == "error":
+            return ApiError(500, f"decoding failed: {f.error}", code="engine_error")
+        if f.reason == "cancelled":
+            return ApiError(503, "the server is shutting down; the request was not finished", code="cancelled")
+        return None
+
+    async def collect(request: HttpRequest, job: _Job, endpoint: str) -> bool:
+        """Wait for every choice; False if the client went away (its request is cancelled)."""
+        n = job.handle.request.decoding.n
+        while len(job.finished) < n:
+            try:
+                event = await asyncio.wait_for(job.events.get(), 0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(job.handle)
+                    return False
+                continue
+            if isinstance(event, Token):
+                saw_token(job, endpoint)
+            else:
+                job.finished[event.index] = event
+        return True
+
+    async def run(request: HttpRequest, schema: type[_Body], endpoint: str):
+        try:
+            body = parse(await request.body(), schema)
+            job = await start(request, body, endpoint)
+        except ApiError as exc:
+            record(None, endpoint, str(exc.status))
+            raise
+        ident = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        head = {"id": ident, "created": int(time.time()), "model": job.served.name,
+                "system_fingerprint": job.served.commit[:12] if job.served.commit else None}
+        if body.stream:
+            return _EventStream(stream(job, body, endpoint, head), lambda: engine.cancel(job.handle))
+        if not await collect(request, job, endpoint):
+            record(job, endpoint, "disconnected")
+            return Response(status_code=499)  # nobody reads it; nginx's code for a client that left
+        for f in job.finished.values():
+            if err := failed(f):
+                record(job, endpoint, str(err.status))
+                raise err
+        choices = []
+        for i in sorted(job.finished):
+            f = job.finished[i]
+            if endpoint == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": f.text},
+                                "finish_reason": f.reason, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": f.text, "finish_reason": f.reason, "logprobs": None})
+        record(job, endpoint, "ok")
+        return {**head, "object": "chat.completion" if endpoint == "chat" else "text_completion",
+                "choices": choices, "usage": usage(job)}
+
+    async def stream(job: _Job, body: _Body, endpoint: str, head: dict):
+        chat = endpoint == "chat"
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        n = job.handle.request.decoding.n
+        sent = {i: "" for i in range(n)}
+        status = "disconnected"
+
+        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return _sse({**head, "object": kind, "choices": [choice]})
+
+        try:
+            if chat:
+                for i in range(n):
+                    yield chunk(i, None, None, first=True)
+            while len(job.finished) < n:
+                event = await job.events.get()
+                if isinstance(event, Token):
+                    saw_token(job, endpoint)
+                    if event.text:
+                        sent[event.index] += event.text
+                        yield chunk(event.index, event.text, None)
+                    continue
+                job.finished[event.index] = event
+                if err := failed(event):
+                    status = str(err.status)
+                    yield _sse({"error": {"message": err.message, "type": "server_error", "param": None,
+                                          "code": err.code}})
+                    return
+                # The streamed pieces add up to the final text (serving.decoding); a tail the
+                # engine held back and never released is sent here rather than lost.
+                rest = event.text[len(sent[event.index]):] if event.text.startswith(sent[event.index]) else ""
+                yield chunk(event.index, rest or None, event.reason)
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**head, "object": kind, "choices": [], "usage": usage(job)})
+            yield "data: [DONE]\n\n"
+            status = "ok"
+        finally:
+            if len(job.finished) < n:
+                engine.cancel(job.handle)
+            record(job, endpoint, status)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        return await run(request, CompletionBody, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        return await run(request, ChatBody, "chat")
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# -- ptune serve ----------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host in OPEN:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _check_port(host: str, port: int) -> None:
+    """A taken port, said in one line before the model loads (uvicorn would say it after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise StageError(f"{host}:{port}: cannot listen there ({exc.strerror}); pass another --port "
+                             "or --host") from None
+
+
+def api_key_for(host: str) -> str | None:
+    """PTUNE_API_KEY; required when ``host`` reaches beyond this machine."""
+    key = os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(host):
+        raise StageError(f"--host {host} serves beyond this machine, and then an API key is required: set "
+                         f"{API_KEY_ENV} (clients send 'Authorization: Bearer <key>'), or bind 127.0.0.1")
+    return key
+
+
+def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_queue: int, limits: Limits,
+          max_versions: int, poll_seconds: float) -> None:
+    """Load the base model and every prod version, then serve until Ctrl-C."""
+    import uvicorn
+
+    key = api_key_for(host)
+    _check_port(host, port)
+    engine = Engine(base, max_batch=max_batch, max_queue=max_queue).start()
+    models = Models(engine, repo, base, max_versions=max_versions)
+    try:
+        for failure in models.refresh():
+            log.error("%s", failure)
+        served = [m["id"] for m in models.served() if m["loaded"]]
+        where = f"[{host}]" if ":" in host else host
+        print(f"ptune serve: http://{where}:{port}/v1 serving {', '.join(served)} from {models.repo} "
+              f"(any registered <artifact>@<version> on request; the registry is re-read every {poll_seconds:g} s)")
+        print("ptune serve: " + (f"API key required (Authorization: Bearer ${API_KEY_ENV})" if key else
+                                 "no API key (loopback only; set PTUNE_API_KEY to require one)"), flush=True)
+        app = create_app(models, api_key=key, limits=limits, poll_seconds=poll_seconds)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    finally:
+        models.close()
+        engine.close()
