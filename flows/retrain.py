@@ -29,15 +29,16 @@ from pipelines.prefect_ops import STAGE_NOTE, notify_failure
 from pipelines.registry import register, tool
 from pipelines.validation import ValidationSummary
 
-STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "register")
+STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register")
 # Where each stage leaves its Great Expectations summary (beside its outputs in dvc.yaml).
 VALIDATION = {
     "base_model": "data/models/base",
     "collect": "data/raw",
     "clean": "data/clean",
     "tokenize": "data/shards",
-    "tune": "data/models/adapter",
+    "tune": "data/models/tuned",
     "evaluate": "data/eval",
+    "package": "data/models/adapter",
 }
 FETCHING = {"base_model", "collect"}  # they may reach a hub or a source: worth a retry
 METRICS = Path("data/eval/metrics.json")

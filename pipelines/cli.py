@@ -70,6 +70,11 @@ def _stage(args: argparse.Namespace) -> None:
         from pipelines import evaluate
         stats = evaluate.run(params.evaluate, task, Path(args.clean), Path(args.base),
                              Path(args.adapter), Path(args.out), shards=Path(args.shards))
+    elif name == "package":
+        from pipelines import package
+        stats = package.run(params.package, params.base_model, task, args.artifact, package.Inputs(
+            tuned=Path(args.tuned), base=Path(args.base), manifest=Path(args.manifest), metrics=Path(args.metrics),
+            predictions=Path(args.predictions), test=Path(args.test)), Path(args.out))
     elif name == "register":
         from pipelines import registry
         stats = registry.run(params.register, Path(args.metrics), Path(args.out), Path("."))
@@ -278,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True)
     s.add_argument("--adapter", required=True)
     s.add_argument("--out", required=True)
+    s = stages.add_parser("package", help="the registered artifact: adapter, tokenizer, model card")
+    s.add_argument("--tuned", required=True, help="tune's output")
+    s.add_argument("--base", required=True)
+    s.add_argument("--manifest", required=True, help="the shards' manifest.json (the prompt format trained with)")
+    s.add_argument("--metrics", required=True, help="evaluate's metrics.json")
+    s.add_argument("--predictions", required=True, help="evaluate's predictions.jsonl")
+    s.add_argument("--test", required=True, help="the clean test split (the card's example row)")
+    s.add_argument("--artifact", required=True, help="the registry's name for it (dvc.yaml `artifacts:`)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--stats")
     s = stages.add_parser("register", help="the promotion gate's decision (the DVC stage)")
     s.add_argument("--metrics", required=True)
     s.add_argument("--out", required=True)

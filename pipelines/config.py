@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -389,6 +389,20 @@ class EvaluateConfig(_Section):
     seed: int = 0  # which train records the baseline's demonstrations are
 
 
+HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"  # <owner>/<name>, as the Hugging Face hub spells a repository
+
+
+class PackageConfig(_Section):
+    """What the model card says that the pipeline cannot know: where the base model and the
+    data live on the Hugging Face hub."""
+
+    # base_model.source -> the hub id of the model it is (a hub id source needs no entry);
+    # for a source without one the card says that no hub id is known for it.
+    base_model_hub_ids: dict[str, Annotated[str, Field(pattern=HUB_ID)]] = {}
+    # task name -> hub dataset ids of its sources, for the card's front matter
+    datasets: dict[str, tuple[Annotated[str, Field(pattern=HUB_ID)], ...]] = {}
+
+
 class RegisterConfig(_Section):
     min_margin_over_zero_shot: float = Field(ge=0)
     prod_tolerance: float = Field(ge=0)
@@ -443,6 +457,7 @@ with warnings.catch_warnings():
         tune: TuneConfig
         evaluate: EvaluateConfig
         register: RegisterConfig
+        package: PackageConfig = PackageConfig()
         prefect: PrefectConfig = PrefectConfig()
 
 
@@ -463,6 +478,8 @@ def parse_params(raw: dict, where: str = "params.yaml") -> Params:
     problems += params.collect.source_problems(params.task.name, TASKS[params.task.name].fields)
     problems += [p for name in params.collect.sources if name in TASKS and name != params.task.name
                  for p in params.collect.source_problems(name, TASKS[name].fields)]
+    problems += [f"package.datasets.{name}: no task {name!r} (defined: {', '.join(sorted(TASKS))})"
+                 for name in params.package.datasets if name not in TASKS]
     if problems:
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(f"{where}: {p}" for p in problems))
     return params

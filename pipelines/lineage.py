@@ -19,11 +19,14 @@ import yaml
 
 from pipelines.common import StageError
 
-# Stage outputs whose hashes say which data produced a version (dvc.lock's names).
+# Stage outputs whose hashes say which data produced a version (dvc.lock's names). The
+# registered directory is package's output; in versions from before that stage, tune's.
 DATA_OUTPUTS = {"base_model": "base model", "collect": "raw", "clean": "clean", "tokenize": "shards",
-                "tune": "adapter"}
-# Outputs that carry their stage's validation report inside (GX, see pipelines/validation.py).
-VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/adapter", "data/models/base")
+                "tune": "tuned", "package": "adapter"}
+# Outputs that carry their stage's validation report inside (GX, see pipelines/validation.py);
+# a version from before the package stage has no data/models/tuned (reported as "-").
+VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/tuned", "data/models/adapter",
+             "data/models/base")
 SPLITS = ("train", "validation", "test")
 # Where a record that reached no split is: clean's removals (one file per reason), collect's quarantine.
 REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl", "data/raw/records.jsonl"
@@ -229,13 +232,13 @@ def lineage(repo: Path, spec: str, record_id: str | None = None) -> dict:
     fs = _fs(repo, commit)
     committed = {}
     for path in ("data/eval/metrics.json", "data/eval/gate.json", "data/eval/validation.json",
-                 *(f"data/metrics/{s}.json" for s in ("collect", "clean", "tokenize", "tune"))):
+                 *(f"data/metrics/{s}.json" for s in ("collect", "clean", "tokenize", "tune", "package"))):
         text = _show(repo, commit, path)
         committed[path] = json.loads(text) if text else None
     metrics = committed.pop("data/eval/metrics.json")
     out = {
         **version,
-        "params": {k: params.get(k) for k in ("task", "base_model", "tokenize", "tune", "evaluate")},
+        "params": {k: params.get(k) for k in ("task", "base_model", "tokenize", "tune", "evaluate", "package")},
         "data": {name: hashes.get(stage, {}) for stage, name in DATA_OUTPUTS.items()},
         "validation": {**{o: _validation(fs, o) for o in VALIDATED},
                        "data/eval/validation.json": _summary(committed.pop("data/eval/validation.json"))},

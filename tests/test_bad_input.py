@@ -504,6 +504,8 @@ STAGE_INPUTS = {  # each stage command's other arguments: never read, the output
     "base_model": [], "collect": [], "clean": ["--raw", "raw"], "tokenize": ["--clean", "clean", "--base", "base"],
     "tune": ["--shards", "shards", "--base", "base", "--live", "live"],
     "evaluate": ["--clean", "clean", "--shards", "shards", "--base", "base", "--adapter", "adapter"],
+    "package": ["--tuned", "tuned", "--base", "base", "--manifest", "m.json", "--metrics", "m.json",
+                "--predictions", "p.jsonl", "--test", "t.jsonl", "--artifact", "a"],
 }
 FILE_THERE = "taken: exists and is not a directory; the stage writes a directory there"
 OUTPUT_CASES = {  # name -> (stage command, error)

@@ -80,7 +80,7 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     assert names.index("publish-metrics") == names.index("evaluate") + 1
     assert names[-2:] == ["register-version", "publish-comparison"]
     assert all(t.state.is_completed() and t.run_count == 1 for t in task_runs)
-    assert "Running stage 'tune':" in logs["tune"] and "> python stage.py tune data/models/adapter" in logs["tune"]
+    assert "Running stage 'tune':" in logs["tune"] and "> python stage.py tune data/models/tuned" in logs["tune"]
 
     for stage in STAGES[:-1]:
         md = artifacts[f"validation-{stage.replace('_', '-')}"].data

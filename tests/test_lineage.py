@@ -129,7 +129,8 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     assert info["commit"] == head and info["stages"] == ["prod", "staging"]
     assert info["params"]["tune"]["max_train_examples"] == 16
     lock = lock_outs(project)
-    assert info["data"]["adapter"]["data/models/adapter"] == lock["data/models/adapter"]
+    assert info["data"]["adapter"]["data/models/adapter"] == lock["data/models/adapter"]  # package's
+    assert info["data"]["tuned"]["data/models/tuned"] == lock["data/models/tuned"]
     assert info["data"]["clean"]["data/clean"] == lock["data/clean"]
     assert info["data"]["base model"]["data/models/base"] == lock["data/models/base"]
     assert all(v["success"] for v in info["validation"].values()), info["validation"]
@@ -189,7 +190,7 @@ def test_repro_from_the_versions_commit_gives_the_same_hashes_and_metrics(regist
     reproduced = lock_outs(clone)
     # The adapter directory and the training curves also hold timings (tokens/s); the weights
     # must be the same bytes.
-    timed = ("data/models/adapter", "data/tune_live/plots/metrics")
+    timed = ("data/models/tuned", "data/models/adapter", "data/tune_live/plots/metrics")
     assert {k: v for k, v in reproduced.items() if k not in timed} == \
         {k: v for k, v in original.items() if k not in timed}  # raw, clean, shards, base model, predictions
     weights = "data/models/adapter/adapter_model.safetensors"

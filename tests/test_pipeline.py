@@ -26,7 +26,7 @@ def test_bad_base_model_fails_validation_and_stops_the_chain(tmp_path):
     assert "ptune stage base_model: error: validation failed: suite 'base_model'" in proc.stderr
     assert "tokenizer_tokens" in proc.stderr and "probe_loss" in proc.stderr
     assert not (project / "dvc.lock").exists() or "base_model" not in (project / "dvc.lock").read_text()
-    for out in ("models/base", "raw", "shards", "models/adapter", "eval"):
+    for out in ("models/base", "raw", "shards", "models/tuned", "eval", "models/adapter"):
         assert not (project / "data" / out).exists(), out  # nothing downstream ran
     report = json.loads((project / "data/models/base.validation-failed.json").read_text())
     assert report["success"] is False
@@ -42,7 +42,7 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
     assert metrics["rows"] == 4 and "bleu" in metrics["tuned"] and "bleu" in metrics["zero_shot"]
     gate = json.loads((project / "data/eval/gate.json").read_text())
     assert gate["passed"], gate["reasons"]  # margin 0 and prod tolerance 100 admit any candidate
-    for stage in ("models/base", "raw", "clean", "shards", "models/adapter"):
+    for stage in ("models/base", "raw", "clean", "shards", "models/tuned", "models/adapter"):
         assert json.loads((project / "data" / stage / "validation.json").read_text())["success"]
     again = run(project, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout

@@ -30,7 +30,7 @@ from tests.test_pipeline import TINY
 
 slow = pytest.mark.slow  # a real server (and, once, the tiny pipeline): seconds to minutes
 
-STAGES = ["base_model", "collect", "clean", "tokenize", "tune", "evaluate", "register"]
+STAGES = ["base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register"]
 TASKS = STAGES + ["publish-metrics", "publish-gate", "register-version", "publish-comparison"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT_S = 600  # the tiny pipeline takes ~1 min on 2 idle cores

@@ -116,13 +116,13 @@ else:
 '''
 
 OUTS = {"base_model": "data/models/base", "collect": "data/raw", "clean": "data/clean",
-        "tokenize": "data/shards", "tune": "data/models/adapter"}
+        "tokenize": "data/shards", "tune": "data/models/tuned", "package": "data/models/adapter"}
 UPSTREAM = {"clean": ["data/raw"], "tokenize": ["data/clean", "data/models/base"],
-            "tune": ["data/shards"], "evaluate": ["data/models/adapter"]}
+            "tune": ["data/shards"], "evaluate": ["data/models/tuned"], "package": ["data/models/tuned"]}
 
 
-ALL_STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "register")
-SHORT = ("tune", "evaluate", "register")  # enough for the registry: an adapter, metrics, the gate
+ALL_STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register")
+SHORT = ("tune", "evaluate", "package", "register")  # enough for the registry: an adapter, metrics, the gate
 
 
 def dvc_yaml(stages: tuple[str, ...]) -> dict:
@@ -260,11 +260,11 @@ def test_a_passing_run_is_committed_versioned_in_prod_and_pushed(tmp_path):
     assert sorted(committed) == ["data/eval/.gitignore", "data/eval/gate.json", "data/eval/metrics.json",
                                  "data/eval/validation.json", "data/models/.gitignore", "dvc.lock"]
     assert git(repo, "status", "--porcelain") == ""
-    # dvc push put the adapter (its .dir listing and its files) into the remote.
-    adapter = lock_hash(repo, "tune", "data/models/adapter")
+    # dvc push put the registered directory (its .dir listing and its files) into the remote.
+    adapter = lock_hash(repo, "package", "data/models/adapter")
     pushed = remote_files(repo)
     assert f"files/md5/{adapter[:2]}/{adapter[2:]}" in pushed
-    assert len(pushed) == 3 + 1  # the adapter (a .dir listing, two files) and the predictions
+    assert len(pushed) == 2 * 3 + 1  # tune's and package's outputs (a .dir listing, two files each), the predictions
 
     (version,) = list_versions(repo, "e2e-adapter")
     assert version["version"] == "v0.0.1" and version["stages"] == ["prod", "staging"]
