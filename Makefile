@@ -34,7 +34,7 @@ run: $(STAMP)
 	dvc repro
 	ptune register
 	@echo
-	@echo "adapter:   data/models/adapter/   (PEFT weights + ptune_adapter.json)"
+	@echo "adapter:   data/models/adapter/   (PEFT weights, tokenizer, model card README.md, ptune_adapter.json)"
 	@echo "metrics:   data/eval/metrics.json (tuned vs zero-shot), data/eval/gate.json"
 	@echo "registry:  ptune registry         (GTO tags; data pushed to the DVC remote dvc-remote/)"
 
