@@ -58,3 +58,4 @@ class Finished:
     text: str  # the whole choice, stop sequence excluded
     completion_tokens: int
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # the choice's generated ids (its EOS included): what "token-identical" compares

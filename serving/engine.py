@@ -1,0 +1,504 @@
+"""The decoding engine: one base model, many adapters, every request in one running batch.
+
+``evaluate``, ``ptune generate`` and ``ptune serve`` all decode here, so a served greedy
+answer is the one ``evaluate`` scored, by construction: the same prefill, the same steps,
+the same arg-max. What can still differ is float rounding from a batch's shape (which rows
+share a step, how much left padding they carry); tests/test_engine.py measures it.
+
+A step (``Engine.step``): cancelled rows leave; waiting requests are prefilled (their
+virtual tokens placed, the first token picked) and join their weight group's batch; then
+one forward per group decodes every running row by one token; finished rows leave at once.
+Rows of every method share the base group's forward: a soft prompt or a prefix matters
+only at prefill (serving.batch), LoRA rows pick their adapter with PEFT's ``adapter_names``.
+A fully fine-tuned version is other weights and steps as a group of its own.
+Beam search (``num_beams`` > 1) runs outside the batch, grouped per adapter, through
+transformers' ``generate`` with the same placement of virtual tokens (serving.beams),
+between two steps; it holds the batch for that long.
+
+Written here by hand, and why: transformers' continuous batching
+(``transformers.generation.continuous_batching``, 5.25) takes token ids only
+(``add_request(input_ids)``: no input embeddings, so no soft prompt), packs all requests
+into one ``[1, tokens]`` sequence over its own paged cache (so PEFT's per-row
+``adapter_names`` has no rows to split, and a prefix has no cache to be written into), and
+samples with one generator for the whole batch (no per-request seed). So the loop here
+keeps a left-padded ``DynamicCache`` per group instead. What is not written here: the model
+forward and its caches, the LoRA mixing (PEFT), the logits warpers and beam search
+(transformers).
+
+Threads: ``start()`` runs steps on a background thread; without it, ``generate`` runs them
+in the caller's thread (``evaluate`` does). ``on_event`` is called on the stepping thread and
+must not block; an exception from it cancels its request (a client that went away).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from pipelines.base_model import load_model, load_tokenizer
+from serving import adapters, beams
+from serving.adapters import Adapter, Group
+from serving.batch import Batch
+from serving.decoding import Choice, new_choice, pick_all
+from serving.types import Finished, QueueFull, Request, Token, UnknownModel
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # the served name of the bare base model
+Event = Token | Finished
+
+
+@dataclass(frozen=True)
+class Stats:
+    waiting: int  # requests not yet admitted
+    running: int  # rows (choices) in the running batches
+    tokens_generated: int  # since start
+    requests_finished: int
+    adapters: int  # served names, base included
+
+
+@dataclass(eq=False)
+class Handle:
+    """A submitted request; pass it to ``Engine.cancel``. ``done`` is set once every choice has finished."""
+
+    id: int
+    request: Request
+    adapter: Adapter
+    on_event: Callable[[Event], None]
+    open: int  # choices not yet finished
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    def __init__(self, base: Path, *, max_batch: int = 32, max_queue: int = 256,
+                 device: str | None = None, dtype: torch.dtype | None = None):
+        """Load the base model at ``base`` once. ``max_batch``: rows (choices) decoding at once;
+        ``max_queue``: requests waiting beyond them before ``submit`` raises QueueFull.
+        Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32."""
+        if device is None:
+            from pipelines.tune import device_and_dtype
+
+            device, dtype = device_and_dtype()
+        self.tokenizer = load_tokenizer(base)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = load_model(base, dtype or torch.float32).to(device).eval().requires_grad_(False)
+        self.device = model.device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = model.config.max_position_embeddings
+        self.vocab = model.get_input_embeddings().num_embeddings
+        eos = model.generation_config.eos_token_id
+        self.eos = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+        self._base = Group(model)
+        self._served: dict[str, Adapter] = {BASE: Adapter(BASE, "base", self._base)}
+        self._retired: list[Adapter] = []
+        self._waiting: deque[Handle] = deque()
+        self._batches: dict[Group, Batch] = {}
+        self._lock = threading.Lock()  # the queue, the served names, the counters: held briefly
+        self._step_lock = threading.Lock()  # one step at a time, whoever runs it
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._tokens = self._finished = self._running = 0
+
+    # -- adapters -------------------------------------------------------------------
+
+    def add(self, name: str, adapter_dir: Path) -> None:
+        """Serve ``adapter_dir`` as ``name`` from the next step on; a version already served
+        under ``name`` finishes the requests it holds and is then freed."""
+        if name == BASE:
+            raise ValueError(f"{BASE!r} is the bare base model; serve adapters under other names")
+        adapter = adapters.load(name, adapter_dir, self._base)
+        with self._lock:
+            old = self._served.get(name)
+            self._served[name] = adapter
+        if old is not None:
+            self._retire(old)
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``; its requests in flight finish with it."""
+        with self._lock:
+            if name == BASE or name not in self._served:
+                raise UnknownModel(name)
+            adapter = self._served.pop(name)
+        self._retire(adapter)
+
+    def models(self) -> dict[str, str]:
+        """Served name -> method (base, prompt, ptuning, prefix, lora, full)."""
+        with self._lock:
+            return {name: a.method for name, a in self._served.items()}
+
+    def _retire(self, adapter: Adapter) -> None:
+        with self._lock:
+            adapter.retired = True
+            self._retired.append(adapter)
+        self._free_retired()
+
+    def _free_retired(self) -> None:
+        with self._lock:
+            idle = [a for a in self._retired if a.users == 0]
+            self._retired = [a for a in self._retired if a.users > 0]
+        for a in idle:
+            if a.method == "lora":
+                a.group.drop_lora(a.lora)
+            # other methods hold only tensors or their own group, freed with the record
+
+    # -- requests -------------------------------------------------------------------
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """A formatted prompt's ids, as ``tokenize`` wrote training sources (no special tokens added)."""
+        return tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
+        """Queue ``request``; ``on_event`` gets a Token per generated token and a Finished per choice.
+        Raises UnknownModel, QueueFull, or ValueError naming a field that is out of range."""
+        self._check(request)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            adapter = self._served.get(request.model)
+            if adapter is None:
+                raise UnknownModel(request.model)
+            if len(request.prompt_ids) + adapter.virtual_tokens >= self.context:
+                raise ValueError(f"prompt_ids: {len(request.prompt_ids)} tokens (+{adapter.virtual_tokens} virtual) "
+                                 f"leave no room in the model's context of {self.context}")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests waiting (max_queue {self.max_queue})")
+            adapter.users += 1
+            handle = Handle(next(self._ids), request, adapter, on_event, request.decoding.n)
+            self._waiting.append(handle)
+        self._wake.set()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Drop a request; its rows leave the batch at the next step (each choice: Finished "cancelled")."""
+        handle.cancelled = True
+        self._wake.set()
+
+    def stats(self) -> Stats:
+        with self._lock:
+            return Stats(len(self._waiting), self._running, self._tokens, self._finished, len(self._served))
+
+    def generate(self, requests: Iterable[Request]) -> list[list[Finished]]:
+        """Decode ``requests`` to the end -> for each, its choices in index order. Steps in the
+        caller's thread unless ``start()`` was called; submits as the queue has room."""
+        requests = list(requests)
+        results: list[list[Finished | None]] = [[None] * r.decoding.n for r in requests]
+        progress = threading.Event()
+
+        def collector(i: int):
+            def on_event(event: Event) -> None:
+                if isinstance(event, Finished):
+                    results[i][event.index] = event
+                    progress.set()
+            return on_event
+
+        pending, handles = deque(range(len(requests))), []
+        try:
+            while pending or not all(h.done.is_set() for h in handles):
+                while pending:
+                    try:
+                        handles.append(self.submit(requests[pending[0]], collector(pending[0])))
+                    except QueueFull:
+                        break  # the rest go in as the queue drains
+                    pending.popleft()
+                if self._thread is None:
+                    self.step()
+                else:
+                    progress.wait(0.1)
+                    progress.clear()
+        except BaseException:
+            for h in handles:
+                self.cancel(h)
+            raise
+        return results
+
+    def _check(self, request: Request) -> None:
+        d = request.decoding
+        rules = [("prompt_ids", len(request.prompt_ids) > 0, "must not be empty"),
+                 ("prompt_ids", all(0 <= t < self.vocab for t in request.prompt_ids), f"ids must be in [0, {self.vocab})"),
+                 ("max_tokens", d.max_tokens >= 1, "must be at least 1"),
+                 ("n", 1 <= d.n <= self.max_batch, f"must be in [1, {self.max_batch}]"),
+                 ("temperature", d.temperature >= 0, "must not be negative"),
+                 ("top_p", 0 < d.top_p <= 1, "must be in (0, 1]"),
+                 ("top_k", d.top_k >= 0, "must not be negative"),
+                 ("num_beams", d.num_beams >= 1, "must be at least 1"),
+                 ("n", d.num_beams == 1 or d.n <= d.num_beams, "must not exceed num_beams"),
+                 ("temperature", d.num_beams == 1 or d.temperature == 0, "beam search is not sampled: set 0"),
+                 ("no_repeat_ngram_size", d.no_repeat_ngram_size >= 0, "must not be negative")]
+        for name, ok, why in rules:
+            if not ok:
+                raise ValueError(f"{name}: {why}")
+
+    # -- the loop -------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        """Run steps on a background thread from now on."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ptune-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop stepping; every request still waiting or running finishes "cancelled"."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._step_lock, torch.inference_mode():  # the batches' tensors were made in inference mode
+            with self._lock:
+                for h in [*self._waiting, *(c.handle for b in self._batches.values() for c in b.choices)]:
+                    h.cancelled = True
+            self._sweep()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.clear()
+            if not self.step():
+                self._wake.wait(1.0)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One step of every running batch (new requests joining first). -> whether there was work."""
+        with self._step_lock:
+            self._sweep()
+            admitted = self._admit()
+            for group, batch in list(self._batches.items()):
+                self._run(group, batch.choices, lambda: self._decode(group, batch))
+            with self._lock:
+                self._running = sum(len(b) for b in self._batches.values())
+            self._free_retired()
+            return bool(admitted or self._batches)
+
+    def _sweep(self) -> None:
+        """Cancelled requests leave the queue and the batches."""
+        with self._lock:
+            gone = [h for h in self._waiting if h.cancelled]
+            self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for h in gone:
+            for index in range(h.request.decoding.n):
+                self._finish_unstarted(h, index, "cancelled")
+        for group, batch in list(self._batches.items()):
+            keep = [i for i, c in enumerate(batch.choices) if not c.handle.cancelled]
+            if len(keep) < len(batch):
+                for c in batch.choices:
+                    if c.handle.cancelled:
+                        self._finish(c, "cancelled", None)
+                self._keep(group, batch, keep)
+
+    def _admit(self) -> list[Handle]:
+        """Waiting requests, first come first served, while their choices fit in ``max_batch``;
+        beam requests (which do not stay in the batch) up to ``max_batch`` per step."""
+        with self._lock:
+            room = self.max_batch - sum(len(b) for b in self._batches.values())
+            loop, beam = [], []
+            while self._waiting:
+                h = self._waiting[0]
+                if h.request.decoding.num_beams > 1 and len(beam) < self.max_batch:
+                    beam.append(h)
+                elif h.request.decoding.num_beams == 1 and h.request.decoding.n <= room:
+                    loop.append(h)
+                    room -= h.request.decoding.n
+                else:
+                    break
+                self._waiting.popleft()
+        for group in dict.fromkeys(h.adapter.group for h in loop):
+            mine = [h for h in loop if h.adapter.group is group]
+            # A soft prompt enters as embeddings; other rows as ids, as generate feeds them
+            # (a LoRA on the embedding layer acts on ids only).
+            for part in ([h for h in mine if h.adapter.soft_prompt is None],
+                         [h for h in mine if h.adapter.soft_prompt is not None]):
+                if part:
+                    self._run(group, part, lambda: self._prefill(group, part))
+        self._beams(beam)
+        return loop + beam
+
+    def _run(self, group: Group, rows: list, work: Callable[[], None]) -> None:
+        """``work`` on ``rows`` (choices or handles); if it fails, they finish "error" and the rest go on."""
+        try:
+            work()
+        except Exception as exc:  # a bad row must not stop the engine: its requests end with the error
+            log.exception("engine: a step of %d rows failed", len(rows))
+            message = f"{type(exc).__name__}: {exc}"
+            for r in rows:
+                if isinstance(r, Choice):
+                    self._finish(r, "error", None, message)
+                else:
+                    for index in range(r.request.decoding.n):
+                        self._finish_unstarted(r, index, "error", message)
+            batch = self._batches.get(group)
+            if batch is not None and any(isinstance(r, Choice) for r in rows):
+                self._keep(group, batch, [i for i, c in enumerate(batch.choices) if c not in rows])
+
+    def _prefill(self, group: Group, handles: list[Handle]) -> None:
+        inputs, mask = self._prefill_inputs(group, handles)
+        out = group.forward([h.adapter.lora for h in handles], attention_mask=mask, use_cache=True,
+                            logits_to_keep=1, **inputs)
+        counts = [h.request.decoding.n for h in handles]
+        batch = Batch([new_choice(h, i, self.tokenizer, self.device) for h in handles for i in range(h.request.decoding.n)],
+                      out.cache, mask)
+        batch.repeat(counts)
+        logits = out.logits[:, -1].repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
+        keep = self._advance(batch.choices, pick_all(batch.choices, logits))
+        batch.keep(keep)
+        if len(batch):
+            if group in self._batches:
+                self._batches[group].join(batch)
+            else:
+                self._batches[group] = batch
+
+    def _prefill_inputs(self, group: Group, handles: list[Handle]) -> tuple[dict, torch.Tensor]:
+        """Left-padded rows: ``[prefix][pad][virtual][prompt]`` in cache and inputs, the mask
+        1 on what each row has, positions counting its attended entries (as in training:
+        after a prefix, from the first virtual token)."""
+        from transformers import DynamicCache
+
+        pad = self.tokenizer.pad_token_id
+        prefix = [h.adapter.prefix for h in handles]
+        soft = [h.adapter.soft_prompt for h in handles]
+        p = [x[0][0].shape[1] if x else 0 for x in prefix]
+        s = [x.shape[0] if x is not None else 0 for x in soft]
+        t = [len(h.request.prompt_ids) for h in handles]
+        P, L = max(p), max(a + b for a, b in zip(s, t))
+        ids = torch.full((len(handles), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(handles), P + L), dtype=torch.long)
+        positions = torch.zeros((len(handles), L), dtype=torch.long)
+        for i, h in enumerate(handles):
+            start = L - s[i] - t[i]
+            ids[i, start + s[i]:] = torch.tensor(h.request.prompt_ids)
+            mask[i, P - p[i]:P] = 1
+            mask[i, P + start:] = 1
+            positions[i, start:] = torch.arange(p[i], p[i] + s[i] + t[i])
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        inputs = {"position_ids": positions, "cache": DynamicCache()}
+        if P:
+            inputs["cache"] = DynamicCache(ddp_cache_data=[_prefix_layer(prefix, layer, P)
+                                                           for layer in range(len(next(x for x in prefix if x)))])
+        if any(s):
+            embeds = group.model.get_input_embeddings()(ids)
+            for i, x in enumerate(soft):
+                embeds[i, L - s[i] - t[i]:L - t[i]] = x
+            inputs["inputs_embeds"] = embeds
+        else:
+            inputs["input_ids"] = ids
+        return inputs, mask
+
+    def _decode(self, group: Group, batch: Batch) -> None:
+        ids = torch.tensor([[c.last] for c in batch.choices], device=self.device)
+        positions = batch.positions()
+        out = group.forward([c.handle.adapter.lora for c in batch.choices], input_ids=ids, position_ids=positions,
+                            attention_mask=batch.grow(), cache=batch.cache, use_cache=True)
+        self._keep(group, batch, self._advance(batch.choices, pick_all(batch.choices, out.logits[:, -1])))
+
+    def _keep(self, group: Group, batch: Batch, rows: list[int]) -> None:
+        if rows:
+            batch.keep(rows)
+        else:
+            del self._batches[group]
+
+    def _beams(self, handles: list[Handle]) -> None:
+        """Beam requests, one ``generate`` per adapter and settings."""
+        def key(h):
+            d = h.request.decoding
+            return h.adapter, d.num_beams, d.n, d.max_tokens, d.length_penalty, d.no_repeat_ngram_size
+
+        for k in dict.fromkeys(map(key, handles)):
+            same = [h for h in handles if key(h) == k]
+            self._run(k[0].group, same, lambda: self._beam_search(same))
+
+    def _beam_search(self, handles: list[Handle]) -> None:
+        d = handles[0].request.decoding
+        found = beams.search(handles[0].adapter, [h.request.prompt_ids for h in handles], d,
+                             self.tokenizer.pad_token_id, self.eos)
+        for h, sequences in zip(handles, found):
+            for index, tokens in enumerate(sequences):
+                choice = new_choice(h, index, self.tokenizer, self.device)
+                for token in tokens:  # the loop's own end rules: EOS, stop sequences, max_tokens
+                    if not self._advance([choice], [token]):
+                        break
+                else:  # generate stops at max_new_tokens too, so this is only a guard against a hang
+                    choice.stream.flush()
+                    self._finish(choice, "length", len(choice.stream.text))
+
+    def _advance(self, choices: list[Choice], tokens: list[int]) -> list[int]:
+        """Append each row's token, stream it, finish the rows that end. -> the rows that go on."""
+        keep = []
+        for i, (c, token) in enumerate(zip(choices, tokens)):
+            c.ids.append(token)
+            c.last = token
+            end, reason = self._ends(c, token)
+            self._emit(c.handle, Token(c.index, token, c.stream.release(end)))
+            if reason:
+                self._finish(c, reason, end)
+            else:
+                keep.append(i)
+        with self._lock:
+            self._tokens += len(tokens)
+        return keep
+
+    def _ends(self, c: Choice, token: int) -> tuple[int | None, str | None]:
+        """(where the final text ends, why) if the choice ends with ``token``, else (None, None)."""
+        if token in self.eos:
+            c.stream.flush()
+            return len(c.stream.text), "stop"
+        c.stream.add(token)
+        if (stop := c.stream.stop_at()) is not None:
+            return stop, "stop"
+        used = c.handle.adapter.virtual_tokens + len(c.prompt) + len(c.ids)
+        if len(c.ids) >= c.decoding.max_tokens or used >= self.context:
+            c.stream.flush()
+            return len(c.stream.text), "length"
+        return None, None
+
+    def _finish(self, c: Choice, reason: str, end: int | None, error: str | None = None) -> None:
+        text = c.stream.text[:end] if end is not None else c.stream.text[:c.stream.sent]
+        self._emit(c.handle, Finished(c.index, reason, text, len(c.ids), error=error, token_ids=tuple(c.ids)))
+        self._close(c.handle)
+
+    def _finish_unstarted(self, h: Handle, index: int, reason: str, error: str | None = None) -> None:
+        self._emit(h, Finished(index, reason, "", 0, error=error))
+        self._close(h)
+
+    def _close(self, h: Handle) -> None:
+        h.open -= 1
+        if h.open == 0:
+            with self._lock:
+                h.adapter.users -= 1
+                self._finished += 1
+            h.done.set()
+
+    def _emit(self, h: Handle, event: Event) -> None:
+        if h.cancelled and isinstance(event, Token):
+            return
+        try:
+            h.on_event(event)
+        except Exception:  # the receiver is gone: stop decoding for it
+            log.warning("engine: request %d's event handler failed; cancelling it", h.id, exc_info=True)
+            h.cancelled = True
+
+
+def _prefix_layer(prefix: list, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's prefix keys and values for a prefill batch, each row's left-padded to ``width``."""
+    like = next(x for x in prefix if x)[layer][0]
+    out = []
+    for part in (0, 1):
+        rows = []
+        for x in prefix:
+            kv = x[layer][part] if x else like.new_zeros(like.shape[0], 0, like.shape[2])
+            rows.append(torch.cat([kv.new_zeros(kv.shape[0], width - kv.shape[1], kv.shape[2]), kv], dim=1))
+        out.append(torch.stack(rows))
+    return out[0], out[1]
