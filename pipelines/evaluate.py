@@ -10,10 +10,11 @@ Systems, all on the same rows:
 
 Generation tasks (E2E, Stack Exchange QA): one row per distinct input with all its
 references; greedy or beam decoding (length penalty, no-repeat n-grams) per params,
-batched, left-padded, with the KV cache. The E2E challenge's metrics as in the
-Prefix-Tuning paper's Table 1: BLEU (sacrebleu, multi-reference), NIST (nltk), METEOR
-(METEOR 1.5 through pycocoevalcap; needs a Java runtime), ROUGE-L (rouge-score, best
-reference per row) and CIDEr-D (pycocoevalcap). BLEU, METEOR and ROUGE-L are in points
+through the serving engine (serving/engine.py), the one decoding path ``ptune serve``
+answers with. The E2E challenge's metrics as in the Prefix-Tuning paper's Table 1: BLEU
+(sacrebleu, multi-reference), NIST (nltk), METEOR (METEOR 1.5 through pycocoevalcap;
+needs a Java runtime), ROUGE-L (rouge-score, best reference per row) and CIDEr-D
+(pycocoevalcap). BLEU, METEOR and ROUGE-L are in points
 (0-100); NIST and CIDEr on their own scales, as the paper reports them. What cannot be
 computed on this machine is named, with the reason, under ``not_computed``.
 
@@ -42,6 +43,8 @@ from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
 from pipelines.tune import device_and_dtype
 from pipelines.validation import validate
+from serving.engine import BASE, Engine
+from serving.types import Decoding, Request
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,11 @@ def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Row
 
 
 def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
+    """(tokenizer, base model, tuned model) for rank scoring, which runs forward passes
+    only; generation decodes through the engine instead."""
     from peft import PeftModel
 
     tok = load_tokenizer(base)
-    tok.padding_side = "left"  # generation continues from the last real token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     base_model = load_model(base, dtype).to(device).eval()
@@ -97,73 +101,23 @@ def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
     return tok, base_model, tuned
 
 
-def _peft_type(model) -> str | None:
-    cfg = getattr(model, "active_peft_config", None)
-    return cfg.peft_type.value if cfg is not None and cfg.is_prompt_learning else None
+def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], int]:
+    """Decode ``prompts`` with the engine's served ``model`` -> (first lines, new tokens).
 
-
-def generation_inputs(model, enc, num_beams: int, pad_id: int):
-    """(model to call ``generate`` on, its inputs, how many leading output columns are input).
-
-    Left padding is what makes batched decoding exact for a plain model (position ids
-    follow the attention mask). PEFT's prompt-learning ``generate`` breaks that under
-    PEFT 0.21 + transformers 5.2x, so the virtual tokens are placed here instead, as in
-    training:
-
-    - prefix tuning: ``PeftModel.generate`` drops the prefix (transformers prefers its own
-      fresh cache to the ``past_key_values`` PEFT passes; a FutureWarning says so). The
-      prefix goes in as a pre-filled cache, as a cached prompt would: placeholder ids
-      stand for its positions (generate feeds only what the cache does not cover), the
-      mask is 1 over them, and there is one cache row per beam (generate does not expand
-      a cache it is given).
-    - prompt tuning and P-tuning: PEFT puts the virtual tokens before the left padding
-      and ignores position ids, so a padded row sees shifted positions. Here each row is
-      ``[pad][virtual][tokens]`` as embeddings, so positions count from the virtual
-      tokens exactly as in training.
-
-    tests/test_evaluate.py checks every method against greedy decoding by full forward
-    passes of the PEFT model, and batched against row-by-row decoding.
+    This is the path ``ptune serve`` and ``ptune generate`` answer with (serving/engine.py:
+    continuous batching for greedy, transformers' beam search per adapter), so a served
+    greedy answer is the one scored here. Longest prompts go in first, so that the rows
+    decoding together pad little.
     """
-    kind = _peft_type(model)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    b = ids.shape[0]
-    if kind is None:
-        return model, {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
-    n = model.active_peft_config.num_virtual_tokens
-    ones = torch.ones((b, n), dtype=mask.dtype, device=mask.device)
-    if kind == "PREFIX_TUNING":
-        lead = torch.full((b, n), pad_id, dtype=ids.dtype, device=ids.device)
-        return model.get_base_model(), {"input_ids": torch.cat([lead, ids], 1), "attention_mask": torch.cat([ones, mask], 1),
-                                        "cache": model.get_prompt(b * num_beams)}, n + ids.shape[1]
-    base = model.get_base_model()
-    embeds = base.get_input_embeddings()(ids)
-    virtual = model.get_prompt(b).to(embeds.dtype)
-    pads = (mask == 0).sum(1).tolist()  # left padding: a leading block per row
-    rows = [torch.cat([embeds[i, :k], virtual[i], embeds[i, k:]]) for i, k in enumerate(pads)]
-    masks = [torch.cat([mask[i, :k], ones[i], mask[i, k:]]) for i, k in enumerate(pads)]
-    return base, {"inputs_embeds": torch.stack(rows), "attention_mask": torch.stack(masks)}, 0
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg: EvaluateConfig, device: str) -> tuple[list[str], int]:
-    """Batched decoding, longest prompts first so each batch pads little. -> (texts, new tokens)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    new_tokens = 0
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(device)
-        runner, inputs, n_input = generation_inputs(model, enc, cfg.num_beams, tok.pad_token_id)
-        gen = runner.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                              num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
-                              no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        cont = gen[:, n_input:]  # with only inputs_embeds, generate returns the new tokens alone
-        new_tokens += int((cont != tok.pad_token_id).sum())
-        for i, text in zip(idx, tok.batch_decode(cont, skip_special_tokens=True)):
-            out[i] = first_line(text)
-    return out, new_tokens
+    ids = [engine.encode(p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    decoding = Decoding(max_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
+    done = engine.generate([Request(model, ids[i], decoding) for i in order])
+    out = [""] * len(prompts)
+    for i, (choice,) in zip(order, done):
+        out[i] = first_line(choice.text)
+    return out, sum(choice.completion_tokens for (choice,) in done)
 
 
 def first_line(text: str) -> str:
@@ -349,8 +303,10 @@ RANGES = {"bleu": (0, 100), "meteor": (0, 100), "rouge_l": (0, 100), "accuracy":
 
 
 def score_system(task: Task, model, tok, prompts: list[str], rows: list[Row], cfg: EvaluateConfig,
-                 device: str, options: dict[str, str]) -> tuple[dict, list[str], list[float], float, dict]:
-    """-> (metrics, predictions, per-row scores, tokens/s, not computed)."""
+                 device: str, options: dict[str, str], engine: Engine | None = None
+                 ) -> tuple[dict, list[str], list[float], float, dict]:
+    """-> (metrics, predictions, per-row scores, tokens/s, not computed). ``model``: the model
+    (classification) or the ``engine``'s served name (generation)."""
     t0 = time.perf_counter()
     not_computed: dict[str, str] = {}
     if task.kind == "classification":
@@ -361,7 +317,7 @@ def score_system(task: Task, model, tok, prompts: list[str], rows: list[Row], cf
         seconds = time.perf_counter() - t0
         metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
     else:
-        preds, tokens = generate(model, tok, prompts, cfg, device)
+        preds, tokens = generate(engine, model, prompts, cfg)
         seconds = time.perf_counter() - t0  # decoding only: the metrics' own time is not the model's
         metrics, per_row, not_computed = generation_metrics(preds, [r.references for r in rows])
     for key, value in metrics.items():
@@ -410,8 +366,14 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     rows = test_rows(task, read_jsonl(test_path), cfg.max_rows)
     if not rows:
         raise StageError(f"{test_path}: no test rows to evaluate")
-    tok, base_model, tuned = load_models(base, adapter, device, dtype)
     info = adapter_info(adapter)
+    engine = None
+    if task.kind == "classification":  # rank scoring: forward passes, nothing to decode
+        tok, base_model, tuned = load_models(base, adapter, device, dtype)
+    else:
+        engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype)
+        engine.add("tuned", adapter)
+        tok, base_model, tuned = engine.tokenizer, BASE, "tuned"
     if shards is not None:
         tuned_prompts = TunedPrompts.from_dir(task, tok, shards, base, check=check_shards)  # reads the manifest
         trained_on = info.get("data", {}).get("manifest_sha256")
@@ -445,7 +407,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
                "tokens_per_s": {}, "not_computed": {}}
     predictions = []
     for name, (model, prompts, options, _) in systems.items():
-        m, preds, per_row, tps, missing = score_system(task, model, tok, prompts, rows, cfg, device, options)
+        m, preds, per_row, tps, missing = score_system(task, model, tok, prompts, rows, cfg, device, options, engine)
         metrics[name] = m
         metrics["tokens_per_s"][name] = round(tps, 1)
         metrics["not_computed"].update(missing)

@@ -101,30 +101,33 @@ def test_rank_scores_match_sequence_log_probability(tiny_base, tok):
     assert scores[1, 0].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
-def test_batched_generation_equals_one_at_a_time(tiny_base, tok):
-    """Left padding with the KV cache changes nothing: each row decodes as it would alone."""
-    from transformers import AutoModelForCausalLM
+PROMPTS = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
+           "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    tok.padding_side = "left"
-    prompts = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
-               "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
+
+def test_batched_generation_equals_one_at_a_time(tiny_base):
+    """Rows decoding together (left padding, one KV cache) answer as each would alone."""
+    from serving.engine import BASE, Engine
+
     cfg = EvaluateConfig(batch_size=3, max_new_tokens=6)
-    batched, _ = evaluate.generate(model, tok, prompts, cfg, "cpu")
-    alone = [evaluate.generate(model, tok, [p], cfg.model_copy(update={"batch_size": 1}), "cpu")[0][0]
-             for p in prompts]
-    assert batched == alone
+    batched, _ = evaluate.generate(Engine(tiny_base, max_batch=3, device="cpu"), BASE, PROMPTS, cfg)
+    one = Engine(tiny_base, max_batch=1, device="cpu")
+    assert batched == [evaluate.generate(one, BASE, [p], cfg)[0][0] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
-def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, num_beams):
+def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, num_beams, tmp_path):
     """PeftModel.generate drops a prefix and mis-positions padded prompt-tuning rows (PEFT
-    0.21 + transformers 5.2x); ours must not: batched greedy decoding equals decoding by
-    full forward passes of the PEFT model (the training path), batched beams equal beams
-    row by row, and the virtual tokens change the text."""
+    0.21 + transformers 5.2x); evaluate's decoding (the serving engine) must not: batched
+    greedy decoding equals decoding by full forward passes of the PEFT model (the training
+    path), batched beams equal beams row by row, and the virtual tokens change the text."""
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from serving import adapters, beams
+    from serving.engine import Engine
+    from serving.types import Decoding, Request
 
     torch.manual_seed(0)
     config = {"prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
@@ -136,29 +139,38 @@ def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, n
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.copy_(torch.randn_like(param) * 3)  # virtual tokens that matter
-    tok.padding_side = "left"
-    prompts = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
-               "food[Chinese]\nDescription:", "Attributes: x\nDescription:"]
+    model.save_pretrained(tmp_path / "adapter")
+    engines = [Engine(tiny_base, max_batch=size, device="cpu") for size in (3, 1)]
+    for engine in engines:
+        engine.add(method, tmp_path / "adapter")
     cfg = EvaluateConfig(batch_size=3, max_new_tokens=6, num_beams=num_beams)
-    batched, _ = evaluate.generate(model, tok, prompts, cfg, "cpu")
-    alone = [evaluate.generate(model, tok, [p], cfg.model_copy(update={"batch_size": 1}), "cpu")[0][0]
-             for p in prompts]
-    assert batched == alone
-    if num_beams > 1:
+    batched, _ = evaluate.generate(engines[0], method, PROMPTS, cfg)
+    assert batched == [evaluate.generate(engines[1], method, [p], cfg)[0][0] for p in PROMPTS]
+    ids = [tuple(tok(p, add_special_tokens=False).input_ids) for p in PROMPTS]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.no_grad():  # the virtual tokens matter
+        assert not torch.allclose(model(input_ids=torch.tensor([ids[0]])).logits[0, -1],
+                                  base(input_ids=torch.tensor([ids[0]])).logits[0, -1], atol=1e-3)
+    if num_beams == 1:  # the greedy tokens are the training forward pass's, step by step
+        answers = engines[0].generate([Request(method, p, Decoding(max_tokens=6)) for p in ids])
+        for p, (answer,) in zip(ids, answers):
+            seq = list(p)
+            with torch.no_grad():
+                for token in answer.token_ids:
+                    assert token == int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+                    seq.append(token)
         return
-    # The first generated step of the padded batch sees what the training forward pass sees.
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert (enc["attention_mask"] == 0).any()  # rows of several lengths: left padding in play
-    runner, inputs, _ = evaluate.generation_inputs(model, enc, 1, tok.pad_token_id)
+    # Beam search's placement: the first step of the padded batch sees what training sees.
+    adapter = adapters.load(method, tmp_path / "adapter", adapters.Group(base))
+    padded, mask = beams.left_padded(ids, tok.pad_token_id, "cpu")
+    assert (mask == 0).any()  # rows of several lengths: left padding in play
+    inputs = beams.placement(adapter, padded, mask, 1, tok.pad_token_id)
     with torch.no_grad():
-        first = runner.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True, pad_token_id=tok.pad_token_id).scores[0]
-        base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-        for row, prompt in enumerate(prompts):
-            ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
-            expected = model(input_ids=ids, use_cache=False).logits[0, -1]
+        first = base.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=tok.pad_token_id).scores[0]
+        for row, p in enumerate(ids):
+            expected = model(input_ids=torch.tensor([p]), use_cache=False).logits[0, -1]
             torch.testing.assert_close(first[row], expected, atol=1e-4, rtol=1e-4)
-            assert not torch.allclose(expected, base(input_ids=ids).logits[0, -1], atol=1e-3)  # they matter
 
 
 def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_path):  # noqa: F811
