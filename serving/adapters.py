@@ -16,7 +16,7 @@ at once), so any reshaping PEFT does per architecture is PEFT's, not copied here
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,9 +55,9 @@ class Group:
     def add_lora(self, path: Path) -> str:
         from peft import PeftModel
 
-        self._loras += 1
-        name = f"lora{self._loras}"
         with self.lock:
+            self._loras += 1
+            name = f"lora{self._loras}"
             if self.lora is None:
                 self.lora = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
             else:
@@ -76,7 +76,7 @@ class Group:
 @dataclass(eq=False)
 class Adapter:
     """A served name's weights. ``users`` counts requests holding it (waiting or running):
-    a removed or replaced adapter is retired and freed only when the last one finishes."""
+    a removed or replaced adapter is freed only when the last one finishes."""
 
     name: str
     method: str  # base | prompt | ptuning | prefix | lora | full
@@ -86,7 +86,6 @@ class Adapter:
     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per layer: keys, values
     lora: str = BASE_ROW
     users: int = 0
-    retired: bool = field(default=False)
 
     @property
     def virtual_tokens(self) -> int:

@@ -138,7 +138,6 @@ class Engine:
 
     def _retire(self, adapter: Adapter) -> None:
         with self._lock:
-            adapter.retired = True
             self._retired.append(adapter)
         self._free_retired()
 

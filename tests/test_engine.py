@@ -1,0 +1,371 @@
+"""serving.engine: every method decodes as it was trained, in one running batch with every
+other, whoever joins when; evaluate scores what the engine serves; sampling, stops, n,
+streaming, cancel, the queue bound and hot swaps."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import evaluate
+from pipelines.config import EvaluateConfig
+from serving.decoding import TextStream
+from serving.engine import BASE, Engine
+from serving.types import Decoding, Finished, QueueFull, Request, Token, UnknownModel
+from tests.conftest import build_tiny_model
+
+METHODS = ["prompt", "ptuning", "prefix", "lora", "full", BASE]
+PROMPTS = ["Attributes: name[Aromi]\nDescription:",
+           "Attributes: name[Alimentum], area[city centre], food[Chinese]\nDescription:",
+           "Attributes: x\nDescription:"]
+STEPS = 10  # new tokens per answer: enough for a misplaced position to show
+
+
+@pytest.fixture(scope="session")
+def lively_base(tmp_path_factory) -> Path:
+    """The tiny Llama with weights drawn wide enough that greedy decoding varies (its default
+    init repeats one token), so that a wrong position or a lost prefix changes the answer."""
+    from transformers import AutoModelForCausalLM
+
+    out = build_tiny_model(tmp_path_factory.mktemp("lively") / "base")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def _peft_config(method: str):
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    causal = TaskType.CAUSAL_LM
+    return {"prompt": PromptTuningConfig(task_type=causal, num_virtual_tokens=4),
+            "ptuning": PromptEncoderConfig(task_type=causal, num_virtual_tokens=5, encoder_hidden_size=16),
+            "prefix": PrefixTuningConfig(task_type=causal, num_virtual_tokens=3, prefix_projection=True,
+                                         encoder_hidden_size=16),
+            "lora": LoraConfig(task_type=causal, r=4, target_modules=["q_proj", "v_proj"])}[method]
+
+
+def build_adapter(base: Path, method: str, out: Path, seed: int = 0) -> Path:
+    """An adapter of ``method`` with random weights that matter, saved as ``tune`` saves it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if method == "full":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+        return out
+    model = get_peft_model(model, _peft_config(method))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(lively_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {m: build_adapter(lively_base, m, root / m) for m in METHODS if m != BASE}
+
+
+@pytest.fixture(scope="module")
+def engine(lively_base, adapter_dirs) -> Engine:
+    eng = Engine(lively_base, max_batch=16, device="cpu", dtype=torch.float32)
+    for method, path in adapter_dirs.items():
+        eng.add(method, path)
+    return eng
+
+
+def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...], steps: int = STEPS) -> list[int]:
+    """Greedy decoding by full forward passes of the model as trained (PEFT's training forward, no cache)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if method == BASE:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    elif method == "full":
+        model = AutoModelForCausalLM.from_pretrained(adapter_dirs["full"])
+    else:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dirs[method])
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model.eval()(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(token)
+            seq.append(token)
+    return out
+
+
+def greedy(model: str, prompt: tuple[int, ...], **decoding) -> Request:
+    return Request(model, prompt, Decoding(**{"max_tokens": STEPS, **decoding}))
+
+
+def alone(engine: Engine, request: Request) -> list[Finished]:
+    return engine.generate([request])[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_decodes_as_trained_and_as_evaluate_scores(method, engine, lively_base, adapter_dirs):
+    ids = [engine.encode(p) for p in PROMPTS]
+    answers = [alone(engine, greedy(method, p))[0] for p in ids]
+    for p, answer in zip(ids, answers):
+        assert list(answer.token_ids) == trained(lively_base, adapter_dirs, method, p)
+    texts, tokens = evaluate.generate(engine, method, PROMPTS, EvaluateConfig(batch_size=16, max_new_tokens=STEPS))
+    assert texts == [evaluate.first_line(a.text) for a in answers]
+    assert tokens == sum(a.completion_tokens for a in answers)
+    if method != BASE:  # the adapter matters
+        assert answers[0].token_ids != alone(engine, greedy(BASE, ids[0]))[0].token_ids
+
+
+def test_a_mixed_batch_of_every_method_answers_each_row_as_alone(engine):
+    requests = [greedy(m, engine.encode(p)) for m in METHODS for p in PROMPTS]
+    mixed = engine.generate(requests)
+    assert [c.token_ids for (c,) in mixed] == [alone(engine, r)[0].token_ids for r in requests]
+    assert len({c.token_ids for (c,) in mixed}) > len(PROMPTS)  # the methods answer differently
+
+
+def test_requests_joining_mid_flight_answer_as_alone(engine):
+    """A prefix row, then soft-prompt, LoRA and base rows of other lengths join a running batch
+    step by step (the cache grows on either side), and a full fine-tune steps beside them."""
+    order = ["prefix", "prompt", "lora", "ptuning", BASE, "full"]
+    requests = [greedy(m, engine.encode(PROMPTS[i % 3]), max_tokens=STEPS + i) for i, m in enumerate(order)]
+    got: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        engine.submit(r, lambda e, i=i: got.setdefault(i, []).append(e.token_id) if isinstance(e, Token) else None)
+        engine.step()
+        engine.step()
+    while engine.step():
+        pass
+    assert [got[i] for i in range(len(requests))] == [list(alone(engine, r)[0].token_ids) for r in requests]
+
+
+def test_seeded_samples_are_reproducible_whatever_the_batch(engine):
+    ids = engine.encode(PROMPTS[0])
+    sampled = Decoding(max_tokens=STEPS, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    one = Request("lora", ids, sampled)
+    first = alone(engine, one)[0].token_ids
+    company = [greedy("prefix", engine.encode(PROMPTS[1])),
+               Request(BASE, ids, Decoding(max_tokens=STEPS, temperature=1.0, seed=1)), one]
+    assert engine.generate(company)[2][0].token_ids == first
+    others = {alone(engine, Request("lora", ids, Decoding(max_tokens=STEPS, temperature=0.9, top_p=0.95, top_k=50,
+                                                          seed=s)))[0].token_ids for s in range(1, 5)}
+    assert len(others | {first}) > 2  # the seed decides
+    three = Request("lora", ids, Decoding(max_tokens=STEPS, temperature=0.9, seed=7, n=3))
+    choices = alone(engine, three)
+    assert [c.index for c in choices] == [0, 1, 2] and len({c.token_ids for c in choices}) > 1
+    assert [c.token_ids for c in alone(engine, three)] == [c.token_ids for c in choices]
+
+
+def test_n_greedy_choices_share_one_prefill_and_agree(engine):
+    ids = engine.encode(PROMPTS[1])
+    choices = alone(engine, greedy("prefix", ids, n=3))
+    assert [c.token_ids for c in choices] == [alone(engine, greedy("prefix", ids))[0].token_ids] * 3
+
+
+def stream(engine: Engine, request: Request) -> tuple[list[Token], list[Finished]]:
+    events: list = []
+    engine.submit(request, events.append)
+    while engine.step():
+        pass
+    return [e for e in events if isinstance(e, Token)], [e for e in events if isinstance(e, Finished)]
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_streamed_text_adds_up_to_the_answer(engine, method):
+    tokens, (done,) = stream(engine, greedy(method, engine.encode(PROMPTS[1]), max_tokens=30))
+    assert "".join(t.text for t in tokens) == done.text
+    assert done.text == engine.tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    assert [t.token_id for t in tokens] == list(done.token_ids) and done.completion_tokens == 30
+    assert done.reason == "length"
+
+
+def test_a_multibyte_character_is_held_until_complete(engine):
+    tok = engine.tokenizer
+    ids = tok("café ☕ ok", add_special_tokens=False).input_ids
+    assert len(ids) > len("café ☕ ok".encode()) / 2  # byte-level pieces: the characters span tokens
+    s, pieces = TextStream(tok, ()), []
+    for i in ids:
+        s.add(i)
+        pieces.append(s.release())
+    s.flush()
+    pieces.append(s.release(len(s.text)))
+    assert "".join(pieces) == "café ☕ ok" and not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_sequences_cut_the_text_and_are_never_streamed(engine):
+    ids = engine.encode(PROMPTS[0])
+    full = alone(engine, greedy("lora", ids, max_tokens=30))[0]
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    tokens, (done,) = stream(engine, greedy("lora", ids, max_tokens=30, stop=("\u2603never", stop)))
+    assert done.reason == "stop" and done.text == full.text[:full.text.index(stop)]
+    assert "".join(t.text for t in tokens) == done.text
+    assert done.token_ids == full.token_ids[:len(done.token_ids)] and done.completion_tokens < 30
+
+
+def test_max_tokens_and_eos_end_a_choice(engine):
+    ids = engine.encode(PROMPTS[2])
+    short = alone(engine, greedy(BASE, ids, max_tokens=3))[0]
+    assert short.reason == "length" and short.completion_tokens == 3
+    third = short.token_ids[2]
+    eos = engine.eos
+    engine.eos = [*eos, third]  # as if the model's end-of-sequence token came third
+    try:
+        ended = alone(engine, greedy(BASE, ids))[0]
+    finally:
+        engine.eos = eos
+    assert ended.reason == "stop" and ended.token_ids == short.token_ids
+    assert ended.text == engine.tokenizer.decode(short.token_ids[:2], skip_special_tokens=True)
+
+
+def test_beam_search_per_adapter_matches_row_by_row(engine):
+    beams = Decoding(max_tokens=6, num_beams=3, n=2, length_penalty=0.8, no_repeat_ngram_size=3)
+    requests = [Request(m, engine.encode(p), beams) for m in METHODS for p in PROMPTS[:2]]
+    batched = engine.generate(requests)
+    assert [[c.token_ids for c in r] for r in batched] == [[c.token_ids for c in alone(engine, r)] for r in requests]
+    assert all(len(r) == 2 and r[0].token_ids != r[1].token_ids for r in batched)  # the two best beams
+
+
+def test_cancel_frees_the_slot_at_the_next_step(lively_base):
+    eng = Engine(lively_base, max_batch=1, device="cpu", dtype=torch.float32)
+    events: list = []
+    first = eng.submit(greedy(BASE, eng.encode(PROMPTS[0]), max_tokens=200), events.append)
+    eng.step()
+    second = eng.submit(greedy(BASE, eng.encode(PROMPTS[1]), max_tokens=5), events.append)
+    eng.step()
+    assert (eng.stats().running, eng.stats().waiting) == (1, 1)  # the second waits for the slot
+    eng.cancel(first)
+    eng.step()
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["cancelled"]
+    assert (eng.stats().running, eng.stats().waiting) == (1, 0)
+    while eng.step():
+        pass
+    assert second.done.is_set() and first.done.is_set()
+    assert [e.reason for e in events if isinstance(e, Finished)] == ["cancelled", "length"]
+    assert eng.stats().tokens_generated == sum(isinstance(e, Token) for e in events)
+    assert eng.stats().requests_finished == 2 and eng.stats().running == 0
+
+
+def test_a_receiver_that_fails_is_cancelled_and_a_failed_step_ends_only_its_rows(lively_base):
+    eng = Engine(lively_base, max_batch=4, device="cpu", dtype=torch.float32)
+    ids = eng.encode(PROMPTS[0])
+
+    def gone(event):
+        raise ConnectionResetError("client went away")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    dropped = eng.submit(greedy(BASE, ids, max_tokens=100), gone)
+    eng.step()
+    eng.step()
+    assert dropped.done.is_set() and eng.stats().running == 0  # its slot is free again
+
+    forward = eng._base.forward
+    eng._base.forward = out_of_memory
+    events: list = []
+    eng.submit(greedy(BASE, ids), events.append)
+    eng.step()
+    eng._base.forward = forward
+    assert [(e.reason, e.error) for e in events] == [("error", "RuntimeError: CUDA out of memory")]
+    assert alone(eng, greedy(BASE, ids))[0].reason == "length"  # the engine goes on
+
+
+def test_the_queue_is_bounded_and_requests_are_checked(lively_base):
+    eng = Engine(lively_base, max_batch=2, max_queue=2, device="cpu", dtype=torch.float32)
+    ids = eng.encode(PROMPTS[0])
+    for _ in range(2):
+        eng.submit(greedy(BASE, ids), lambda e: None)
+    with pytest.raises(QueueFull, match="2 requests waiting"):
+        eng.submit(greedy(BASE, ids), lambda e: None)
+    eng.step()  # both admitted: the queue has room again
+    eng.submit(greedy(BASE, ids), lambda e: None)
+    assert eng.stats().waiting == 1 and eng.stats().running == 2
+    with pytest.raises(UnknownModel):
+        eng.submit(greedy("nope", ids), lambda e: None)
+    for bad, field in [(Decoding(max_tokens=0), "max_tokens"), (Decoding(top_p=0), "top_p"),
+                       (Decoding(n=3), "n"), (Decoding(num_beams=2, temperature=0.5), "temperature")]:
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            eng.submit(Request(BASE, ids, bad), lambda e: None)
+    with pytest.raises(ValueError, match="^prompt_ids:"):
+        eng.submit(Request(BASE, (10**6,)), lambda e: None)
+    with pytest.raises(ValueError, match="^prompt_ids: .* context of 256"):
+        eng.submit(Request(BASE, ids * 60), lambda e: None)
+
+
+def test_hot_add_and_remove_while_requests_run(lively_base, adapter_dirs, tmp_path):
+    """On the background thread: a new version replaces "e2e" mid-flight; requests already
+    submitted finish with the version they asked for, new ones get the new one, and the old
+    LoRA weights are freed once nothing holds them."""
+    eng = Engine(lively_base, max_batch=8, device="cpu", dtype=torch.float32)
+    second = build_adapter(lively_base, "lora", tmp_path / "v2", seed=1)
+    eng.add("e2e", adapter_dirs["lora"])
+    eng.add("other", adapter_dirs["prefix"])
+    ids = eng.encode(PROMPTS[1])
+    old_answer = alone(eng, greedy("e2e", ids, max_tokens=40))[0].token_ids
+    other_answer = alone(eng, greedy("other", ids, max_tokens=40))[0].token_ids
+    eng.start()
+    try:
+        started = threading.Event()
+        results: dict[str, Finished] = {}
+
+        def collect(key):
+            def on_event(e):
+                if isinstance(e, Token) and len(results) == 0:
+                    started.set()
+                if isinstance(e, Finished):
+                    results[key] = e
+            return on_event
+
+        h_old = eng.submit(greedy("e2e", ids, max_tokens=40), collect("old"))
+        h_other = eng.submit(greedy("other", ids, max_tokens=40), collect("other"))
+        assert started.wait(30)
+        eng.add("e2e", second)
+        eng.remove("other")
+        with pytest.raises(UnknownModel):
+            eng.submit(greedy("other", ids), lambda e: None)
+        new = eng.generate([greedy("e2e", ids, max_tokens=40)])[0][0]
+        assert h_old.done.wait(30) and h_other.done.wait(30)
+    finally:
+        eng.close()
+    assert results["old"].token_ids == old_answer and results["other"].token_ids == other_answer
+    assert new.token_ids != old_answer
+    assert list(eng._base.lora.peft_config) == ["lora2"]  # version 1's LoRA weights are gone
+    assert set(eng.models()) == {BASE, "e2e"}
+
+
+REAL = Path("/tmp/ptune-run/data/models")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL / "base" / "model.safetensors").is_file(),
+                    reason=f"needs the embedded base model of a finished `make run` at {REAL}/base")
+def test_real_model_mixed_batch_answers_as_alone(tmp_path):
+    """SmolLM2-135M with a prefix and a prompt-tuning adapter built here (random, like an
+    untrained init) and the run's own adapter where there is one, all mixed with the base:
+    greedy answers equal each row decoded alone, token for token."""
+    eng = Engine(REAL / "base", max_batch=16, device="cpu", dtype=torch.float32)
+    names = [BASE]
+    for method in ("prefix", "prompt"):
+        eng.add(method, build_adapter(REAL / "base", method, tmp_path / method))
+        names.append(method)
+    if (REAL / "adapter" / "adapter_config.json").is_file():
+        eng.add("run", REAL / "adapter")
+        names.append("run")
+    mrs = ["name[The Eagle], eatType[coffee shop], food[French]", "name[Zizzi], area[riverside]",
+           "name[Aromi], eatType[pub], customer rating[5 out of 5], familyFriendly[yes], near[Café Rouge]"]
+    requests = [Request(m, eng.encode(f"Attributes: {mr}\nDescription:"), Decoding(max_tokens=24))
+                for m in names for mr in mrs]
+    mixed = eng.generate(requests)
+    assert [c.token_ids for (c,) in mixed] == [alone(eng, r)[0].token_ids for r in requests]
