@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-COPIED = ["pipelines", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "dvc.yaml",
+COPIED = ["pipelines", "serving", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "dvc.yaml",
           "params.yaml", "data/sources", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
