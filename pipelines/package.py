@@ -272,7 +272,8 @@ def _prompt_section(task: Task, manifest: dict, example: dict) -> list[str]:
                      f"{p.get('seed', 0)}, from the training pool that tokenize recorded "
                      "(`data/shards/demonstrations.jsonl` at the version's commit), never from the row's own group.")
     lines.append(f"In training, a source that did not fit {manifest.get('max_length')} tokens with its target "
-                 + ("lost its start (demonstrations first); " if p.get("truncation") == "source" else "was dropped; ")
+                 + (("lost its start (demonstrations first); " if p.get("few_shot") else "lost its start; ")
+                    if p.get("truncation") == "source" else "was dropped; ")
                  + f"template sha256 `{manifest.get('template_sha256')}`.")
     refs = example["references"]
     lines += ["", f"A test row (`{example['id']}`) as the adapter saw it:", "", _fence(example["prompt"]), ""]
@@ -359,9 +360,8 @@ def _decoding_section(task: Task, metrics: dict) -> list[str]:
     else:
         how = "greedy" if d.get("num_beams", 1) == 1 else f"beam search, {d['num_beams']} beams"
         lines.append(f"{how}; length penalty {d.get('length_penalty')}, no-repeat n-gram size "
-                     f"{d.get('no_repeat_ngram_size')} (0: off), at most {d.get('max_new_tokens')} new tokens; "
-                     "left-padded batches with the KV cache. The answer is the first non-empty line of the "
-                     "output (the scores above use it).")
+                     f"{d.get('no_repeat_ngram_size')} (0: off), at most {d.get('max_new_tokens')} new tokens. "
+                     "The answer is the first non-empty line of the output (the scores above use it).")
     return lines + [""]
 
 
