@@ -138,7 +138,7 @@ SST2_INFO = {
 }
 
 
-def test_a_classification_card_names_labels_rank_scoring_and_the_soft_prompt_caveat():
+def test_classification_prompt_tuning_and_full_fine_tuning_cards():
     sst2 = get_task("sst2")
     params = load_params(ROOT / "params.yaml")
     rows = [("sst2_dev:2", "it 's a charming journey .", "1"), ("sst2_dev:3", "unflinchingly bleak", "0")]
@@ -166,6 +166,14 @@ def test_a_classification_card_names_labels_rank_scoring_and_the_soft_prompt_cav
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card and "- stanfordnlp/sst2\n" in card
     checks = package.card_checks(card, sst2, SST2_INFO, ref, metrics, ci, (2, "e" * 64))
     assert all(checks.values()), [k for k, ok in checks.items() if not ok]
+
+    full = {**SST2_INFO, "config": {"method": "full", "full": {}}, "stats": {**SST2_INFO["stats"], "method": "full"}}
+    card = package.render_card(sst2, "sst2-adapter", full, ref, params.base_model, manifest, metrics, preds, test, ci,
+                               (2, "e" * 64), (), ["model.safetensors"])
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "transformers" and f"base_model:finetune:{SMOLLM2}" in front["tags"]
+    assert "# sst2-adapter: full fine-tune of SmolLM2-135M-Instruct" in card and "PEFT `generate` caveat" not in card
+    assert 'AutoModelForCausalLM.from_pretrained("<this directory>")' in card and "from peft" not in card
 
 
 # --- the real graph on the tiny model -------------------------------------------------
