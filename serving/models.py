@@ -367,14 +367,15 @@ class Models:
             with self._lock:
                 self._failed.pop(exact, None)
                 self._loaded[exact] = served
-                evict = self._evictable()
+                evict = self._evictable(keep=exact)
             for name in evict:
                 self._evict(name)
             return served
 
-    def _evictable(self) -> list[str]:
-        """Least recently used versions beyond ``max_versions``; never base or a prod target."""
-        pinned = {BASE, *self._alias.values()}
+    def _evictable(self, keep: str) -> list[str]:
+        """Least recently used versions beyond ``max_versions``; never base, a prod target or
+        ``keep`` (the version just loaded for a request)."""
+        pinned = {BASE, keep, *self._alias.values()}
         others = [n for n in self._loaded if n not in pinned]
         return others[:max(0, len(others) - self.max_versions)]
 

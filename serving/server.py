@@ -571,7 +571,10 @@ def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_q
         print("ptune serve: " + (f"API key required (Authorization: Bearer ${API_KEY_ENV})" if key else
                                  "no API key (loopback only; set PTUNE_API_KEY to require one)"), flush=True)
         app = create_app(models, api_key=key, limits=limits, poll_seconds=poll_seconds)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+        try:
+            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down gracefully for
+            print("ptune serve: stopped", flush=True)
     finally:
         models.close()
         engine.close()
