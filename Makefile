@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test env repro register clean-env server worker deploy
+.PHONY: run test env repro register clean-env server worker deploy serve
 
 env: $(STAMP)
 
@@ -57,6 +57,11 @@ worker: $(STAMP)
 
 deploy: $(STAMP)
 	ptune deploy
+
+# The registry's prod versions (and any artifact@version) over an OpenAI-compatible API on
+# http://127.0.0.1:8000/v1 (README, "Serving"); Ctrl-C stops it. Options: `ptune serve --help`.
+serve: $(STAMP)
+	ptune serve
 
 clean-env:
 	rm -rf $(VENV)
