@@ -29,11 +29,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: int = 256) -> Path:
     """A 2-layer Llama (~100k parameters) and a byte-level BPE tokenizer, saved to ``out``.
 
     ``vocab_slack`` < 0 gives the model fewer embedding rows than the tokenizer has
-    tokens: a mismatched base model, for tests of the shard validation.
+    tokens: a mismatched base model, for tests of the shard validation. ``context``: its
+    maximum positions (a few-shot E2E prompt in its 400-token vocabulary is ~350 tokens).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,7 +52,7 @@ def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok) + vocab_slack, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
+                      max_position_embeddings=context, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)

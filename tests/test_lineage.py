@@ -23,7 +23,7 @@ METRIC_TOLERANCE = 0.5
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lineage")
-    base = build_tiny_model(tmp / "tiny_base")
+    base = build_tiny_model(tmp / "tiny_base", context=1024)  # room for the 1-shot baseline's prompts
     project = make_project(tmp, {**TINY, "base_model.source": str(base), "evaluate.few_shot_k": 1,
                                  "evaluate.min_nonempty_fraction": 0.01,
                                  "register.min_margin_over_zero_shot": 0.0, "register.prod_tolerance": 100.0})

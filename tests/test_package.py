@@ -194,7 +194,7 @@ def old_layout(graph: dict) -> dict:
 def versions(tmp_path_factory):
     """v0.0.1 registered with the graph before the package stage, v0.1.0 with it."""
     tmp = tmp_path_factory.mktemp("package")
-    base = build_tiny_model(tmp / "tiny_base")
+    base = build_tiny_model(tmp / "tiny_base", context=1024)  # room for the 1-shot baseline's prompts
     project = make_project(tmp, {**TINY, "base_model.source": str(base), "evaluate.few_shot_k": 1,
                                  "evaluate.min_nonempty_fraction": 0.01,
                                  "register.min_margin_over_zero_shot": 0.0, "register.prod_tolerance": 100.0})
