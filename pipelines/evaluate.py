@@ -371,7 +371,9 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     if task.kind == "classification":  # rank scoring: forward passes, nothing to decode
         tok, base_model, tuned = load_models(base, adapter, device, dtype)
     else:
-        engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype)
+        # Unbounded: a few-shot prompt past the model's context is scored as generate would
+        # score it; serving refuses such a prompt instead.
+        engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
         engine.add("tuned", adapter)
         tok, base_model, tuned = engine.tokenizer, BASE, "tuned"
     if shards is not None:

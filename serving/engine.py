@@ -78,10 +78,13 @@ class Handle:
 
 class Engine:
     def __init__(self, base: Path, *, max_batch: int = 32, max_queue: int = 256,
-                 device: str | None = None, dtype: torch.dtype | None = None):
+                 device: str | None = None, dtype: torch.dtype | None = None, bounded_context: bool = True):
         """Load the base model at ``base`` once. ``max_batch``: rows (choices) decoding at once;
         ``max_queue``: requests waiting beyond them before ``submit`` raises QueueFull.
-        Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32."""
+        Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32.
+        ``bounded_context``: a row (virtual tokens, prompt, answer) stays within the model's
+        ``max_position_embeddings``; False lets it run past, rotary positions extrapolating,
+        as transformers' ``generate`` does (evaluate scores every row, as it always has)."""
         if device is None:
             from pipelines.tune import device_and_dtype
 
@@ -92,7 +95,7 @@ class Engine:
         model = load_model(base, dtype or torch.float32).to(device).eval().requires_grad_(False)
         self.device = model.device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = model.config.max_position_embeddings
+        self.context = model.config.max_position_embeddings if bounded_context else None
         self.vocab = model.get_input_embeddings().num_embeddings
         eos = model.generation_config.eos_token_id
         self.eos = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
@@ -166,7 +169,7 @@ class Engine:
             adapter = self._served.get(request.model)
             if adapter is None:
                 raise UnknownModel(request.model)
-            if len(request.prompt_ids) + adapter.virtual_tokens >= self.context:
+            if self.context and len(request.prompt_ids) + adapter.virtual_tokens >= self.context:
                 raise ValueError(f"prompt_ids: {len(request.prompt_ids)} tokens (+{adapter.virtual_tokens} virtual) "
                                  f"leave no room in the model's context of {self.context}")
             if len(self._waiting) >= self.max_queue:
@@ -458,7 +461,7 @@ class Engine:
         if (stop := c.stream.stop_at()) is not None:
             return stop, "stop"
         used = c.handle.adapter.virtual_tokens + len(c.prompt) + len(c.ids)
-        if len(c.ids) >= c.decoding.max_tokens or used >= self.context:
+        if len(c.ids) >= c.decoding.max_tokens or (self.context and used >= self.context):
             c.stream.flush()
             return len(c.stream.text), "length"
         return None, None
