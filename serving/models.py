@@ -233,7 +233,8 @@ class Models:
         hint = ""
         if isinstance(name, str) and name in self._reg.versions and name not in with_prod:
             hint = f" ({name} has no version in prod; ask for one by <artifact>@<version>)"
-        return f"model {name!r} is not served{hint}; served: {', '.join(names)}"
+        shown = repr(name[:80] + ("..." if len(name) > 80 else "")) if isinstance(name, str) else repr(name)
+        return f"model {shown} is not served{hint}; served: {', '.join(names)}"
 
     def request(self, name: str, build: Callable[[Served], tuple[tuple[int, ...], Decoding]]) -> tuple[Served, Request]:
         """(the served version, the engine request ``build`` makes for it)."""

@@ -52,6 +52,8 @@ log = logging.getLogger("ptune.serve")
 API_KEY_ENV = "PTUNE_API_KEY"
 DEFAULT_MAX_TOKENS = 128  # when a request names none: an E2E description is under 60 tokens
 MAX_STOP = 4  # OpenAI's own bound on stop sequences
+MAX_BODY = 1 << 20  # bytes; the largest context (8k tokens) is ~32 KB of text, so 1 MiB is generous
+DISCONNECT_CHECK_S = 0.25  # how often a waiting (not streamed) answer asks whether its client left
 RETRY_AFTER_S = 1  # a full queue drains by a batch every few steps; ask the client back soon
 RATE_WINDOW_S = 10.0  # tokens/s is the rate over this window (Prometheus' rate() gives any other)
 # Seconds; decode steps on CPU are tens of ms, a long answer tens of seconds.
@@ -144,7 +146,7 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                429: "rate_limit_error"}.get(self.status, "server_error")
+                413: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "server_error")
         return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
                             self.status, headers=self.headers)
 
@@ -319,15 +321,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     app = FastAPI(title="ptune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.metrics = models, metrics
 
-    @app.middleware("http")
-    async def authorize(request: HttpRequest, call_next):
-        if api_key and request.url.path != "/health":  # health answers probes, and says nothing served
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <PTUNE_API_KEY>'",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_Authorize, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, exc: ApiError):
@@ -413,13 +408,18 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     async def collect(request: HttpRequest, job: _Job, endpoint: str) -> bool:
         """Wait for every choice; False if the client went away (its request is cancelled)."""
         n = job.handle.request.decoding.n
+        look = time.monotonic() + DISCONNECT_CHECK_S
         while len(job.finished) < n:
             try:
-                event = await asyncio.wait_for(job.events.get(), 0.5)
+                event = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
             except TimeoutError:
+                event = None
+            if time.monotonic() >= look:  # tokens may arrive without pause: look on a clock
+                look = time.monotonic() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
                     engine.cancel(job.handle)
                     return False
+            if event is None:
                 continue
             if isinstance(event, Token):
                 saw_token(job, endpoint)
@@ -429,7 +429,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
 
     async def run(request: HttpRequest, schema: type[_Body], endpoint: str):
         try:
-            body = parse(await request.body(), schema)
+            body = parse(await read_body(request), schema)
             job = await start(request, body, endpoint)
         except ApiError as exc:
             record(None, endpoint, str(exc.status))
@@ -513,6 +513,37 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
         return await run(request, ChatBody, "chat")
 
     return app
+
+
+class _Authorize:
+    """Every route but /health needs ``Authorization: Bearer <key>``. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which wraps the response stream and ``receive``, which
+    a streamed answer and disconnect detection rely on."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":  # health answers probes, and names nothing
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <PTUNE_API_KEY>'",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: HttpRequest) -> bytes:
+    """The body, refused past MAX_BODY before it is all read (uvicorn sets no bound)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"request body: more than {MAX_BODY} bytes", "body", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _sse(payload: dict) -> str:
