@@ -127,6 +127,18 @@ def _lineage(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, default=str) if args.json else lineage.format_lineage(info))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from serving import export
+
+    record = export.export(args.adapter, Path(args.base), Path(args.shards), Path(args.out), force=args.force)
+    check = record["check"]
+    what = {"merged_checkpoint": "a merged checkpoint", "checkpoint": "a checkpoint",
+            "soft_prompt": "a soft prompt"}[record["kind"]]
+    print(f"{args.adapter} ({record['method']}) exported as {what} to {args.out}/ (logits within "
+          f"{check['max_abs_logit_difference']:.2g} of the PEFT model's on a training example); "
+          f"prompt format in {args.out}/prompt_format.json")
+
+
 def _quiet_loading() -> None:
     """No per-load progress bars: a server loads a version at every promotion, and its log
     should say which version, not draw bars."""
@@ -198,18 +210,6 @@ def _compare(args: argparse.Namespace) -> None:
     import json
 
     from pipelines import compare
-
-def _export(args: argparse.Namespace) -> None:
-    from serving import export
-
-    record = export.export(args.adapter, Path(args.base), Path(args.shards), Path(args.out), force=args.force)
-    check = record["check"]
-    what = {"merged_checkpoint": "a merged checkpoint", "checkpoint": "a checkpoint",
-            "soft_prompt": "a soft prompt"}[record["kind"]]
-    print(f"{args.adapter} ({record['method']}) exported as {what} to {args.out}/ (logits within "
-          f"{check['max_abs_logit_difference']:.2g} of the PEFT model's on a training example); "
-          f"prompt format in {args.out}/prompt_format.json")
-
 
     c = compare.compare(Path("."), Path(args.reference) if args.reference else None)
     if not args.no_intervals:
@@ -326,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=_lineage)
 
+    x = sub.add_parser("export", help="write what other engines load (merged checkpoint, soft prompt)")
+    x.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
+    x.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --force)")
+    x.add_argument("--base", default="data/models/base", help="the base model the adapter was trained on")
+    x.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on "
+                   "(its prompt format)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=_export)
+
     sv = sub.add_parser("serve", help="the registry's versions over an OpenAI-compatible HTTP API (Ctrl-C stops it)")
     sv.add_argument("--repo", default=".", help="the project whose registry is served (default: here)")
     sv.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
@@ -375,15 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                    help="override a parameter for this run, like `dvc exp run -S`")
     t.set_defaults(func=_retrain)
-
-    x = sub.add_parser("export", help="write what other engines load (merged checkpoint, soft prompt)")
-    x.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
-    x.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --force)")
-    x.add_argument("--base", default="data/models/base", help="the base model the adapter was trained on")
-    x.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on "
-                   "(its prompt format)")
-    x.add_argument("--force", action="store_true", help="replace --out if it exists")
-    x.set_defaults(func=_export)
 
     sv = sub.add_parser("server", help="a local Prefect server and UI on 127.0.0.1 (Ctrl-C stops it)")
     sv.add_argument("--port", type=int, help="default: prefect.port in params.yaml")
