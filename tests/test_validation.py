@@ -73,6 +73,7 @@ PASSING = {
     "shards": (shards_frame, SHARDS_PARAMS),
     "tune": (lambda: pd.DataFrame({"step": [0, 10], "loss": [2.0, 1.5]}), {}),
     "predictions": (predictions_frame, {"expected_rows": 4, "min_nonempty_fraction": 0.75}),
+    "package": (lambda: pd.DataFrame({"item": [f"check {i}" for i in range(15)], "ok": [True] * 15}), {}),
 }
 
 
@@ -221,6 +222,17 @@ def test_predictions_rows_ids_and_score_range(tmp_path):
     rows = next(f for f in err.value.summary.failures if f["expectation"] == "expect_table_row_count_to_equal")
     assert rows["observed_value"] == 4 and rows["kwargs"] == {"value": 5}
     assert "(value=5): observed 4" in str(err.value)
+
+
+def test_package_fails_on_a_missing_card_item_a_duplicate_or_too_few(tmp_path):
+    good = PASSING["package"][0]()
+    bad = good.assign(ok=[True] * 14 + [False])
+    with pytest.raises(ValidationFailed) as err:
+        validate("package", bad, {}, tmp_path / "a.json")
+    assert failed(err) == {("expect_column_values_to_be_in_set", "ok")}
+    with pytest.raises(ValidationFailed) as err:
+        validate("package", pd.concat([good.head(10), good.head(1)]), {}, tmp_path / "b.json")
+    assert failed(err) == {("expect_table_row_count_to_be_between", None), ("expect_column_values_to_be_unique", "item")}
 
 
 def test_parameters_must_match_the_suite(tmp_path):
