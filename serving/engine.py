@@ -360,8 +360,8 @@ class Engine:
         batch.repeat(counts)
         logits = out.logits[:, -1].repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
         keep = self._advance(batch.choices, pick_all(batch.choices, logits))
-        batch.keep(keep)
-        if len(batch):
+        if keep:  # every row may end at its first token (max_tokens=1, an EOS, a stop)
+            batch.keep(keep)
             if group in self._batches:
                 self._batches[group].join(batch)
             else:

@@ -229,6 +229,27 @@ def test_max_tokens_and_eos_end_a_choice(engine):
     assert ended.text == engine.tokenizer.decode(short.token_ids[:2], skip_special_tokens=True)
 
 
+def test_every_choice_ending_at_its_first_token_finishes_once(lively_base, adapter_dirs):
+    """max_tokens=1: the whole prefilled batch ends at once, joins nothing, and frees its adapters."""
+    eng = Engine(lively_base, max_batch=8, device="cpu", dtype=torch.float32)
+    for method, path in adapter_dirs.items():
+        eng.add(method, path)
+    ids = eng.encode(PROMPTS[1])
+    events: dict[str, list] = {m: [] for m in METHODS}
+    handles = [eng.submit(greedy(m, ids, max_tokens=1, n=1 if m == BASE else 2, temperature=0 if m == BASE else 1.0,
+                                 seed=1), events[m].append) for m in METHODS]
+    while eng.step():
+        pass
+    assert all(h.done.is_set() for h in handles) and not eng._batches
+    assert all(a.users == 0 for a in eng._served.values())
+    assert (eng.stats().requests_finished, eng.stats().tokens_generated, eng.stats().running) == (6, 11, 0)
+    for m in METHODS:
+        finished = [e for e in events[m] if isinstance(e, Finished)]
+        assert [(f.reason, f.completion_tokens, f.error) for f in finished] == [("length", 1, None)] * len(finished)
+        assert sorted(f.index for f in finished) == list(range(1 if m == BASE else 2))
+    assert events[BASE][-1].token_ids == alone(eng, greedy(BASE, ids))[0].token_ids[:1]
+
+
 def test_beam_search_per_adapter_matches_row_by_row(engine):
     beams = Decoding(max_tokens=6, num_beams=3, n=2, length_penalty=0.8, no_repeat_ngram_size=3)
     requests = [Request(m, engine.encode(p), beams) for m in METHODS for p in PROMPTS[:2]]
