@@ -39,7 +39,7 @@ from typing import IO, Iterator
 
 import pandas as pd
 
-from pipelines.common import StageError, atomic_dir, read_json, scratch_prefix, write_json
+from pipelines.common import SPLITS, StageError, atomic_dir, read_json, scratch_prefix, write_json
 from pipelines.config import CleanConfig
 from pipelines.dedup import DedupIndex, MinHasher, exact_key, normalized
 from pipelines.filters import Drop, apply_steps, build_steps, count_pii, pii_regex, step_names
@@ -48,7 +48,6 @@ from pipelines.validation import ValidationFailed, ValidationSummary, validate
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 CHUNK_LINES = 500  # records per unit of work sent to a worker process
 VALIDATION_ROWS = 50_000  # rows per GX batch: a light frame of ~10 MB, whatever the corpus size
 _REASON = re.compile(r"^[a-z0-9_]+$")

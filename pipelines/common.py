@@ -19,6 +19,8 @@ class StageError(RuntimeError):
     """A failure the user can act on; the CLI prints it without a traceback."""
 
 
+SPLITS = ("train", "validation", "test")  # clean writes them, tokenize shards them, lineage searches them
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,16 +42,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
-
-
-def write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def read_jsonl(path: Path) -> list[dict]:

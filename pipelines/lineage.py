@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.common import StageError
+from pipelines.common import SPLITS, StageError
 
 # Stage outputs whose hashes say which data produced a version (dvc.lock's names). The
 # registered directory is package's output; in versions from before that stage, tune's.
@@ -27,7 +27,6 @@ DATA_OUTPUTS = {"base_model": "base model", "collect": "raw", "clean": "clean", 
 # a version from before the package stage has no data/models/tuned (reported as "-").
 VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/tuned", "data/models/adapter",
              "data/models/base")
-SPLITS = ("train", "validation", "test")
 # Where a record that reached no split is: clean's removals (one file per reason), collect's quarantine.
 REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl", "data/raw/records.jsonl"
 ADAPTER = "data/models/adapter"

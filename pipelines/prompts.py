@@ -118,11 +118,6 @@ def render_zero_shot(task: Task, record: dict, tokenizer) -> str:
     return text + "\n"
 
 
-def verbalizers(task: Task) -> dict[str, str]:
-    """label -> the target text the tuned model is scored on (the rendered target)."""
-    return {label: render(task.target, {"verbalizer": word}) for label, word in task.labels.items()}
-
-
 @dataclass(frozen=True)
 class Demo:
     """A few-shot demonstration: a train record's rendered prompt and target."""

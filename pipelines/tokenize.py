@@ -44,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.base_model import load_config, load_tokenizer
-from pipelines.common import StageError, atomic_dir, write_json
+from pipelines.common import SPLITS, StageError, atomic_dir, write_json
 from pipelines.config import TokenizeConfig
 from pipelines.prompts import Demo, PromptFormat, draw_demos
 from pipelines.shards import (FORMAT, IGNORE, PACKED_SCHEMA, SCHEMA, ShardWriter, file_entry,
@@ -54,7 +54,6 @@ from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 CHUNK = 1000  # records per worker task: amortizes a task's IPC; 2 x num_proc in flight stay a few MB
 DEMO_POOL = 256  # train records kept as candidate demonstrations: variety at bounded memory
 VALIDATE_ROWS = 100_000  # examples per GX call: a call costs ~50 ms, the frame ~5 MB

@@ -37,13 +37,12 @@ import torch
 from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
-from pipelines.shards import PackedCollator, load_split, read_manifest
+from pipelines.shards import IGNORE, PackedCollator, load_split, read_manifest
 from pipelines.tasks import get_task
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 
 
 @dataclass
