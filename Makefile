@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test env repro register clean-env server worker deploy serve
+.PHONY: run test test-fast env repro register clean-env server worker deploy serve
 
 env: $(STAMP)
 
@@ -46,6 +46,10 @@ register: $(STAMP)
 
 test: $(STAMP)
 	pytest
+
+# The inner loop: unit tests only, no `dvc repro`, flow run, server or browser.
+test-fast: $(STAMP)
+	pytest -m "not slow"
 
 # Prefect (README, "Prefect"): `make server` in one terminal, `make worker` in another,
 # then `make deploy`; the UI is at http://127.0.0.1:4200. Ctrl-C stops server and worker.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, git
 
 COPIED = ["pipelines", "serving", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "dvc.yaml",
           "params.yaml", "data/sources", ".dvc/config", ".dvcignore", ".gitignore"]
@@ -65,10 +65,6 @@ def make_project(tmp: Path, overrides: dict) -> Path:
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "test project")
     return project
-
-
-def git(project: Path, *args: str) -> str:
-    return run(project, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args).stdout
 
 
 def run(project: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:

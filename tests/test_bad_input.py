@@ -547,6 +547,7 @@ def _ptune(cwd, *argv) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_stage_prints_its_own_summary_and_no_library_chatter(tmp_path, tiny_base):
     # `ptune stage collect` printed 218 lines, 214 of them Great Expectations' INFO bookkeeping.
     (tmp_path / "a.csv").write_bytes(b"sentence,label\ngood,1\nbad\xff,0\nalso good,0\nfine,1\n")

@@ -277,6 +277,7 @@ def test_parse_params_requires_sources_covering_the_task_fields():
         parse_params(raw)
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_source(tmp_path):
     """Collect 20k lines, then 200k (45 MiB): the process's peak memory barely moves.
 

@@ -7,6 +7,7 @@ import pytest
 
 from pipelines import compare
 from pipelines.common import StageError
+from tests.conftest import git
 
 DECODING = {"num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "max_new_tokens": 32}
 
@@ -20,24 +21,18 @@ def metrics(method, bleu, rows_sha="a" * 64, decoding=DECODING, task="e2e", trai
             "tuned": {"bleu": bleu}, "zero_shot": {"bleu": 1.0}, "tokens_per_s": {"tuned": 50.0, "zero_shot": 60.0}}
 
 
-def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def commit_metrics(repo, m, message):
     path = repo / "data/eval/metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(m))
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
+    return git(repo, "rev-parse", "HEAD").strip()
 
 
 @pytest.fixture
 def repo(tmp_path):
     git(tmp_path, "init", "-q", "-b", "main")
-    git(tmp_path, "config", "user.email", "t@example.com")
-    git(tmp_path, "config", "user.name", "t")
     base = commit_metrics(tmp_path, metrics("lora", 30.0), "lora run")
     experiments = {"prefix-run": metrics("prefix", 28.5, trainable=200),
                    "other-rows": metrics("prompt", 40.0, rows_sha="b" * 64),
@@ -68,7 +63,7 @@ def test_experiments_on_the_same_rows_join_the_table_others_are_named(repo):
 
 
 def test_the_same_run_reached_twice_is_listed_once(repo):
-    head = git(repo, "rev-parse", "HEAD")
+    head = git(repo, "rev-parse", "HEAD").strip()
     git(repo, "update-ref", f"refs/exps/cd/{head[2:]}/same-as-workspace", head)
     assert [r["source"] for r in compare.compare(repo).rows].count("workspace") == 2  # tuned + zero-shot
     assert "exp same-as-workspace" not in {r["source"] for r in compare.compare(repo).rows}
@@ -118,8 +113,6 @@ def dvc_repo(tmp_path):
         subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, check=True, capture_output=True)
 
     git(tmp_path, "init", "-q", "-b", "main")
-    git(tmp_path, "config", "user.email", "t@example.com")
-    git(tmp_path, "config", "user.name", "t")
     dvc("init", "-q")
     dvc("config", "core.analytics", "false")
     eval_dir = tmp_path / "data/eval"
@@ -232,7 +225,7 @@ def test_cli_prints_the_intervals_or_skips_them(tmp_path, monkeypatch, capsys):
 
 
 def test_runs_scored_before_evaluate_recorded_training_take_it_from_the_tune_stage(repo):
-    head = git(repo, "rev-parse", "HEAD")
+    head = git(repo, "rev-parse", "HEAD").strip()
     old = metrics("ptuning", 27.0)
     del old["system_info"]["tuned"]["train_seconds"], old["system_info"]["tuned"]["train_steps"]
     git(repo, "checkout", "-q", "--detach", head)

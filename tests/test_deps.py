@@ -96,6 +96,7 @@ def raw_ids(project: Path) -> list[str]:
     return [json.loads(line)["id"] for line in (project / "data/raw/records.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_source_outside_data_sources_reruns_collect_when_it_changes(tmp_path):
     lines = (Path(__file__).resolve().parents[1] / E2E).read_text().splitlines(keepends=True)
     project = make_project(tmp_path, {"collect.sources.e2e": [
@@ -121,6 +122,7 @@ def test_a_source_outside_data_sources_reruns_collect_when_it_changes(tmp_path):
     assert len(raw_ids(project)) == 30
 
 
+@pytest.mark.slow
 def test_a_changed_pin_of_a_remote_source_reruns_collect(tmp_path):
     lines = (Path(__file__).resolve().parents[1] / E2E).read_text().splitlines(keepends=True)
     served = tmp_path / "served"

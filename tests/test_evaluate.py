@@ -15,13 +15,6 @@ from tests.test_tune import E2E, shards, tune_cfg  # noqa: F401  (shards: a fixt
 TEST = [{"mr": f"name[{n}], food[Italian]", "ref": f"{n} serves Italian food."} for n in ("Strada", "Zizzi")]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_base)
-
-
 @pytest.mark.parametrize("opts", [{"chat_template": True}, {"few_shot": 2}, {"few_shot": 2, "chat_template": True},
                                   {}])
 def test_tuned_prompt_is_the_source_tokenize_wrote(opts, tmp_path, tiny_base, tok):
@@ -62,6 +55,7 @@ def test_hard_prompt_baseline_draws_other_groups_deterministically(tok):
     assert a.source(row, 0) == evaluate.render_zero_shot(E2E, row, tok)
 
 
+@pytest.mark.slow
 def test_generation_metrics_use_every_reference():
     hyps = ["Aromi is a Chinese coffee shop.", "B is by the river."]
     one = evaluate.generation_metrics(hyps, [["Aromi serves food."], ["B is by the river."]])[0]
@@ -76,6 +70,7 @@ def test_generation_metrics_use_every_reference():
         assert both["meteor"] > one["meteor"]
 
 
+@pytest.mark.slow
 def test_generation_metrics_of_empty_answers_are_zero_not_errors():
     m, _, _ = evaluate.generation_metrics(["", ""], [["Aromi serves food."], ["B is by the river."]])
     assert m["bleu"] == 0 and m["nist"] == 0 and m["rouge_l"] == 0 and m["cider"] == 0
@@ -173,6 +168,7 @@ def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, n
             torch.testing.assert_close(first[row], expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_path):  # noqa: F811
     tune.run(tune_cfg("lora", checkpoint_dir=str(tmp_path / "ckpt")), shards / "shards", tiny_base,
              tmp_path / "adapter", tmp_path / "live")

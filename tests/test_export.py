@@ -3,7 +3,6 @@ logits; a soft prompt fed as inputs_embeds gives PEFT's training-forward logits;
 tuning and bad input are refused in one line, with nothing written."""
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from pipelines import evaluate, tune
 from pipelines.common import StageError, read_jsonl, sha256_file
 from pipelines.shards import tokenizer_fingerprint
 from serving import export
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, git
 from tests.test_tune import E2E, shards, tune_cfg  # noqa: F401  (shards: a fixture)
 
 PROMPTS = ["Attributes: name[Aromi], food[Chinese]\nDescription:", "Attributes: x\nDescription: Aromi"]
@@ -193,7 +192,7 @@ def test_bad_input_is_one_line_naming_the_path(lora, shards, tiny_base, tmp_path
     (moved / "manifest.json").write_text(json.dumps({**manifest, "note": "other shards"}))
     with pytest.raises(StageError, match=rf"trained on other shards than {moved} .* pass --shards"):
         export.export(str(lora), tiny_base, moved, out)
-    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    git(tmp_path, "init", "-q", "repo")
     with pytest.raises(StageError, match="e2e-adapter: no registered versions"):
         export.export("e2e-adapter@v9.9.9", tiny_base, shards / "shards", out, repo=tmp_path / "repo")
     assert not out.exists()

@@ -16,16 +16,21 @@ from flows.retrain import (LOCK, STAGES, ValidationStopped, WorkspaceBusy, _tran
                            retrain, run_retrain)
 from pipelines.common import StageError
 from pipelines.config import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, git
 from tests.test_registry import ALL_STAGES, make_repo, sh, tags
 
 assert STAGES == ALL_STAGES  # the stand-in project has the real graph's stages
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def prefect_api():
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def flow_run(test):
+    """A test that runs a flow: on the test server (~10 s to start), and slow (seconds a run)."""
+    return pytest.mark.slow(pytest.mark.usefixtures("prefect_api")(test))
 
 
 @pytest.fixture
@@ -61,6 +66,7 @@ def read_run(state):
     return asyncio.run(_read_run(state.state_details.flow_run_id))
 
 
+@flow_run
 def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     state = run_retrain(project, {"register.prod_tolerance": "2.5"})
     assert state.is_completed(), state.message
@@ -72,7 +78,7 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     # The override went to its dotted place; the file's comment survived; it was committed.
     params = (project / "params.yaml").read_text()
     assert params.startswith("# stand-in project\n") and "prod_tolerance: 2.5" in params
-    assert sh(project, "git", "status", "--porcelain", "params.yaml").stdout == ""
+    assert git(project, "status", "--porcelain", "params.yaml") == ""
 
     task_runs, artifacts, logs = read_run(state)
     names = [t.name for t in task_runs]
@@ -96,6 +102,7 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
     assert "- no interval for lora (tuned) (workspace): its predictions are not the 3 test rows" in comparison
 
 
+@flow_run
 @pytest.mark.parametrize("failing, exits", [("tokenize", False), ("collect", True)],
                          ids=["json-says-failed", "stage-exits-nonzero"])
 def test_a_failed_validation_fails_the_run_and_stops_everything_after_it(project, failing, exits):
@@ -117,9 +124,10 @@ def test_a_failed_validation_fails_the_run_and_stops_everything_after_it(project
     assert tags(project) == [] and "registration" not in artifacts
 
 
+@flow_run
 def test_a_crashing_stage_fails_the_run_with_the_tail_of_its_output(project):
     (project / "control.json").write_text(json.dumps({"tuned": 41.2, "zero_shot": 9.1, "crash": "clean"}))
-    sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@l", "commit", "-qam", "break a stage")
+    git(project, "commit", "-qam", "break a stage")
     state = run_retrain(project)
     with pytest.raises(StageError, match=r"dvc repro --single-item clean exited \d+:\n(.*\n)*clean: out of disk space"):
         state.result()
@@ -128,6 +136,7 @@ def test_a_crashing_stage_fails_the_run_with_the_tail_of_its_output(project):
     assert task_runs[-1].run_count == 1  # clean does not fetch: no retries
 
 
+@flow_run
 def test_only_failures_that_may_pass_on_a_second_try_are_retried():
     attempts = []
 
@@ -148,6 +157,7 @@ def test_only_failures_that_may_pass_on_a_second_try_are_retried():
     assert attempts == ["ValidationStopped"]
 
 
+@flow_run
 def test_a_second_run_in_the_same_workspace_is_refused(project):
     with FileLock(str(project / LOCK)):
         with pytest.raises(WorkspaceBusy, match=f"another retrain is running in {project}; try again later"):

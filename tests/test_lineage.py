@@ -11,7 +11,8 @@ import yaml
 from pipelines.common import StageError, sha256_file
 from pipelines.lineage import membership, parse_spec
 from tests.conftest import build_tiny_model
-from tests.pipeline_project import git, make_project, run
+from tests.conftest import git
+from tests.pipeline_project import make_project, run
 from tests.test_pipeline import TINY
 
 SPEC = "e2e-adapter@v0.0.1"
@@ -121,6 +122,7 @@ def test_membership_refuses_to_guess_from_unreadable_or_inconsistent_outputs(tmp
         membership(tmp_path, "0" * 40, "s:5", {}, fs=uncached)
 
 
+@pytest.mark.slow
 def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(registered):
     project = registered
     head = git(project, "rev-parse", "HEAD").strip()
@@ -160,6 +162,7 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     assert missing.returncode == 1 and "has no version v9.9.9" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_registered_version_scores_any_file(registered, tmp_path):
     project = registered
     rows = (project / "data/sources/e2e/devel-fixed.no-ol.csv").read_text().splitlines()

@@ -13,7 +13,8 @@ from pipelines.config import BaseModelConfig, PackageConfig, load_params
 from pipelines.lineage import materialize
 from pipelines.tasks import get_task
 from tests.conftest import ROOT, build_tiny_model
-from tests.pipeline_project import git, make_project, run
+from tests.conftest import git
+from tests.pipeline_project import make_project, run
 from tests.test_pipeline import TINY
 
 E2E = get_task("e2e")
@@ -219,6 +220,7 @@ def card_table(card: str) -> dict[str, dict[str, str]]:
             ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
 
 
+@pytest.mark.slow
 def test_the_registered_directory_carries_a_filled_model_card(versions):
     project = versions
     pkg, tuned = project / "data/models/adapter", project / "data/models/tuned"
@@ -276,6 +278,7 @@ def test_the_registered_directory_carries_a_filled_model_card(versions):
     assert report["suite"] == "package" and report["success"] and report["rows"] >= 30
 
 
+@pytest.mark.slow
 def test_the_package_loads_on_its_own_and_shares_tune_s_files(versions):
     import torch
     from peft import PeftModel
@@ -305,6 +308,7 @@ def test_the_package_loads_on_its_own_and_shares_tune_s_files(versions):
     assert listings["package"]["adapter_model.safetensors"] == listings["tune"]["adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_version_registered_before_the_package_stage_still_resolves(versions, tmp_path):
     project = versions
     old = materialize(project, git(project, "rev-list", "-n1", "e2e-adapter@v0.0.1").strip(), "data/models/adapter",
@@ -333,6 +337,7 @@ def test_a_version_registered_before_the_package_stage_still_resolves(versions, 
         assert record["status"] == "trained", (version, record)
 
 
+@pytest.mark.slow
 def test_a_prompt_learning_card_carries_the_peft_generate_caveat(versions):
     project = versions
     pkg = project / "data/models/adapter"

@@ -3,8 +3,10 @@ model on a sliver of data (slow)."""
 import json
 
 import pytest
-from tests.conftest import build_tiny_model
-from tests.pipeline_project import git, make_project, run, update_params
+from tests.conftest import build_tiny_model, git
+from tests.pipeline_project import make_project, run, update_params
+
+pytestmark = pytest.mark.slow  # each test runs `dvc repro` on a project of its own
 
 TINY = {
     "collect.max_records_per_source": 400,  # the file is sorted by MR: enough MRs for every split
@@ -64,7 +66,6 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
     assert listing.splitlines()[1].split()[:2] == ["v0.1.0", "prod,staging"]
 
 
-@pytest.mark.slow
 def test_real_model_on_a_sliver(tmp_path):
     """The embedded default (SmolLM2-135M from the PyPI wheel) through every stage."""
     project = make_project(tmp_path, {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, git
 
 TEMPLATE = ROOT / "plots" / "offline.html"
 VENDOR = ROOT / "plots" / "vendor"
@@ -58,7 +58,7 @@ def plots_page(tmp_path_factory) -> Path:
     shutil.copy2(TEMPLATE, project / "plots" / "offline.html")
     (project / "loss.tsv").write_text(LOSS_TSV)
     (project / "dvc.yaml").write_text("plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    git(project, "init", "-q")
     dvc(project, "init", "-q")
     shutil.copy2(ROOT / ".dvc" / "config", project / ".dvc" / "config")
     out = dvc(project, "plots", "show")

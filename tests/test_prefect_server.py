@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,8 +23,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipelines.config import ConfigError, parse_params
-from tests.conftest import build_tiny_model
-from tests.pipeline_project import env_for, git, make_project
+from tests.conftest import build_tiny_model, free_port, git
+from tests.pipeline_project import env_for, make_project
 from tests.test_pipeline import TINY
 
 slow = pytest.mark.slow  # a real server (and, once, the tiny pipeline): seconds to minutes
@@ -34,12 +33,6 @@ STAGES = ["base_model", "collect", "clean", "tokenize", "tune", "evaluate", "pac
 TASKS = STAGES + ["publish-metrics", "publish-gate", "register-version", "publish-comparison"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT_S = 600  # the tiny pipeline takes ~1 min on 2 idle cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: dict | None = None, attempts: int = 5):

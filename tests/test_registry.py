@@ -17,7 +17,7 @@ import yaml
 from pipelines.common import StageError
 from pipelines.config import RegisterConfig, parse_params
 from pipelines.registry import artifacts, gate, list_versions, next_version, prod_version, register
-from tests.conftest import ROOT
+from tests.conftest import ROOT, git
 
 CFG = RegisterConfig(min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
 GATE, METRICS = Path("data/eval/gate.json"), Path("data/eval/metrics.json")
@@ -156,10 +156,6 @@ def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess
     return proc
 
 
-def git(repo: Path, *args: str) -> str:
-    return sh(repo, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args).stdout
-
-
 def set_control(repo: Path, commit: bool = True, **control) -> None:
     (repo / "control.json").write_text(json.dumps({"tuned": 41.2, "zero_shot": 9.1, **control}))
     if commit:
@@ -174,7 +170,7 @@ def _build(repo: Path, stages: tuple[str, ...]) -> None:
     (repo / "stage.py").write_text(STAGE_PY)
     (repo / ".gitignore").write_text("__pycache__/\n/dvc-remote/\n")
     set_control(repo, commit=False)
-    sh(repo, "git", "init", "-q", "-b", "main")
+    git(repo, "init", "-q", "-b", "main")
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "remote", "add", "-d", "local", "dvc-remote")  # stored as ../dvc-remote, as in the real project
     git(repo, "add", "-A")
@@ -232,7 +228,7 @@ def test_no_git_repository_or_no_tags_means_no_prod(tmp_path):
 
 
 def test_a_repository_without_a_first_commit_is_refused(tmp_path):
-    sh(tmp_path, "git", "init", "-q")
+    git(tmp_path, "init", "-q")
     (tmp_path / GATE).parent.mkdir(parents=True)
     (tmp_path / GATE).write_text(json.dumps({"passed": True, "reasons": []}))
     with pytest.raises(StageError, match="not a git repository with a first commit"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,9 +29,11 @@ from serving.engine import Engine
 from serving.models import CACHE, Models, NotServable
 from serving.server import api_key_for, create_app
 from serving.types import UnknownModel
-from tests.conftest import build_tiny_model
-from tests.pipeline_project import env_for, git, make_project, run, update_params
+from tests.conftest import build_tiny_model, free_port, git
+from tests.pipeline_project import env_for, make_project, run, update_params
 from tests.test_pipeline import TINY
+
+pytestmark = pytest.mark.slow  # every test serves the project `dvc repro` builds below
 
 FIRST, SECOND = "e2e-adapter@v0.0.1", "e2e-adapter@v0.1.0"  # lora, then prefix tuning
 MAX_NEW_TOKENS = TINY["evaluate.max_new_tokens"]
@@ -58,12 +59,6 @@ def models(project):
     assert served.refresh() == []
     yield served
     engine.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -475,7 +470,6 @@ def test_a_client_that_disconnects_frees_its_slot(small):
 REAL_RUN = Path(os.environ.get("PTUNE_REAL_RUN", "/tmp/ptune-run"))  # a finished `make run`
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (REAL_RUN / "data/models/base/model.safetensors").is_file() or
                     not (REAL_RUN / "dvc-remote").is_dir(), reason=f"needs a finished `make run` at {REAL_RUN}")
 def test_the_registered_real_adapter_serves_what_evaluate_scored(tmp_path):

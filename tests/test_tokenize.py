@@ -52,13 +52,6 @@ def parts(row):
             [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_base)
-
-
 def test_labels_cover_exactly_the_target_and_its_eos(tmp_path, tiny_base, tok):
     clean = write_clean(tmp_path / "clean", ROWS)
     stats = tokenize.run(cfg(shard_rows=2), E2E, clean, tiny_base, tmp_path / "shards")

@@ -298,6 +298,7 @@ def test_load_best_ends_on_the_lowest_eval_loss_and_early_stopping_stops(method,
         tune_cfg(method, early_stopping_patience=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "prefix", "ptuning"])
 def test_a_sigkilled_run_resumes_from_its_checkpoint_to_the_same_adapter(method, six_shards, tiny_base, tmp_path):
     # lora: with dropout, so the RNG state must resume too; prefix and P-tuning: the saved
@@ -343,6 +344,7 @@ def test_changed_params_never_resume_a_stale_checkpoint():
     assert key != tune.run_key(cfg, "n" * 64, "b" * 64)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_one_adapter(six_shards, tiny_base, tmp_path):
     cfg = tune_cfg("lora", epochs=2, batch_size=1, eval_examples=1, checkpoint_dir=str(tmp_path / "ckpt"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -309,6 +309,7 @@ v.validate("tune", pd.DataFrame({"step": [1], "loss": [1.0]}), {}, v.PROJECT_ROO
     assert gx_files(root / "gx") == before
 
 
+@pytest.mark.slow
 def test_declare_adds_the_asset_a_new_suite_needs(tmp_path):
     root = copy_project(tmp_path)
     suite = json.loads((root / "gx" / "expectations" / "tune.json").read_text())
