@@ -163,7 +163,7 @@ def serving(repo: Path, base: Path, log: Path, *extra: str):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: still loading the base model and the prod versions
             if time.monotonic() > deadline:
                 raise SystemExit(f"ptune serve did not answer within 300 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
