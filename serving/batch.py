@@ -49,6 +49,8 @@ class Batch:
 
     def keep(self, rows: list[int]) -> None:
         """Only ``rows`` go on; entries no remaining row attends at the front are dropped."""
+        if len(rows) == len(self.choices):  # nobody left: no copy of the cache
+            return
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int(mask.any(0).int().argmax()) if len(rows) else 0

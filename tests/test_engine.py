@@ -51,8 +51,9 @@ def _peft_config(method: str):
             "lora": LoraConfig(task_type=causal, r=4, target_modules=["q_proj", "v_proj"])}[method]
 
 
-def build_adapter(base: Path, method: str, out: Path, seed: int = 0) -> Path:
-    """An adapter of ``method`` with random weights that matter, saved as ``tune`` saves it."""
+def build_adapter(base: Path, method: str, out: Path, seed: int = 0, config=None) -> Path:
+    """An adapter of ``method`` (or of the PEFT ``config`` given) with random weights that
+    matter, saved as ``tune`` saves it."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,7 @@ def build_adapter(base: Path, method: str, out: Path, seed: int = 0) -> Path:
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(base).save_pretrained(out)
         return out
-    model = get_peft_model(model, _peft_config(method))
+    model = get_peft_model(model, config or _peft_config(method))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -323,6 +324,37 @@ def test_the_queue_is_bounded_and_requests_are_checked(lively_base):
         eng.submit(Request(BASE, (10**6,)), lambda e: None)
     with pytest.raises(ValueError, match="^prompt_ids: .* context of 256"):
         eng.submit(Request(BASE, ids * 60), lambda e: None)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["embed_tokens", "q_proj"]], ids=["hooks", "peft"])
+def test_lora_rows_of_several_adapters_answer_as_each_alone(lively_base, adapter_dirs, tmp_path, targets):
+    """Two LoRA adapters and base rows share one forward, each row with its own weights,
+    whether the engine's hooks apply them (plain linear layers) or PEFT's ``adapter_names``
+    does (a LoRA on the embedding layer): each answers as PEFT's own forward of that adapter."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=targets)
+    eng = Engine(lively_base, max_batch=16, device="cpu", dtype=torch.float32)
+    dirs = {"one": adapter_dirs["lora"] if targets == ["q_proj", "v_proj"] else
+            build_adapter(lively_base, "lora", tmp_path / "one", seed=2, config=config),
+            "two": build_adapter(lively_base, "lora", tmp_path / "two", seed=1, config=config)}
+    for name, path in dirs.items():
+        eng.add(name, path)
+    assert eng._base._own_rows == (targets == ["q_proj", "v_proj"])
+    ids = [eng.encode(p) for p in PROMPTS]
+    requests = [greedy(name, p) for p in ids for name in ("one", BASE, "two")]
+    mixed = eng.generate(requests)
+    for r, (answer,) in zip(requests, mixed):
+        model = r.model if r.model == BASE else "lora"
+        assert list(answer.token_ids) == trained(lively_base, {"lora": dirs.get(r.model)}, model, r.prompt_ids)
+    beam = Decoding(max_tokens=STEPS, num_beams=3)
+    assert eng.generate([Request("two", ids[1], beam)])[0][0].token_ids != \
+        eng.generate([Request(BASE, ids[1], beam)])[0][0].token_ids  # beam search runs with the adapter too
+    eng.remove("one")
+    eng.remove("two")
+    assert eng._base.lora is None
+    assert alone(eng, greedy(BASE, ids[0]))[0].token_ids == mixed[1][0].token_ids  # the base is the base again
+    eng.close()
 
 
 def test_hot_add_and_remove_while_requests_run(lively_base, adapter_dirs, tmp_path):
