@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -82,13 +81,11 @@ def _versions(repo: Path, artifact: str) -> list[dict]:
 
 
 def next_version(versions: list[str]) -> str:
-    """GTO's first number (v0.0.1), then a minor bump of the highest: each adapter is a release."""
-    numbers = [tuple(int(x) for x in m.groups()) for v in versions
-               if (m := re.match(r"v(\d+)\.(\d+)\.(\d+)", v))]
-    if not numbers:
-        return "v0.0.1"
-    major, minor, _ = max(numbers)
-    return f"v{major}.{minor + 1}.0"
+    """GTO's first version (v0.0.1), then GTO's minor bump of the highest: each adapter is a release."""
+    from gto.versions import SemVer
+
+    valid = [SemVer(v) for v in versions if SemVer.is_valid(v)]
+    return (max(valid).bump_minor() if valid else SemVer.get_minimal()).version
 
 
 def _rel(repo: Path, path: Path) -> str:
