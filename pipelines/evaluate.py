@@ -38,10 +38,10 @@ import torch
 from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, read_json, read_jsonl, sha256_file, write_json
 from pipelines.config import EvaluateConfig
+from pipelines.device import device_and_dtype
 from pipelines.prompts import Demo, PromptFormat, context, draw_demos, render, render_target, render_zero_shot
 from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
-from pipelines.tune import device_and_dtype
 from pipelines.validation import validate
 from serving.engine import BASE, Engine
 from serving.types import Decoding, Request

@@ -37,6 +37,7 @@ import torch
 from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
+from pipelines.device import device_and_dtype
 from pipelines.shards import IGNORE, PackedCollator, load_split, read_manifest
 from pipelines.tasks import get_task
 from pipelines.validation import validate
@@ -62,12 +63,6 @@ class TuneStats:
     train_tokens_per_s: float
     world_size: int = 1
     best_step: int | None = None  # load_best: the step whose weights were kept (lowest eval loss)
-
-
-def device_and_dtype() -> tuple[str, torch.dtype]:
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return "cpu", torch.float32
 
 
 def build_peft_config(cfg: TuneConfig, base_dir: Path):

@@ -90,7 +90,7 @@ class Engine:
         ``max_position_embeddings``; False lets it run past, rotary positions extrapolating,
         as transformers' ``generate`` does (evaluate scores every row, as it always has)."""
         if device is None:
-            from pipelines.tune import device_and_dtype
+            from pipelines.device import device_and_dtype
 
             device, dtype = device_and_dtype()
         self.tokenizer = load_tokenizer(base)
