@@ -2,7 +2,7 @@
 
 The evaluate stage scores one adapter against the hand-written prompts. The other
 methods are other runs of the same graph: registered versions (GTO tags) and DVC
-experiments (``dvc exp run -S tune.method=prefix``, kept under ``refs/exps``). Their
+experiments (``dvc exp run -S tune.method=prefix``, listed through DVC's API). Their
 ``data/eval/metrics.json`` is committed with them (a ``cache: false`` metric), so
 comparing them needs no re-scoring — provided they were scored on the same rows with
 the same decoding. Each metrics file carries ``rows_sha256`` (the ids, inputs and
@@ -57,6 +57,20 @@ def _json_at(repo: Path, commit: str, path: str) -> dict | None:
     return metrics_at(repo, commit, path)
 
 
+def experiments(repo: Path) -> list[tuple[str, str]]:
+    """(name, commit) of every DVC experiment in ``repo``, newest first, as DVC lists them
+    (``dvc exp list --all-commits``): queued and running ones have no commit yet and are left out."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo), uninitialized=True) as dvc:
+        found = [(name, sha) for runs in dvc.experiments.ls(all_commits=True).values() for name, sha in runs if sha]
+    if not found:
+        return []
+    times = dict(line.split() for line in _git(repo, "show", "-s", "--format=%H %ct", *{sha for _, sha in found})
+                 .stdout.splitlines())
+    return sorted(found, key=lambda e: -int(times[e[1]]))
+
+
 def candidates(repo: Path) -> list[Entry]:
     """Registered versions of every artifact, then DVC experiments, newest first."""
     from pipelines import registry
@@ -67,14 +81,10 @@ def candidates(repo: Path) -> list[Entry]:
             m = _json_at(repo, v["commit"], METRICS)
             if m:
                 found.append(Entry(f"{artifact}@{v['version']}", v["commit"], m))
-    refs = _git(repo, "for-each-ref", "--sort=-creatordate", "--format=%(refname) %(objectname)", "refs/exps")
-    for line in refs.stdout.splitlines() if refs.returncode == 0 else []:
-        ref, commit = line.split()
-        if ref.count("/") != 4:  # refs/exps/ab/cdef.../<name>; not refs/exps/exec/..., refs/exps/celery/...
-            continue
+    for name, commit in experiments(repo):
         m = _json_at(repo, commit, METRICS)
         if m:
-            found.append(Entry(f"exp {ref.rsplit('/', 1)[-1]}", commit, m))
+            found.append(Entry(f"exp {name}", commit, m))
     return found
 
 
