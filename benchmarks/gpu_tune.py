@@ -6,7 +6,7 @@ The rows are the peers' own: the first N SST-2 train rows as `Review: ...\\nSent
 + verbalizer + EOS, loss on the target only (``tune_speed.encode_rows``), batch 8,
 learning rate 3e-3, the peers' PEFT configs. Every run trains the same rows:
 
-- ``ptune``: ``pipelines.tune.make_trainer`` (label-only LM head, length-grouped
+- ``ptune``: ``pipelines.training.make_trainer`` (label-only LM head, length-grouped
   batches) with the stage's GPU precision: fp32 master weights, bf16 autocast.
 - ``ptune, same batches``: the same loop on the peer's sampler (135M only): its
   per-step losses against the plain peer's, which runs in fp32 (so the difference is
@@ -127,7 +127,7 @@ def run_ptune(source, rows: list[dict], tok, method: str, steps: int, grouped: b
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from pipelines.tune import PadCollator, make_trainer
+    from pipelines.training import PadCollator, make_trainer
 
     if device == "cuda":  # the previous run's model must be gone, or it counts in this run's peak
         gc.collect()

@@ -51,7 +51,7 @@ def _untrained(project: Path, method: str, out: Path, seed: int, variant: int) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.config import load_params
-    from pipelines.tune import build_peft_config, init_prefix_from_text
+    from pipelines.methods import build_peft_config, init_prefix_from_text
 
     base = project / "data/models/base"
     tune = load_params(project / "params.yaml").tune

@@ -2,7 +2,7 @@
 
 The peer (``/work/shared/peers/peft_trainer_recipe.py``) runs as a subprocess on the
 same model directory, the same first N SST-2 rows, method, batch (8), steps, learning
-rate (3e-3) and seeds; ptune's loop (``pipelines.tune.make_trainer``) then trains the
+rate (3e-3) and seeds; ptune's loop (``pipelines.training.make_trainer``) then trains the
 same way twice, in this process:
 
 - ``same batches``: the peer's sampler, so every batch is the peer's batch. Only the LM
@@ -98,7 +98,7 @@ def run_ptune(model_dir: Path, rows: list[dict], method: str, steps: int, groupe
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from pipelines.tune import PadCollator, _prepended_tokens, make_trainer
+    from pipelines.training import PadCollator, _prepended_tokens, make_trainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # as the peer, before the PEFT weights are initialized

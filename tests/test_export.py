@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from pipelines import evaluate, tune
+from pipelines import evaluate, methods, tune
 from pipelines.common import StageError, read_jsonl, sha256_file
 from pipelines.shards import tokenizer_fingerprint
 from serving import export
@@ -122,7 +122,7 @@ def test_a_soft_prompt_fed_as_inputs_embeds_gives_the_training_forward_logits(me
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = _tuned(method, shards, tiny_base, tmp_path / "adapter")
-    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), tune.build_peft_config(cfg, tiny_base))
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), methods.build_peft_config(cfg, tiny_base))
     _randomize(trained.prompt_encoder.parameters(), 3.0)
     trained.eval()
     tok = AutoTokenizer.from_pretrained(tiny_base)

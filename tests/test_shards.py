@@ -143,7 +143,7 @@ def test_packed_batch_has_the_loss_of_the_same_examples_unpacked(tmp_path, tiny_
 
 
 def test_the_collator_on_unpacked_rows_matches_plain_padding(tiny_base, tmp_path):
-    from pipelines.tune import PadCollator
+    from pipelines.training import PadCollator
 
     clean = write_clean(tmp_path / "clean", ROWS)
     tokenize.run(cfg(), E2E, clean, tiny_base, tmp_path / "shards")

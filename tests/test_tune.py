@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipelines import tokenize, tune
+from pipelines import methods, tokenize, training, tune
 from pipelines.common import StageError
 from pipelines.config import PromptMethodConfig, TokenizeConfig, TuneConfig
 from pipelines.shards import load_split
@@ -23,7 +23,7 @@ E2E = get_task("e2e")
 
 
 def tune_cfg(method, **kw):
-    base = dict(method=method, epochs=2, batch_size=2, learning_rate=1e-2, eval_examples=1,
+    base = dict(method=method, epochs=2, batch_size=2, learning_rate=1e-2, eval_examples=1, warmup_ratio=0.0,
                 prompt=dict(num_virtual_tokens=4, init="random"),
                 prefix=dict(num_virtual_tokens=4, encoder_hidden_size=16),
                 ptuning=dict(num_virtual_tokens=4, encoder_hidden_size=16), lora=dict(r=2, alpha=4))
@@ -88,7 +88,7 @@ def test_lora_learns_the_training_targets(shards, tiny_base, tmp_path):
 def test_prompt_init_text_requires_text(tiny_base):
     cfg = tune_cfg("prompt", prompt=PromptMethodConfig(num_virtual_tokens=4, init="text"))
     with pytest.raises(StageError, match="init_text"):
-        tune.build_peft_config(cfg, tiny_base)
+        methods.build_peft_config(cfg, tiny_base)
 
 
 def test_method_recipes_come_from_params_and_top_level_values_override_them():
@@ -101,10 +101,10 @@ def test_method_recipes_come_from_params_and_top_level_values_override_them():
     lester = TuneConfig(**{**tune_params.model_dump(), "method": "prompt",
                            "prompt": {**tune_params.prompt.model_dump(), "optimizer": "adafactor",
                                       "learning_rate": 0.3}})
-    args = tune.training_arguments(lester, "unused", 10, False, "cpu", torch.float32)
+    args = training.training_arguments(lester, "unused", 10, False, "cpu", torch.float32)
     assert args.optim.value == "adafactor" and args.learning_rate == 0.3
     with pytest.raises(ValueError, match="tune.full.learning_rate"):
-        TuneConfig(method="full", epochs=1, batch_size=2)
+        TuneConfig(method="full", epochs=1, batch_size=2, full={"learning_rate": None})
 
 
 def test_prefix_mlp_is_dropped_and_the_saved_prefix_reloads_and_generates(shards, tiny_base, tmp_path):
@@ -131,14 +131,14 @@ def test_prompt_label_init_puts_the_label_words_first(tiny_base):
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
-                           tune.build_peft_config(tune_cfg("prompt", prompt=dict(num_virtual_tokens=4, init="labels")),
-                                                  tiny_base))
-    tune.init_from_labels(model, tok, ["negative", "positive"])
+                           methods.build_peft_config(
+                               tune_cfg("prompt", prompt=dict(num_virtual_tokens=4, init="labels")), tiny_base))
+    methods.init_from_labels(model, tok, ["negative", "positive"])
     table = model.prompt_encoder["default"].embedding.weight
     emb = model.get_input_embeddings().weight
     torch.testing.assert_close(table[1], emb[tok(" positive", add_special_tokens=False).input_ids].mean(0))
     with pytest.raises(StageError, match="num_virtual_tokens"):
-        tune.init_from_labels(model, tok, ["a", "b", "c", "d", "e"])
+        methods.init_from_labels(model, tok, ["a", "b", "c", "d", "e"])
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -155,10 +155,10 @@ def test_prefix_text_init_acts_as_if_the_text_were_written_before_the_input(proj
     cfg = tune_cfg("prefix", prefix=dict(num_virtual_tokens=n, projection=projection, encoder_hidden_size=16,
                                          init="text", init_text=text))
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), tune.build_peft_config(cfg, tiny_base))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), methods.build_peft_config(cfg, tiny_base))
     prefix = lambda: model.prompt_encoder["default"](torch.arange(n)).detach().clone()  # noqa: E731
     before = prefix()
-    info = tune.init_prefix_from_text(model, tok, text)
+    info = methods.init_prefix_from_text(model, tok, text)
     assert len(info["token_ids"]) == n and info["token_ids"][:k] == info["token_ids"][k:2 * k]
     assert info["relative_error"] < 1e-6
     assert not torch.allclose(prefix(), before)
@@ -169,7 +169,7 @@ def test_prefix_text_init_acts_as_if_the_text_were_written_before_the_input(proj
         written = model.get_base_model()(input_ids=torch.cat([torch.tensor([info["token_ids"]]), x], 1)).logits[0, n:]
     torch.testing.assert_close(prefixed, written, atol=1e-4, rtol=1e-4)
     # a random prefix is not that: the test would notice an init that did nothing
-    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), tune.build_peft_config(cfg, tiny_base))
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), methods.build_peft_config(cfg, tiny_base))
     with torch.no_grad():
         assert (fresh(input_ids=x).logits[0] - written).abs().max() > 1e-2
 
@@ -195,14 +195,14 @@ def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_b
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
-    peft_config = tune.build_peft_config(tune_cfg(method), tiny_base)
+    peft_config = methods.build_peft_config(tune_cfg(method), tiny_base)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     model.eval()  # no dropout: both forward passes see the same network
-    batch = tune.PadCollator(0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+    batch = training.PadCollator(0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
                                  {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}])
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = tune.make_trainer(model, args, None, None, tune.PadCollator(0), None)
+    trainer = training.make_trainer(model, args, None, None, training.PadCollator(0), None)
 
     def grads(loss):
         model.zero_grad()
@@ -210,7 +210,7 @@ def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_b
         return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     # prompt and P-tuning take the shared-prompt path (virtual tokens computed once per batch)
-    assert (tune._shared_prompt_base(model) is not None) == (method in ("prompt", "ptuning"))
+    assert (training._shared_prompt_base(model) is not None) == (method in ("prompt", "ptuning"))
     reference = model(**{k: v for k, v in batch.items() if k != "n_tokens"}).loss
     ours = trainer.compute_loss(model, batch)
     assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
@@ -221,10 +221,10 @@ def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_b
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch_in_a_seeded_order():
     lengths = [3, 40, 7, 41, 5, 39, 8, 6, 42, 4, 38, 9]
-    sampler = tune.LengthGroupedSampler(lengths, batch_size=3, seed=0)
+    sampler = training.LengthGroupedSampler(lengths, batch_size=3, seed=0)
     first = list(sampler)
     assert sorted(first) == list(range(len(lengths)))
-    assert list(tune.LengthGroupedSampler(lengths, batch_size=3, seed=0)) == first  # a resumed run's order
+    assert list(training.LengthGroupedSampler(lengths, batch_size=3, seed=0)) == first  # a resumed run's order
     sampler.set_epoch(1)
     assert sorted(sampler) == list(range(len(lengths))) and list(sampler) != first
 
@@ -237,7 +237,7 @@ def _padding(lengths, order, batch):
 def test_length_grouping_cuts_padding():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 60, (400,), generator=g).tolist()
-    grouped = _padding(lengths, list(tune.LengthGroupedSampler(lengths, 8, seed=0)), 8)
+    grouped = _padding(lengths, list(training.LengthGroupedSampler(lengths, 8, seed=0)), 8)
     shuffled = _padding(lengths, torch.randperm(400, generator=g).tolist(), 8)
     assert grouped < shuffled / 3
 
@@ -250,11 +250,11 @@ CHILD = textwrap.dedent("""
     logging.basicConfig(level=logging.INFO)
     shards, base, out, cfg_json, sleep = sys.argv[1:6]
     if float(sleep):
-        inner = tune.PadCollator.__call__
+        inner = training.PadCollator.__call__
         def slow(self, features):
             time.sleep(float(sleep))  # a slow step, so a checkpoint exists before the run ends
             return inner(self, features)
-        tune.PadCollator.__call__ = slow
+        training.PadCollator.__call__ = slow
     stats = tune.run(TuneConfig.model_validate_json(cfg_json), Path(shards), Path(base), Path(out),
                      Path(out).with_name(Path(out).name + "-live"))
     print("STATS" + json.dumps(stats.__dict__))
@@ -338,10 +338,10 @@ def test_a_sigkilled_run_resumes_from_its_checkpoint_to_the_same_adapter(method,
 
 def test_changed_params_never_resume_a_stale_checkpoint():
     cfg = tune_cfg("lora")
-    key = tune.run_key(cfg, "m" * 64, "b" * 64)
-    assert key == tune.run_key(cfg.model_copy(update={"checkpoint_dir": "elsewhere"}), "m" * 64, "b" * 64)
-    assert key != tune.run_key(cfg.model_copy(update={"learning_rate": 0.5}), "m" * 64, "b" * 64)
-    assert key != tune.run_key(cfg, "n" * 64, "b" * 64)
+    key = training.run_key(cfg, "m" * 64, "b" * 64)
+    assert key == training.run_key(cfg.model_copy(update={"checkpoint_dir": "elsewhere"}), "m" * 64, "b" * 64)
+    assert key != training.run_key(cfg.model_copy(update={"learning_rate": 0.5}), "m" * 64, "b" * 64)
+    assert key != training.run_key(cfg, "n" * 64, "b" * 64)
 
 
 @pytest.mark.slow
