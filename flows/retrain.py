@@ -27,20 +27,9 @@ from pipelines.common import StageError, read_json
 from pipelines.config import ConfigError, load_params, parse_params
 from pipelines.prefect_ops import STAGE_NOTE, notify_failure
 from pipelines.registry import register, tool
+from pipelines.stages import CATALOG
 from pipelines.validation import ValidationSummary
 
-STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register")
-# Where each stage leaves its Great Expectations summary (beside its outputs in dvc.yaml).
-VALIDATION = {
-    "base_model": "data/models/base",
-    "collect": "data/raw",
-    "clean": "data/clean",
-    "tokenize": "data/shards",
-    "tune": "data/models/tuned",
-    "evaluate": "data/eval",
-    "package": "data/models/adapter",
-}
-FETCHING = {"base_model", "collect"}  # they may reach a hub or a source: worth a retry
 METRICS = Path("data/eval/metrics.json")
 REPORT = Path("data/eval/report.md")
 GATE = Path("data/eval/gate.json")
@@ -71,7 +60,7 @@ def _summary(root: Path, stage: str, succeeded: bool, started: float) -> Validat
     see ``pipelines.common.atomic_dir``) or in place; a report older than the run is not
     this run's. A stage DVC skipped as up to date keeps the summary of the run it records.
     """
-    out = root / VALIDATION[stage]
+    out = root / CATALOG[stage].validated
     failed = out.parent / f"{out.name}.validation-failed.json"
     candidates = [out / "validation.json"] if succeeded else [failed, out / "validation.json"]
     for path in candidates:
@@ -128,7 +117,7 @@ def run_stage(repo: str, stage: str) -> dict | None:
         raise StageError(f"DVC's lock on {root} is held by another `dvc` process (not a retrain: "
                          "one started from a shell?); try again when it has finished")
 
-    summary = _summary(root, stage, code == 0, started) if stage in VALIDATION else None
+    summary = _summary(root, stage, code == 0, started) if CATALOG[stage].validated else None
     if summary is not None:
         create_markdown_artifact(key=f"validation-{stage.replace('_', '-')}",
                                  markdown=_validation_markdown(stage, summary),
@@ -137,8 +126,8 @@ def run_stage(repo: str, stage: str) -> dict | None:
             raise ValidationStopped(f"{stage}: {summary}")
     if code != 0:
         raise StageError(f"dvc repro --single-item {stage} exited {code}:\n" + "\n".join(tail))
-    if stage in VALIDATION and summary is None:
-        raise StageError(f"{stage}: no validation summary at {VALIDATION[stage]}/validation.json; "
+    if CATALOG[stage].validated and summary is None:
+        raise StageError(f"{stage}: no validation summary at {CATALOG[stage].validated}/validation.json; "
                          "every stage validates its outputs (pipelines/validation.py)")
     return None if summary is None else {"suite": summary.suite, "success": summary.success}
 
@@ -236,14 +225,14 @@ def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
 
 
 def _check_graph(root: Path) -> None:
-    """The flow runs STAGES; a stage it does not know would leave the workspace unfinished."""
+    """The flow runs the stage catalog's stages; one it does not know would leave the workspace unfinished."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as dvc_repo:
         names = {stage.name for stage in dvc_repo.index.stages}
-    if names != set(STAGES):
+    if names != set(CATALOG):
         raise StageError(f"{root}/dvc.yaml has stages {sorted(names)}, but the retrain flow runs "
-                         f"{list(STAGES)}: update flows/retrain.py with the graph")
+                         f"{list(CATALOG)}: declare it in pipelines/stages.py")
 
 
 @contextmanager
@@ -297,9 +286,9 @@ def retrain(repo: str = ".", params_overrides: dict[str, str | int | float | boo
             apply_overrides(root, overrides)
         _check_graph(root)
         metrics = None
-        for stage in STAGES:
+        for stage in CATALOG:
             options = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient} \
-                if stage in FETCHING else {}
+                if CATALOG[stage].retried else {}
             try:
                 run_stage.with_options(name=stage, **options)(str(root), stage)
             except Exception as exc:

@@ -44,42 +44,15 @@ def _write_metrics(path: str | None, stats) -> None:
 
 
 def _stage(args: argparse.Namespace) -> None:
-    params = load_params(args.params)
+    from pipelines import deps
+    from pipelines.stages import CATALOG
     from pipelines.tasks import get_task
 
+    params = load_params(args.params)
     task = get_task(params.task.name)
-    name = args.stage
-    from pipelines import deps
-    deps.check(name, params, Path("."))  # under `dvc repro`: what params name must be a dep or pinned
-    if name == "base_model":
-        from pipelines import base_model
-        stats = base_model.run(params.base_model, Path(args.out))
-    elif name == "collect":
-        from pipelines import collect
-        stats = collect.run(params.collect, task, Path("."), Path(args.out))
-    elif name == "clean":
-        from pipelines import clean
-        stats = clean.run(params.clean, task, Path(args.raw), Path(args.out))
-    elif name == "tokenize":
-        from pipelines import tokenize
-        stats = tokenize.run(params.tokenize, task, Path(args.clean), Path(args.base), Path(args.out))
-    elif name == "tune":
-        from pipelines import tune
-        stats = tune.run(params.tune, Path(args.shards), Path(args.base), Path(args.out), Path(args.live))
-    elif name == "evaluate":
-        from pipelines import evaluate
-        stats = evaluate.run(params.evaluate, task, Path(args.clean), Path(args.base),
-                             Path(args.adapter), Path(args.out), shards=Path(args.shards))
-    elif name == "package":
-        from pipelines import package
-        stats = package.run(params.package, params.base_model, task, args.artifact, package.Inputs(
-            tuned=Path(args.tuned), base=Path(args.base), manifest=Path(args.manifest), metrics=Path(args.metrics),
-            predictions=Path(args.predictions), test=Path(args.test)), Path(args.out))
-    elif name == "register":
-        from pipelines import registry
-        stats = registry.run(params.register, Path(args.metrics), Path(args.out), Path("."))
-    else:  # argparse restricts the choices; this is a programming error
-        raise AssertionError(name)
+    deps.check(args.stage, params, Path("."))  # under `dvc repro`: what params name must be a dep or pinned
+    stage = CATALOG[args.stage]
+    stats = stage.call(params, task, {o.name: getattr(args, o.name) for o in stage.options})
     _write_metrics(getattr(args, "stats", None), stats)
 
 
@@ -260,46 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stage", help="run one pipeline stage (as dvc.yaml does)")
     stages = st.add_subparsers(dest="stage", required=True)
-    s = stages.add_parser("base_model")
-    s.add_argument("--out", required=True)
-    s.add_argument("--stats")
-    s = stages.add_parser("collect")
-    s.add_argument("--out", required=True)
-    s.add_argument("--stats")
-    s = stages.add_parser("clean")
-    s.add_argument("--raw", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--stats")
-    s = stages.add_parser("tokenize")
-    s.add_argument("--clean", required=True)
-    s.add_argument("--base", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--stats")
-    s = stages.add_parser("tune")
-    s.add_argument("--shards", required=True)
-    s.add_argument("--base", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--live", required=True, help="DVCLive directory (metrics and plots)")
-    s.add_argument("--stats")
-    s = stages.add_parser("evaluate")
-    s.add_argument("--clean", required=True)
-    s.add_argument("--shards", required=True, help="the shards the adapter was trained on (its prompt format)")
-    s.add_argument("--base", required=True)
-    s.add_argument("--adapter", required=True)
-    s.add_argument("--out", required=True)
-    s = stages.add_parser("package", help="the registered artifact: adapter, tokenizer, model card")
-    s.add_argument("--tuned", required=True, help="tune's output")
-    s.add_argument("--base", required=True)
-    s.add_argument("--manifest", required=True, help="the shards' manifest.json (the prompt format trained with)")
-    s.add_argument("--metrics", required=True, help="evaluate's metrics.json")
-    s.add_argument("--predictions", required=True, help="evaluate's predictions.jsonl")
-    s.add_argument("--test", required=True, help="the clean test split (the card's example row)")
-    s.add_argument("--artifact", required=True, help="the registry's name for it (dvc.yaml `artifacts:`)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--stats")
-    s = stages.add_parser("register", help="the promotion gate's decision (the DVC stage)")
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--out", required=True)
+    from pipelines.stages import CATALOG
+
+    for stage in CATALOG.values():
+        s = stages.add_parser(stage.name, help=stage.about)
+        for o in stage.options:
+            s.add_argument(f"--{o.name}", required=o.name != "stats", help=o.help)
     st.set_defaults(func=_stage)
 
     r = sub.add_parser("register", help="after dvc repro: commit, version with GTO, push (if the gate passed)")
@@ -401,7 +340,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every path the command writes, before any work: a wrong --out would otherwise fail
     only at the end, after the work, beside a complete hidden output."""
     if args.command == "stage":
-        outputs = {"out": args.stage != "register", "live": True, "stats": False}  # register's --out: gate.json
+        from pipelines.stages import CATALOG
+
+        outputs = {"out": CATALOG[args.stage].out_is_dir, "live": True, "stats": False}
     else:
         outputs = {"out": args.command in ("evaluate", "export")}  # compare --out is a markdown file
     for name, directory in outputs.items():

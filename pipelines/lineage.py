@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.common import SPLITS, StageError
+from pipelines.stages import CATALOG
 
 # Stage outputs whose hashes say which data produced a version (dvc.lock's names). The
 # registered directory is package's output; in versions from before that stage, tune's.
@@ -25,8 +26,7 @@ DATA_OUTPUTS = {"base_model": "base model", "collect": "raw", "clean": "clean", 
                 "tune": "tuned", "package": "adapter"}
 # Outputs that carry their stage's validation report inside (GX, see pipelines/validation.py);
 # a version from before the package stage has no data/models/tuned (reported as "-").
-VALIDATED = ("data/raw", "data/clean", "data/shards", "data/models/tuned", "data/models/adapter",
-             "data/models/base")
+VALIDATED = tuple(s.validated for s in CATALOG.values() if s.validated in s.writes)  # not evaluate's: in git
 # Where a record that reached no split is: clean's removals (one file per reason), collect's quarantine.
 REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl", "data/raw/records.jsonl"
 ADAPTER = "data/models/adapter"

@@ -28,7 +28,7 @@ from pipelines.config import RegisterConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("staging", "prod")  # staging: validated; prod: the gate passed (it compared with prod)
+GTO_STAGES = ("staging", "prod")  # staging: validated; prod: the gate passed (it compared with prod)
 FALLBACK_AUTHOR = ("ptune", "ptune@localhost")  # only where git has no user configured
 
 
@@ -286,7 +286,7 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
         raise StageError(f"{gate_file}: missing; run `dvc repro` (its register stage writes it) first")
     decision = read_json(gate_file)
     passed = bool(decision.get("passed"))
-    stages = STAGES if passed else STAGES[:1]
+    stages = GTO_STAGES if passed else GTO_STAGES[:1]
     reasons = "; ".join(decision.get("reasons", []))
     if not _has_commit(repo):
         raise StageError(f"{repo}: not a git repository with a first commit; GTO versions are git "

@@ -12,14 +12,14 @@ from prefect.testing.utilities import prefect_test_harness
 
 from prefect import flow, task
 
-from flows.retrain import (LOCK, STAGES, ValidationStopped, WorkspaceBusy, _transient, apply_overrides,
+from flows.retrain import (LOCK, ValidationStopped, WorkspaceBusy, _transient, apply_overrides,
                            retrain, run_retrain)
 from pipelines.common import StageError
 from pipelines.config import ConfigError
 from tests.conftest import ROOT, git
 from tests.test_registry import ALL_STAGES, make_repo, sh, tags
 
-assert STAGES == ALL_STAGES  # the stand-in project has the real graph's stages
+STAGES = ALL_STAGES  # the stand-in project has the catalog's stages
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,14 @@ from types import SimpleNamespace
 import pytest
 
 from pipelines.config import ConfigError, parse_params
+from pipelines.stages import CATALOG
 from tests.conftest import build_tiny_model, free_port, git
 from tests.pipeline_project import env_for, make_project
 from tests.test_pipeline import TINY
 
 slow = pytest.mark.slow  # a real server (and, once, the tiny pipeline): seconds to minutes
 
-STAGES = ["base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register"]
+STAGES = list(CATALOG)
 TASKS = STAGES + ["publish-metrics", "publish-gate", "register-version", "publish-comparison"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT_S = 600  # the tiny pipeline takes ~1 min on 2 idle cores

@@ -17,6 +17,7 @@ import yaml
 from pipelines.common import StageError
 from pipelines.config import RegisterConfig, parse_params
 from pipelines.registry import artifacts, gate, list_versions, next_version, prod_version, register
+from pipelines.stages import CATALOG
 from tests.conftest import ROOT, git
 
 CFG = RegisterConfig(min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
@@ -115,13 +116,12 @@ else:
     (out / "part.txt").write_text(f"{stage} {control['tuned']}\\n")
 '''
 
-OUTS = {"base_model": "data/models/base", "collect": "data/raw", "clean": "data/clean",
-        "tokenize": "data/shards", "tune": "data/models/tuned", "package": "data/models/adapter"}
+OUTS = {name: s.out for name, s in CATALOG.items() if s.out_is_dir and name != "evaluate"}  # evaluate: files
 UPSTREAM = {"clean": ["data/raw"], "tokenize": ["data/clean", "data/models/base"],
             "tune": ["data/shards"], "evaluate": ["data/models/tuned"], "package": ["data/models/tuned"]}
 
 
-ALL_STAGES = ("base_model", "collect", "clean", "tokenize", "tune", "evaluate", "package", "register")
+ALL_STAGES = tuple(CATALOG)
 SHORT = ("tune", "evaluate", "package", "register")  # enough for the registry: an adapter, metrics, the gate
 
 
