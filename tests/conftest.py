@@ -94,3 +94,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REAL_SLIVER = {  # the embedded default on a sliver of E2E: every stage, in minutes on 2 cores
+    "collect.max_records_per_source": 400,
+    "tune.max_train_examples": 48,
+    "tune.eval_examples": 8,
+    "evaluate.max_rows": 8,
+    "evaluate.max_new_tokens": 32,
+    "register.min_margin_over_zero_shot": 0.0,
+}
+
+
+@pytest.fixture(scope="session")
+def real_sliver(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M (from its PyPI wheel) through `dvc repro` on a sliver of
+    E2E, then `ptune register`: built once per session for the slow tests that need the real
+    model (the pipeline, the engine's mixed batches, the served registered adapter)."""
+    from tests.pipeline_project import make_project, run
+
+    project = make_project(tmp_path_factory.mktemp("real"), REAL_SLIVER)
+    run(project, "dvc", "repro", timeout=1200)
+    run(project, "ptune", "register")
+    return project

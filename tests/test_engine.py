@@ -398,24 +398,19 @@ def test_hot_add_and_remove_while_requests_run(lively_base, adapter_dirs, tmp_pa
     assert set(eng.models()) == {BASE, "e2e"}
 
 
-REAL = Path("/tmp/ptune-run/data/models")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL / "base" / "model.safetensors").is_file(),
-                    reason=f"needs the embedded base model of a finished `make run` at {REAL}/base")
-def test_real_model_mixed_batch_answers_as_alone(tmp_path):
+def test_real_model_mixed_batch_answers_as_alone(real_sliver, tmp_path):
     """SmolLM2-135M with a prefix and a prompt-tuning adapter built here (random, like an
-    untrained init) and the run's own adapter where there is one, all mixed with the base:
-    greedy answers equal each row decoded alone, token for token."""
-    eng = Engine(REAL / "base", max_batch=16, device="cpu", dtype=torch.float32)
+    untrained init) and the sliver run's own LoRA adapter, all mixed with the base: greedy
+    answers equal each row decoded alone, token for token."""
+    models = real_sliver / "data/models"
+    eng = Engine(models / "base", max_batch=16, device="cpu", dtype=torch.float32)
     names = [BASE]
     for method in ("prefix", "prompt"):
-        eng.add(method, build_adapter(REAL / "base", method, tmp_path / method))
+        eng.add(method, build_adapter(models / "base", method, tmp_path / method))
         names.append(method)
-    if (REAL / "adapter" / "adapter_config.json").is_file():
-        eng.add("run", REAL / "adapter")
-        names.append("run")
+    eng.add("run", models / "adapter")
+    names.append("run")
     mrs = ["name[The Eagle], eatType[coffee shop], food[French]", "name[Zizzi], area[riverside]",
            "name[Aromi], eatType[pub], customer rating[5 out of 5], familyFriendly[yes], near[Café Rouge]"]
     requests = [Request(m, eng.encode(f"Attributes: {mr}\nDescription:"), Decoding(max_tokens=24))

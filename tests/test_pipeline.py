@@ -66,17 +66,9 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
     assert listing.splitlines()[1].split()[:2] == ["v0.1.0", "prod,staging"]
 
 
-def test_real_model_on_a_sliver(tmp_path):
-    """The embedded default (SmolLM2-135M from the PyPI wheel) through every stage."""
-    project = make_project(tmp_path, {
-        "collect.max_records_per_source": 400,
-        "tune.max_train_examples": 48,
-        "tune.eval_examples": 8,
-        "evaluate.max_rows": 8,
-        "evaluate.max_new_tokens": 32,
-        "register.min_margin_over_zero_shot": 0.0,
-    })
-    run(project, "dvc", "repro", timeout=1200)
+def test_real_model_on_a_sliver(real_sliver):
+    """The embedded default (SmolLM2-135M from the PyPI wheel) through every stage, registered."""
+    project = real_sliver
     base = json.loads((project / "data/models/base/ptune_base.json").read_text())
     assert base["parameters"] > 100_000_000 and base["vocab_size"] == 49152
     metrics = json.loads((project / "data/eval/metrics.json").read_text())

@@ -7,10 +7,8 @@ run; a full queue; a client that goes away."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -467,18 +465,14 @@ def test_a_client_that_disconnects_frees_its_slot(small):
 
 # -- the embedded model ---------------------------------------------------------------
 
-REAL_RUN = Path(os.environ.get("PTUNE_REAL_RUN", "/tmp/ptune-run"))  # a finished `make run`
-
-
-@pytest.mark.skipif(not (REAL_RUN / "data/models/base/model.safetensors").is_file() or
-                    not (REAL_RUN / "dvc-remote").is_dir(), reason=f"needs a finished `make run` at {REAL_RUN}")
-def test_the_registered_real_adapter_serves_what_evaluate_scored(tmp_path):
-    """SmolLM2-135M and the run's registered e2e-adapter, in a clone of that run (the run is
-    only read): the prod version's greedy answers equal its evaluate predictions."""
+def test_the_registered_real_adapter_serves_what_evaluate_scored(real_sliver, tmp_path):
+    """SmolLM2-135M and the sliver run's registered e2e-adapter, in a clone of that run (the
+    run is only read): the prod version's greedy answers equal its evaluate predictions."""
+    project = real_sliver
     clone = tmp_path / "run"
-    git(tmp_path, "clone", "-q", str(REAL_RUN), str(clone))
-    run(clone, "dvc", "remote", "modify", "--local", "local", "url", str(REAL_RUN / "dvc-remote"))
-    base = REAL_RUN / "data/models/base"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    run(clone, "dvc", "remote", "modify", "--local", "local", "url", str(project / "dvc-remote"))
+    base = project / "data/models/base"
     engine = Engine(base, max_batch=8).start()
     try:
         served = Models(engine, clone, base)
