@@ -245,7 +245,7 @@ def test_length_grouping_cuts_padding():
 CHILD = textwrap.dedent("""
     import json, logging, sys, time
     from pathlib import Path
-    from pipelines import tune
+    from pipelines import training, tune
     from pipelines.config import TuneConfig
     logging.basicConfig(level=logging.INFO)
     shards, base, out, cfg_json, sleep = sys.argv[1:6]
