@@ -1,8 +1,8 @@
-"""The promotion gate (the DVC ``register`` stage) and registration after the graph.
+"""Registration after the graph, and the registry's reads (versions, prod, metrics at a commit).
 
 A GTO version names a git commit, so it cannot be made inside ``dvc repro``: the
-``register`` stage only decides (``gate.json``: passed or not, with one sentence per
-check), and ``ptune register`` then acts on that decision. It registers nothing from a
+``register`` stage (pipelines/register.py) only decides (``gate.json``: passed or not,
+with one sentence per check), and ``ptune register`` then acts on that decision. It registers nothing from a
 workspace that does not match ``dvc.lock`` (a failed or unfinished run) or whose
 pipeline inputs are not committed; it pushes the data to the DVC remote, commits what
 DVC leaves to git (``dvc.lock``, ``params.yaml``, the ``cache: false`` metrics and the
@@ -16,17 +16,14 @@ errors instead of console text and cost a tenth of a CLI start each.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-from pipelines.common import StageError, read_json, write_json
+from pipelines.common import StageError, read_json
 from pipelines.config import RegisterConfig
-
-log = logging.getLogger(__name__)
 
 GTO_STAGES = ("staging", "prod")  # staging: validated; prod: the gate passed (it compared with prod)
 FALLBACK_AUTHOR = ("ptune", "ptune@localhost")  # only where git has no user configured
@@ -88,7 +85,7 @@ def next_version(versions: list[str]) -> str:
     return (max(valid).bump_minor() if valid else SemVer.get_minimal()).version
 
 
-def _rel(repo: Path, path: Path) -> str:
+def repo_path(repo: Path, path: Path) -> str:
     """``path`` (absolute, or relative to the working directory) as a git path in ``repo``."""
     path = Path(path)
     if not path.is_absolute():
@@ -133,61 +130,14 @@ def metrics_at(repo: Path, commit: str, metrics_path: str) -> dict | None:
         return None
 
 
-def _scores(metrics: dict, where: str) -> tuple[str, float, float]:
+def primary_scores(metrics: dict, where: str) -> tuple[str, float, float]:
+    """(primary metric, the adapter's value, the zero-shot prompt's value) of evaluate's metrics."""
     try:
         key = metrics["primary_metric"]
         return key, float(metrics["tuned"][key]), float(metrics["zero_shot"][key])
     except (KeyError, TypeError, ValueError) as exc:
         raise StageError(f"{where}: expected primary_metric and its value under `tuned` and "
                          f"`zero_shot` (as the evaluate stage writes them); missing {exc}") from None
-
-
-def gate(cfg: RegisterConfig, metrics: dict, prod: dict | None) -> dict:
-    """Decide promotion of the candidate described by ``metrics`` (the evaluate stage's).
-
-    ``prod`` is ``{"version": ..., "metrics": <that version's metrics or None>}`` for the
-    version now in prod, or None when there is none. Pure: no I/O.
-    """
-    key, cand, zero = _scores(metrics, "metrics")
-    margin = cand - zero
-    ok_zero = margin >= cfg.min_margin_over_zero_shot
-    reasons = [f"{'pass' if ok_zero else 'FAIL'}: {key} {cand:.2f} is {margin:+.2f} over the zero-shot "
-               f"prompt ({zero:.2f}); at least {cfg.min_margin_over_zero_shot:+.2f} required"]
-    ok_prod, prod_info = True, None
-    if prod is None:
-        reasons.append("pass: no version in prod yet, nothing to compare against")
-    else:
-        ref = ((prod.get("metrics") or {}).get("tuned") or {}).get(key)
-        prod_info = {"version": prod["version"], "value": ref}
-        if ref is None:
-            # A prod version we cannot compare with is no evidence that the candidate is better.
-            ok_prod = False
-            reasons.append(f"FAIL: prod {prod['version']} has no committed {key} to compare against; "
-                           f"re-register it with its metrics, or move prod off it with `gto`")
-        else:
-            ok_prod = cand >= ref - cfg.prod_tolerance
-            reasons.append(f"{'pass' if ok_prod else 'FAIL'}: {key} {cand:.2f} vs prod {prod['version']} "
-                           f"{ref:.2f} ({cand - ref:+.2f}); at most {cfg.prod_tolerance:.2f} worse allowed")
-    return {"passed": bool(ok_zero and ok_prod), "reasons": reasons, "primary_metric": key,
-            "candidate": cand, "zero_shot": zero, "prod": prod_info,
-            "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def run(cfg: RegisterConfig, metrics_path: Path, out: Path, repo: Path) -> dict:
-    """The DVC ``register`` stage: record the gate's decision. A refusal is not an error."""
-    metrics_path = Path(metrics_path)
-    if not metrics_path.is_file():
-        raise StageError(f"{metrics_path}: not found; the evaluate stage writes it")
-    metrics = read_json(metrics_path)
-    prod = prod_version(repo, artifact_name(repo))
-    if prod:
-        prod["metrics"] = metrics_at(repo, prod.pop("commit"), _rel(repo, metrics_path))
-    decision = gate(cfg, metrics, prod)
-    write_json(out, decision)
-    for reason in decision["reasons"]:
-        log.info("gate: %s", reason)
-    log.info("gate: %s", "passed" if decision["passed"] else "refused (nothing will be registered)")
-    return decision
 
 
 def _git_paths(dvc_repo, root: Path) -> tuple[list[str], list[str]]:
@@ -296,11 +246,11 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
         _check_workspace(dvc_repo, repo, sources)
         artifact = _artifact_name(dvc_repo, repo)
         metrics = read_json(metrics_file)
-        key, cand, zero = _scores(metrics, str(metrics_file))
+        key, cand, zero = primary_scores(metrics, str(metrics_file))
         summary = f"{metrics.get('task', '?')}/{metrics.get('method', '?')} {key} {cand:.2f} (zero-shot {zero:.2f})"
 
         declared = _declared_params(repo)
-        paths = sorted({"dvc.lock", *declared, _rel(repo, metrics_file), _rel(repo, gate_file), *to_git})
+        paths = sorted({"dvc.lock", *declared, repo_path(repo, metrics_file), repo_path(repo, gate_file), *to_git})
         paths = [p for p in paths if (repo / p).exists()]
         # A params file counts as changed only where a stage reads it: dvc.lock records those
         # values, and a key no stage declares (`prefect.port`) changes no output.

@@ -106,8 +106,8 @@ def _package(params, task, o):
 
 
 def _register(params, task, o):
-    from pipelines import registry
-    return registry.run(params.register, _p(o, "metrics"), _p(o, "out"), Path("."))
+    from pipelines import register
+    return register.run(params.register, _p(o, "metrics"), _p(o, "out"), Path("."))
 
 
 BASE = Option("base", "data/models/base")
@@ -147,7 +147,7 @@ CATALOG: dict[str, Stage] = {s.name: s for s in (  # dvc.yaml's order
                          dep=False)),
           params=("task", "base_model", "package"), suite="package", stats="data/metrics/package.json",
           about="the registered artifact: adapter, tokenizer, model card"),
-    Stage("register", "registry", _register, "data/eval/gate.json",
+    Stage("register", "register", _register, "data/eval/gate.json",
           inputs=(Option("metrics", "data/eval/metrics.json"),), params=("register",),
           about="the promotion gate's decision (the DVC stage; `ptune register` acts on it)"),
 )}

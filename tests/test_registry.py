@@ -16,7 +16,8 @@ import yaml
 
 from pipelines.common import StageError
 from pipelines.config import RegisterConfig, parse_params
-from pipelines.registry import artifacts, gate, list_versions, next_version, prod_version, register
+from pipelines.register import gate
+from pipelines.registry import artifacts, list_versions, next_version, prod_version, register
 from pipelines.stages import CATALOG
 from tests.conftest import ROOT, git
 
