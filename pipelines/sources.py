@@ -2,7 +2,7 @@
 
 ``open_files`` resolves a source's ``uri`` to what it names: one file, the files a glob
 matches, a download verified against its sha256, or a Hugging Face dataset. ``read``
-yields one ``Row`` per unit of the source (a line, a table row, a Stack Exchange
+yields one ``SourceRow`` per unit of the source (a line, a table row, a Stack Exchange
 question), lazily, so memory is bounded by the largest record, never by the source:
 
 - csv/tsv: ``csv.reader`` over lines read in pieces of at most ``max_record_bytes``;
@@ -69,7 +69,7 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
-class Row:
+class SourceRow:
     key: str  # what the record id appends to the source name: line, row index or post Id
     location: str  # <file>:<line / row index>
     fields: dict[str, Any] | None  # source column -> value as read; None when unparseable
@@ -179,7 +179,7 @@ def download(src: SourceConfig, cache: Path) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def read(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def read(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     """The rows of one file of ``src``, as read (columns of the source, not yet of the task)."""
     if file.fs is not None and src.format != "hf" and file.fs.size(file.path) == 0:
         raise StageError(f"{file.display}: empty file (source {src.name!r}); it holds no records: fix it "
@@ -310,7 +310,7 @@ class _Feed:
         return "".join(self.lines.raw(n, text) for n, text, _ in lines).rstrip("\r\n")
 
 
-def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     delimiter = "\t" if src.format == "tsv" else ","
     quoting = csv.QUOTE_NONE if src.quoting == "none" else csv.QUOTE_MINIMAL
     # A quoted field may span lines, up to max_record_bytes (a process-wide setting).
@@ -347,7 +347,7 @@ def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> It
             first, last = taken[0][0], taken[-1][0]
             if len(taken) > 1 and (problem or len(row) != len(header)):
                 feed.give_back(taken[1:])
-                yield Row(str(first), f"{file.display}:{first}", None,
+                yield SourceRow(str(first), f"{file.display}:{first}", None,
                           _unclosed_quote(first, last, problem, row, len(header), ctx.max_record_bytes),
                           feed.raw(taken[:1]))
                 continue
@@ -357,21 +357,21 @@ def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> It
                           else "too_large" if "field larger than field limit" in problem else "malformed_row")
                 if reason == "truncated_row":
                     problem = f"the file ends inside a quoted field that starts at line {first}"
-                yield Row(str(last), location, None, (reason, problem), raw)
+                yield SourceRow(str(last), location, None, (reason, problem), raw)
             elif cut := [n for n, *_ in taken if n in lines.cut]:
-                yield Row(str(last), location, None, ("too_large", lines.too_large(cut[0])), raw)
+                yield SourceRow(str(last), location, None, ("too_large", lines.too_large(cut[0])), raw)
             elif not row:
                 ctx.skipped["blank_line"] += 1
             elif len(row) != len(header):
                 fields = dict(zip(header, row))
                 if len(row) > len(header):
                     fields["_extra"] = row[len(header):]
-                yield Row(str(last), location, fields,
+                yield SourceRow(str(last), location, fields,
                           ("field_count", f"expected {len(header)} fields, found {len(row)}"), raw)
             elif bad := next((f"column {c!r}: {d}" for c, v in zip(header, row) if (d := undecodable(v))), None):
-                yield Row(str(last), location, dict(zip(header, row)), ("invalid_utf8", bad), raw)
+                yield SourceRow(str(last), location, dict(zip(header, row)), ("invalid_utf8", bad), raw)
             else:
-                yield Row(str(last), location, dict(zip(header, row)), raw=raw)
+                yield SourceRow(str(last), location, dict(zip(header, row)), raw=raw)
 
 
 def _unclosed_quote(first: int, last: int, problem: str | None, row: list[str] | None, width: int,
@@ -412,30 +412,30 @@ def _text_lines(file: SourceFile, ctx: ReadContext
                 yield n, text, None, text
 
 
-def _read_jsonl(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_jsonl(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     for n, text, problem, raw in _text_lines(file, ctx):
         location = f"{file.display}:{n}"
         if problem:
-            yield Row(str(n), location, None, problem, raw)
+            yield SourceRow(str(n), location, None, problem, raw)
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield Row(str(n), location, None, ("bad_json", f"{exc.msg} (character {exc.pos + 1})"), raw)
+            yield SourceRow(str(n), location, None, ("bad_json", f"{exc.msg} (character {exc.pos + 1})"), raw)
             continue
         if not isinstance(obj, dict):
-            yield Row(str(n), location, None, ("bad_json", f"a JSON {type(obj).__name__}, not an object"), raw)
+            yield SourceRow(str(n), location, None, ("bad_json", f"a JSON {type(obj).__name__}, not an object"), raw)
         else:
-            yield Row(str(n), location, obj, raw=raw)
+            yield SourceRow(str(n), location, obj, raw=raw)
 
 
-def _read_txt(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_txt(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     """One record per non-blank line, in the column ``text``."""
     for n, text, problem, raw in _text_lines(file, ctx):
-        yield Row(str(n), f"{file.display}:{n}", None if problem else {"text": text}, problem, raw)
+        yield SourceRow(str(n), f"{file.display}:{n}", None if problem else {"text": text}, problem, raw)
 
 
-def _read_parquet(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_parquet(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -451,13 +451,13 @@ def _read_parquet(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iter
         try:
             for batch in pf.iter_batches(batch_size=1024, columns=_needed(src)):
                 for values in batch.to_pylist():
-                    yield Row(str(index), f"{file.display}:{index}", values)
+                    yield SourceRow(str(index), f"{file.display}:{index}", values)
                     index += 1
         except pa.ArrowException as exc:
             raise StageError(f"{file.display}: unreadable after row {index} (source {src.name!r}): {exc}") from None
 
 
-def _read_stackexchange(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_stackexchange(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     """One row per question (PostTypeId 1) with its accepted answer (PostTypeId 2).
 
     Columns: ``title``, ``question`` and ``answer`` (the raw HTML bodies) and ``tags``.
@@ -506,7 +506,7 @@ def _read_stackexchange(src: SourceConfig, file: SourceFile, ctx: ReadContext) -
                        else ("no_accepted_answer", "the question has no accepted answer") if accepted is None
                        else ("accepted_answer_missing", f"its accepted answer (Id {accepted}) is not in the file")
                        if answer is None else None)
-            yield Row(post_id or f"line{line}", f"{file.display}:{line}", fields, problem)
+            yield SourceRow(post_id or f"line{line}", f"{file.display}:{line}", fields, problem)
     finally:
         db.close()
         db_path.unlink(missing_ok=True)
@@ -549,10 +549,10 @@ def _load_hf(src: SourceConfig, file: SourceFile):
                          f"{src.split!r}){offline}: {type(exc).__name__}: {exc}") from None
 
 
-def _read_hf(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[Row]:
+def _read_hf(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     ds = _load_hf(src, file)
     names = ds.column_names  # None for a streamed dataset whose features are not declared
     if names is not None and (missing := [c for c in _needed(src) if c not in names]):
         raise StageError(f"{src.uri}: source {src.name!r} lacks column(s) {missing}; columns are {names}")
     for index, values in enumerate(ds):
-        yield Row(str(index), f"{file.display}[{src.split}]:{index}", values)
+        yield SourceRow(str(index), f"{file.display}[{src.split}]:{index}", values)
