@@ -38,6 +38,7 @@ from pipelines import sources
 from pipelines.common import StageError, atomic_dir, read_json, write_json
 from pipelines.config import CollectConfig, SourceConfig
 from pipelines.tasks import Task, label_key
+from pipelines import validation
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class _RawValidation:
     CUT = 64  # characters of each field value in the frame
 
     def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], path: Path):
-        self.fields, self.chunk_rows, self.path = task.fields, cfg.validation_chunk_rows, path
+        self.fields, self.chunk_rows, self.path = task.fields, validation.CHUNK_ROWS, path
         self.parameters = {"required_columns": ["id", "source", "location", *task.fields],
                            "sources": source_names, "max_record_bytes": cfg.max_record_bytes}
         self.rows: list[dict] = []
@@ -216,7 +217,7 @@ class _Sink:
         self.ids = _Ids(scratch / "ids.sqlite")
         self.checks = _RawValidation(cfg, task, source_names, staging / "validation.json")
 
-    def take(self, src: SourceConfig, file: sources.SourceFile, row: sources.Row) -> str | None:
+    def take(self, src: SourceConfig, file: sources.SourceFile, row: sources.SourceRow) -> str | None:
         """Write ``row`` as a record, or quarantine it; the quarantine reason, or None."""
         rec_id = f"{src.name}:{file.key + ':' if file.key else ''}{row.key}"
         fields, size, problem = None, 0, row.problem
