@@ -44,12 +44,12 @@ from pipelines.config import CleanConfig
 from pipelines.dedup import DedupIndex, MinHasher, exact_key, normalized
 from pipelines.filters import Drop, apply_steps, build_steps, count_pii, pii_regex, step_names
 from pipelines.tasks import Task
+from pipelines import validation
 from pipelines.validation import ValidationFailed, ValidationSummary, validate
 
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 500  # records per unit of work sent to a worker process
-VALIDATION_ROWS = 50_000  # rows per GX batch: a light frame of ~10 MB, whatever the corpus size
 _REASON = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -487,7 +487,7 @@ class _OutputIndex:
 
 
 class _ChunkedValidation:
-    """GX's ``clean`` suite over light frames of ``VALIDATION_ROWS`` rows, and the
+    """GX's ``clean`` suite over light frames of ``validation.CHUNK_ROWS`` rows, and the
     checks no single frame can make, on the index of what was written."""
 
     def __init__(self, cfg: CleanConfig, task: Task, sources: list[str], result_path: Path, scratch: Path):
@@ -513,7 +513,7 @@ class _ChunkedValidation:
         c["text_words"].append(meta["words"])
         c["label_ok"].append(meta["label_ok"])
         c["pii_left"].append(meta["pii_left"])
-        if len(c["id"]) >= VALIDATION_ROWS:
+        if len(c["id"]) >= validation.CHUNK_ROWS:
             self._flush()
 
     def _flush(self) -> None:

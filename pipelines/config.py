@@ -102,7 +102,6 @@ class CollectConfig(_Section):
     max_records_per_source: int | None = Field(default=None, gt=0)
     max_record_bytes: int = Field(default=1_000_000, gt=0)  # a longer row is quarantined (too_large), never loaded
     download_dir: str = ".ptune/downloads"  # http(s) sources, by sha256, relative to the project root
-    validation_chunk_rows: int = Field(default=50_000, gt=0)  # GX validates per chunk: memory stays flat
     # Over this share of a source's rows quarantined, its format or columns changed: the stage fails.
     max_quarantined_share: float = Field(default=0.5, ge=0, le=1)
     sources: dict[str, tuple[SourceConfig, ...]]  # task name -> its sources

@@ -15,7 +15,7 @@ model's tokenizer, mask the source out of the labels, and write verified Arrow s
   batched call of the Rust tokenizer); results are consumed in input order, so the
   shards are byte-identical for any ``num_proc``.
 - Memory: everything streams. In flight at most 2 x num_proc chunks, one shard's rows,
-  ``OPEN_ROWS`` packed rows, ``VALIDATE_ROWS`` validation aggregates; length statistics
+  ``OPEN_ROWS`` packed rows, ``validation.CHUNK_ROWS`` validation aggregates; length statistics
   come from a histogram (lengths are bounded by max_length), not a list.
 - Packing (``pack``, train only): examples are packed first-fit into rows of at most
   max_length tokens with ``position_ids`` restarting per example and ``seq_lens``, which
@@ -50,13 +50,13 @@ from pipelines.prompts import Demo, PromptFormat, draw_demos
 from pipelines.shards import (FORMAT, IGNORE, PACKED_SCHEMA, SCHEMA, ShardWriter, file_entry,
                               tokenizer_fingerprint)
 from pipelines.tasks import Task
+from pipelines import validation
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # records per worker task: amortizes a task's IPC; 2 x num_proc in flight stay a few MB
 DEMO_POOL = 256  # train records kept as candidate demonstrations: variety at bounded memory
-VALIDATE_ROWS = 100_000  # examples per GX call: a call costs ~50 ms, the frame ~5 MB
 OPEN_ROWS = 32  # packed rows open at once: rows end up near full, memory stays bounded
 # Output shaped by these params; num_proc changes only the speed, so it stays out of the manifest.
 OUTPUT_PARAMS = ("max_length", "truncation", "shard_rows", "chat_template", "few_shot", "seed", "pack")
@@ -293,7 +293,7 @@ class _Split:
 
 
 class _Checks:
-    """The GX ``shards`` suite over per-example aggregates, ``VALIDATE_ROWS`` at a time."""
+    """The GX ``shards`` suite over per-example aggregates, ``validation.CHUNK_ROWS`` at a time."""
 
     def __init__(self, params: dict, path: Path):
         self.params, self.path = params, path
@@ -304,7 +304,7 @@ class _Checks:
     def add(self, enc: Encoded) -> None:
         self.parts.append(pd.DataFrame({**enc.aggregates(), "split": enc.split}))
         self.pending += len(enc.ids)
-        if self.pending >= VALIDATE_ROWS:
+        if self.pending >= validation.CHUNK_ROWS:
             self._run()
 
     def _run(self) -> None:

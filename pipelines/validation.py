@@ -38,6 +38,9 @@ GX_DIR = PROJECT_ROOT / "gx"
 DATA_SOURCE = "ptune"
 BATCH = "whole"
 SAMPLE = 5  # unexpected values kept per failure: enough to recognise the fault, short enough to read
+# Rows per GX call for the stages that validate as they stream (collect, clean, tokenize):
+# a light frame of ~10 MB and ~50 ms a call, whatever the corpus size.
+CHUNK_ROWS = 50_000
 
 
 @dataclass

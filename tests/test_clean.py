@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines import clean
+from pipelines import clean, validation
 from pipelines.common import StageError, read_jsonl
 from pipelines.config import (CleanConfig, ConfigError, FiltersConfig, GopherQualityConfig, GopherRepetitionConfig,
                               LanguageConfig, LengthConfig, PiiConfig, UnicodeConfig, parse_params)
@@ -383,7 +383,7 @@ def test_clean_suite_fails_on_a_bad_clean_output(tmp_path):
 
 
 def test_properties_across_batches_are_checked_on_the_index(tmp_path, monkeypatch):
-    monkeypatch.setattr(clean, "VALIDATION_ROWS", 2)  # every batch alone looks fine
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 2)  # every batch alone looks fine
     records = [rec(i, mr=f"name[M{i}]", ref=f"reference text {i}") for i in range(5)]
     records.append({**records[0], "ref": "a second record under a reused id"})
     with pytest.raises(ValidationFailed) as err:

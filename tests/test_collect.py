@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import collect
+from pipelines import collect, validation
 from pipelines.common import StageError, read_json, read_jsonl
 from pipelines.config import CollectConfig, ConfigError, SourceConfig, parse_params
 from pipelines.validation import ValidationFailed
@@ -188,9 +188,10 @@ def test_id_column_gives_ids_and_quarantines_duplicates(tmp_path):
     assert stats.quarantine_reasons == {"duplicate_id": 1, "missing_id": 1}
 
 
-def test_validation_runs_per_chunk_and_reports_the_whole(tmp_path):
+def test_validation_runs_per_chunk_and_reports_the_whole(tmp_path, monkeypatch):
     (tmp_path / "src.csv").write_text(E2E_CSV)
-    collect.run(config(source("src", "src.csv"), validation_chunk_rows=2), make_task(), tmp_path, tmp_path / "raw")
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 2)
+    collect.run(config(source("src", "src.csv")), make_task(), tmp_path, tmp_path / "raw")
     report = read_json(tmp_path / "raw" / "validation.json")
     assert (report["success"], report["rows"], report["chunks"]) == (True, 5, 3)
 
@@ -278,7 +279,7 @@ def test_parse_params_requires_sources_covering_the_task_fields():
 
 
 @pytest.mark.slow
-def test_memory_does_not_grow_with_the_source(tmp_path):
+def test_memory_does_not_grow_with_the_source(tmp_path, monkeypatch):
     """Collect 20k lines, then 200k (45 MiB): the process's peak memory barely moves.
 
     The small run comes first so that imports and GX's context are already paid for;
@@ -287,12 +288,13 @@ def test_memory_does_not_grow_with_the_source(tmp_path):
     line = json.dumps({"mr": "x" * 150, "ref": "y" * 50})[:-1]
     peak_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731 (KiB on Linux)
     peaks = {}
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 10_000)  # the 20k run already holds a whole chunk
     for n in (20_000, 200_000):
         path = tmp_path / f"{n}.jsonl"
         with open(path, "w") as f:
             for i in range(n):
                 f.write(f'{line}, "i": {i}}}\n')
-        cfg = config(source("s", path.name), validation_chunk_rows=10_000)
+        cfg = config(source("s", path.name))
         assert collect.run(cfg, make_task(), tmp_path, tmp_path / f"raw{n}").records == n
         peaks[n] = peak_mib()
     size_mib = (tmp_path / "200000.jsonl").stat().st_size / 2**20
