@@ -34,11 +34,10 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines import sources
+from pipelines import sources, validation
 from pipelines.common import StageError, atomic_dir, read_json, write_json
 from pipelines.config import CollectConfig, SourceConfig
 from pipelines.tasks import Task, label_key
-from pipelines import validation
 from pipelines.validation import validate
 
 log = logging.getLogger(__name__)
