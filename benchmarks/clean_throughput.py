@@ -31,6 +31,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -223,7 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--sizes", type=int, nargs=2, default=(50_000, 500_000), metavar=("ONE_X", "TEN_X"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/ptune-clean-bench"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ptune-clean-bench")
     parser.add_argument("--skip-rss", action="store_true", help="only the throughput table")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Training speed of the tune stage's loop against the plain PEFT + Trainer recipe.
 
-The peer (``/work/shared/peers/peft_trainer_recipe.py``) runs as a subprocess on the
+The peer (``../shared/peers/peft_trainer_recipe.py``, beside the repository) runs as a subprocess on the
 same model directory, the same first N SST-2 rows, method, batch (8), steps, learning
 rate (3e-3) and seeds; ptune's loop (``pipelines.training.make_trainer``) then trains the
 same way twice, in this process:
@@ -21,7 +21,7 @@ steps 2..N (the batches are the same-batches run's). The first step, which carri
 warm-up costs, is thus charged to ptune only.
 
 usage: python benchmarks/tune_speed.py MODEL_DIR SST2_TSV [--methods prompt,prefix,lora] [--steps 30]
-           [--repeats 2] [--peer /work/shared/peers/peft_trainer_recipe.py]
+           [--repeats 2] [--peer ../shared/peers/peft_trainer_recipe.py]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+PEER = ROOT.parent / "shared" / "peers" / "peft_trainer_recipe.py"  # the shared peers sit beside the repository
 BATCH, LR, LOG_EVERY = 8, 3e-3, 10  # the peer's fixed settings
 VERBAL = {"0": " negative", "1": " positive"}
 
@@ -143,8 +144,11 @@ def main() -> None:
     ap.add_argument("--methods", default="prompt,prefix,lora")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the fastest of each is kept")
-    ap.add_argument("--peer", type=Path, default=Path("/work/shared/peers/peft_trainer_recipe.py"))
+    ap.add_argument("--peer", type=Path, default=PEER)
     args = ap.parse_args()
+    if not args.peer.is_file():
+        ap.error(f"--peer {args.peer}: no such file; the peer recipe is peft_trainer_recipe.py in the shared "
+                 f"peers folder (by default ../shared/peers beside the repository): pass its path with --peer")
     from transformers import AutoTokenizer
 
     n = args.steps * BATCH  # one epoch: every example seen once by each run
