@@ -13,10 +13,12 @@ references; greedy or beam decoding (length penalty, no-repeat n-grams) per para
 through the serving engine (serving/engine.py), the one decoding path ``ptune serve``
 answers with. The E2E challenge's metrics as in the Prefix-Tuning paper's Table 1: BLEU
 (sacrebleu, multi-reference), NIST (nltk), METEOR (METEOR 1.5 through pycocoevalcap;
-needs a Java runtime), ROUGE-L (rouge-score, best reference per row) and CIDEr-D
-(pycocoevalcap). BLEU, METEOR and ROUGE-L are in points
-(0-100); NIST and CIDEr on their own scales, as the paper reports them. What cannot be
-computed on this machine is named, with the reason, under ``not_computed``.
+needs a Java runtime), ROUGE-L and CIDEr-D (pycocoevalcap, as the challenge's scoring
+script computes them: ROUGE-L is the LCS F-measure with beta 1.2 from the best precision
+and the best recall over a row's references, averaged over rows). BLEU, METEOR and
+ROUGE-L are in points (0-100); NIST and CIDEr on their own scales, as the paper reports
+them. What cannot be computed on this machine is named, with the reason, under
+``not_computed``.
 
 Classification tasks (SST-2): rank scoring: the label whose verbalizer has the highest
 total log-probability after the prompt wins; accuracy and macro-F1 in points.
@@ -227,7 +229,7 @@ class HardPrompts:
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
-    """Lower-cased 13a tokens (sacrebleu's, as mteval's NIST uses) for NIST and CIDEr."""
+    """Lower-cased 13a tokens (sacrebleu's, as mteval's NIST uses) for NIST and the COCO scorers."""
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
     tokenize = Tokenizer13a()
@@ -243,16 +245,16 @@ def _nist(hyps: list[str], refs: list[list[str]]) -> float:
     return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=5)
 
 
-def _cider_meteor(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[float | None, float | None]:
-    """CIDEr-D and METEOR 1.5 through pycocoevalcap (the COCO caption scorers the E2E
-    challenge's scripts use); METEOR runs its jar and so needs ``java`` on PATH."""
-    try:
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError:
-        not_computed["cider"] = not_computed["meteor"] = "pycocoevalcap is not installed"
-        return None, None
+def _coco(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[list[float], float, float | None]:
+    """(per-row ROUGE-L in points, CIDEr-D, METEOR 1.5) through pycocoevalcap, the COCO
+    caption scorers the E2E challenge's script uses, each fed the same tokens; METEOR runs
+    its jar and so needs ``java`` on PATH."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
     res = {i: [" ".join(t)] for i, t in enumerate(_tokens(hyps))}
     gts = {i: [" ".join(t) for t in _tokens(r)] for i, r in enumerate(refs)}
+    rouge = [100 * float(s) for s in Rouge().compute_score(gts, res)[1]]
     cider = float(Cider().compute_score(gts, res)[0])
     meteor = None
     if shutil.which("java") is None:
@@ -263,21 +265,18 @@ def _cider_meteor(hyps: list[str], refs: list[list[str]], not_computed: dict) ->
         scorer = Meteor()  # a java subprocess, ended when the scorer is collected
         meteor = 100 * float(scorer.compute_score(gts, res)[0])
         del scorer
-    return cider, meteor
+    return rouge, cider, meteor
 
 
 def generation_metrics(hyps: list[str], refs: list[list[str]]) -> tuple[dict, list[float], dict]:
     """-> (corpus metrics, per-row ROUGE-L, {metric: why it was not computed})."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
     width = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
     bleu = sacrebleu.corpus_bleu(hyps, streams).score
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score_multi(r, h)["rougeL"].fmeasure * 100 for h, r in zip(hyps, refs)]
     not_computed: dict[str, str] = {}
-    cider, meteor = _cider_meteor(hyps, refs, not_computed)
+    rouge, cider, meteor = _coco(hyps, refs, not_computed)
     metrics = {"bleu": round(bleu, 2), "nist": round(_nist(hyps, refs), 4), "meteor": meteor,
                "rouge_l": round(sum(rouge) / len(rouge), 2), "cider": cider}
     metrics = {k: (round(v, 4) if k in ("cider", "nist") else round(v, 2)) for k, v in metrics.items()

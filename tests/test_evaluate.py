@@ -76,6 +76,22 @@ def test_generation_metrics_of_empty_answers_are_zero_not_errors():
     assert m["bleu"] == 0 and m["nist"] == 0 and m["rouge_l"] == 0 and m["cider"] == 0
 
 
+def test_rouge_l_is_the_e2e_challenges(monkeypatch):
+    """pycocoevalcap's ROUGE-L on lower-cased 13a tokens: F = (1 + b^2) P R / (R + b^2 P),
+    b = 1.2, with P and R each the best over the row's references; the mean over rows."""
+    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)  # no METEOR jar: not what is tested
+    hyps = ["The cat sat on the mat.", "Aromi is a pub."]
+    refs = [["The cat is on the mat.", "Cat sat."], ["Aromi is a Chinese pub near the river."]]
+    metrics, per_row, _ = evaluate.generation_metrics(hyps, refs)
+    # row 1: 7 tokens; LCS 6 with the first reference (7 tokens), 3 with "cat sat ." (3 tokens):
+    # P = 6/7 (first), R = 3/3 (second) -> 2.44 * 6/7 / (1 + 1.44 * 6/7) = 14.64 / 15.64
+    # (the best single reference's F would be 6/7); row 2: LCS 5, P = 5/5, R = 5/9
+    # -> 2.44 * 5/9 / (5/9 + 1.44) = 12.2 / 17.96 (beta 1 would give 10/14)
+    expected = [100 * 14.64 / 15.64, 100 * 12.2 / 17.96]
+    assert per_row == pytest.approx(expected)
+    assert metrics["rouge_l"] == round(sum(expected) / 2, 2) == 80.77
+
+
 def test_classification_metrics():
     m, per_row = evaluate.classification_metrics(["1", "1", "0", "0"], ["1", "0", "0", "0"], ["0", "1"])
     assert m["accuracy"] == 75.0 and per_row == [100.0, 0.0, 100.0, 100.0]
