@@ -59,11 +59,17 @@ def _json_at(repo: Path, commit: str, path: str) -> dict | None:
 
 def experiments(repo: Path) -> list[tuple[str, str]]:
     """(name, commit) of every DVC experiment in ``repo``, newest first, as DVC lists them
-    (``dvc exp list --all-commits``): queued and running ones have no commit yet and are left out."""
+    (``dvc exp list --all-commits``): queued and running ones have no commit yet and are left
+    out; a directory outside git has none."""
     from dvc.repo import Repo
+    from dvc.scm import NoSCMError
 
-    with Repo(str(repo), uninitialized=True) as dvc:
-        found = [(name, sha) for runs in dvc.experiments.ls(all_commits=True).values() for name, sha in runs if sha]
+    try:
+        with Repo(str(repo), uninitialized=True) as dvc:
+            found = [(name, sha) for runs in dvc.experiments.ls(all_commits=True).values()
+                     for name, sha in runs if sha]
+    except NoSCMError:
+        return []
     if not found:
         return []
     times = dict(line.split() for line in _git(repo, "show", "-s", "--format=%H %ct", *{sha for _, sha in found})

@@ -238,3 +238,7 @@ def test_runs_scored_before_evaluate_recorded_training_take_it_from_the_tune_sta
     row = next(r for r in c.rows if r["source"] == "exp old-run")
     assert (row["train_seconds"], row["train_steps"], row["train_best_step"]) == (99.5, 64, 48)
     assert "| ptuning (tuned) | exp old-run | 100 | 99.5 | 48 of 64 | 27.0 |" in compare.markdown(c)  # load_best kept 48
+
+
+def test_a_directory_outside_git_has_no_experiments(tmp_path):
+    assert compare.experiments(tmp_path) == []
