@@ -32,13 +32,22 @@ forward and its caches, the LoRA mixing (PEFT), the logits warpers and beam sear
 Threads: ``start()`` runs steps on a background thread; without it, ``generate`` runs them
 in the caller's thread (``evaluate`` does). ``on_event`` is called on the stepping thread and
 must not block; an exception from it cancels its request (a client that went away).
+Once started, every torch computation of the engine runs on that one thread: ``add`` and
+``remove`` from other threads (the server's registry poll) hand their work to it, run
+between two steps. On CPU this is a matter of speed, not only of order: with torch's
+OpenMP, a second thread that enters parallel regions makes a second thread team, and the
+two teams slow each other down for the rest of the process (measured on 2 cores: a
+576x1536 linear of 16 rows took 280 us on one thread, 390-435 us on either of two; the
+served throughput fell by a third when adapters were loaded on the poll thread).
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -112,6 +121,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time, whoever runs it
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._closed = False
         self._ids = itertools.count()
         self._tokens = self._finished = self._running = 0
@@ -123,7 +133,7 @@ class Engine:
         under ``name`` finishes the requests it holds and is then freed."""
         if name == BASE:
             raise ValueError(f"{BASE!r} is the bare base model; serve adapters under other names")
-        adapter = adapters.load(name, adapter_dir, self._base)
+        adapter = self._on_engine_thread(lambda: adapters.load(name, adapter_dir, self._base))
         with self._lock:
             old = self._served.get(name)
             self._served[name] = adapter
@@ -146,7 +156,31 @@ class Engine:
     def _retire(self, adapter: Adapter) -> None:
         with self._lock:
             self._retired.append(adapter)
-        self._free_retired()
+        self._on_engine_thread(self._free_retired)
+
+    def _on_engine_thread(self, work: Callable[[], object]):
+        """``work()``, on the stepping thread once it runs (between two steps), else here."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return work()
+        done: Future = Future()
+        with self._lock:  # close() drains what was put before it set _closed
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._jobs.put((work, done))
+        self._wake.set()
+        return done.result()
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                work, done = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(work())
+                except BaseException as exc:  # handed to the caller waiting on it
+                    done.set_exception(exc)
 
     def _free_retired(self) -> None:
         with self._lock:
@@ -255,10 +289,12 @@ class Engine:
 
     def close(self) -> None:
         """Stop stepping; every request still waiting or running finishes "cancelled"."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._run_jobs()  # handed over too late for the loop: run here, no one waits forever
         with self._step_lock, torch.inference_mode():  # the batches' tensors were made in inference mode
             with self._lock:
                 for h in [*self._waiting, *(c.handle for b in self._batches.values() for c in b.choices)]:
@@ -274,6 +310,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._closed:
             self._wake.clear()
+            self._run_jobs()
             if not self.step():
                 self._wake.wait(1.0)
 

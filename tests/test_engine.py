@@ -357,6 +357,29 @@ def test_lora_rows_of_several_adapters_answer_as_each_alone(lively_base, adapter
     eng.close()
 
 
+def test_once_started_every_adapter_loads_and_frees_on_the_stepping_thread(lively_base, adapter_dirs, monkeypatch):
+    """add/remove from another thread run their torch work on the engine's own thread (one
+    OpenMP team per process: a second one slows both), and fail once the engine is closed."""
+    from serving import adapters
+
+    threads = []
+    load, drop = adapters.load, adapters.Group.drop_lora
+    monkeypatch.setattr(adapters, "load", lambda *a: threads.append(threading.current_thread()) or load(*a))
+    monkeypatch.setattr(adapters.Group, "drop_lora",
+                        lambda self, name: threads.append(threading.current_thread()) or drop(self, name))
+    eng = Engine(lively_base, max_batch=4, device="cpu", dtype=torch.float32).start()
+    try:
+        adder = threading.Thread(target=lambda: [eng.add("lora", adapter_dirs["lora"]), eng.remove("lora")])
+        adder.start()
+        adder.join(30)
+        assert threads == [eng._thread, eng._thread]
+        assert eng.models() == {BASE: "base"} and eng._base.lora is None
+    finally:
+        eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.add("x", adapter_dirs["prompt"])
+
+
 def test_hot_add_and_remove_while_requests_run(lively_base, adapter_dirs, tmp_path):
     """On the background thread: a new version replaces "e2e" mid-flight; requests already
     submitted finish with the version they asked for, new ones get the new one, and the old
