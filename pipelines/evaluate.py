@@ -54,13 +54,13 @@ DEMO_POOL = 256  # train records the few-shot baseline draws from: variety at bo
 
 
 @dataclass
-class Row:
+class TestRow:
     id: str
     fields: dict
     references: list[str]
 
 
-def rows_sha256(rows: list[Row]) -> str:
+def rows_sha256(rows: list[TestRow]) -> str:
     """Identity of a test set: scores with equal hashes were computed on the same rows."""
     h = hashlib.sha256()
     for r in rows:
@@ -69,17 +69,17 @@ def rows_sha256(rows: list[Row]) -> str:
     return h.hexdigest()
 
 
-def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Row]:
+def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[TestRow]:
     """Generation: one row per distinct input with every reference; classification: one per record."""
     if task.kind == "classification":
-        rows = [Row(r["id"], r, [r[task.target_field]]) for r in records]
+        rows = [TestRow(r["id"], r, [r[task.target_field]]) for r in records]
     else:
-        by_input: dict[tuple, Row] = {}
+        by_input: dict[tuple, TestRow] = {}
         inputs = [f for f in task.fields if f != task.target_field]
         for r in records:
             key = tuple(r[f] for f in inputs)
             if key not in by_input:
-                by_input[key] = Row(r["id"], r, [])
+                by_input[key] = TestRow(r["id"], r, [])
             by_input[key].references.append(r[task.target_field])
         rows = list(by_input.values())
     return rows[:max_rows] if max_rows else rows
@@ -301,7 +301,7 @@ RANGES = {"bleu": (0, 100), "meteor": (0, 100), "rouge_l": (0, 100), "accuracy":
           "macro_f1": (0, 100), "nist": (0, 20), "cider": (0, 10)}
 
 
-def score_system(task: Task, model, tok, prompts: list[str], rows: list[Row], cfg: EvaluateConfig,
+def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow], cfg: EvaluateConfig,
                  device: str, options: dict[str, str], engine: Engine | None = None
                  ) -> tuple[dict, list[str], list[float], float, dict]:
     """-> (metrics, predictions, per-row scores, tokens/s, not computed). ``model``: the model
@@ -441,7 +441,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     return metrics
 
 
-def read_file(params, task: Task, file: Path, work: Path, fmt: str | None = None) -> Path:
+def collect_and_clean_file(params, task: Task, file: Path, work: Path, fmt: str | None = None) -> Path:
     """Records of ``file`` (in the format of the task's first declared source) through the
     collect and clean stages, all in the test split -> the clean test.jsonl."""
     from pipelines import clean, collect
@@ -493,6 +493,6 @@ def evaluate_file(params, task: Task, adapter: str, file: Path, base: Path, shar
             adapter_dir = Path(adapter)
         else:
             raise StageError(f"{adapter}: neither an adapter directory nor <artifact>@<version>")
-        test_file = read_file(params, task, file, work, fmt)
+        test_file = collect_and_clean_file(params, task, file, work, fmt)
         return run(params.evaluate, task, Path("data/clean"), base, adapter_dir, out, shards=shards,
                    test_file=test_file, check_shards=check)
