@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-fast env repro register clean-env server worker deploy serve
+.PHONY: run test test-fast env repro register docs clean-env server worker deploy serve
 
 env: $(STAMP)
 
@@ -43,6 +43,11 @@ repro: $(STAMP)
 
 register: $(STAMP)
 	ptune register
+
+# Great Expectations Data Docs: each stage's validation adds its page as it runs; this
+# rebuilds the site from the stored results and prints the index page (it works offline).
+docs: $(STAMP)
+	ptune docs
 
 test: $(STAMP)
 	pytest

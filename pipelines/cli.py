@@ -16,6 +16,7 @@
     ptune serve [--host --port]  the registry's versions over an OpenAI-compatible API on 127.0.0.1:8000
     ptune generate --model e2e-adapter 'name[The Eagle], eatType[coffee shop]'
                              one request through the serving path, without a server
+    ptune docs               the Great Expectations Data Docs of the stages' validations (offline HTML)
     ptune retrain [-S k=v]   the Prefect `retrain` flow: every stage, then register
     ptune server [--port N]  a local Prefect server (UI) on 127.0.0.1, database under .prefect/
     ptune deploy             the `retrain` deployment (schedule from params.yaml), process work pool
@@ -194,6 +195,16 @@ def _compare(args: argparse.Namespace) -> None:
           if args.json else text, end="")
 
 
+def _docs(args: argparse.Namespace) -> None:
+    from pipelines import validation
+
+    index, results = validation.build_docs()
+    print(f"Great Expectations Data Docs (every suite, and the newest {results} stage validations' pages; "
+          f"they render with no network):\n  {index.as_uri()}")
+    if not results:
+        print("no validation results yet: `make run` (or `dvc repro`) validates each stage's output")
+
+
 def _retrain(args: argparse.Namespace) -> None:
     from flows.retrain import retrain
 
@@ -318,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the paired bootstrap (it reads every run's predictions from the DVC cache)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_compare)
+
+    sub.add_parser("docs", help="build the Great Expectations Data Docs from the stages' stored validations"
+                   ).set_defaults(func=_docs)
 
     t = sub.add_parser("retrain", help="run the Prefect retrain flow (PREFECT_API_URL or ephemeral)")
     t.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",

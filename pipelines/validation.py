@@ -7,10 +7,16 @@ definition ``whole`` under the pandas data source ``ptune`` in ``gx/great_expect
 params (``max_length``, ``min_chars`` ...) are GX suite parameters
 (``{"$PARAMETER": "max_length"}``) supplied by the stage.
 
-Nothing under ``gx/`` is written at run time: the validation definition of a run and
-GX's own copy of its result live in in-memory stores (see the yml), so concurrent
-stages and test copies cannot race on files, and git sees no churn. The record of a
-run is the summary that ``validate`` writes next to the stage's output.
+Each call runs the suite's GX Checkpoint, whose action (``UpdateDataDocsAction``) adds
+the result's page to the Data Docs site; ``build_docs`` (``make docs``) rebuilds the
+site from every stored result. GX keeps its results and the site under
+``gx/uncommitted/``, which git and DVC ignore, so a run changes nothing they track; the
+validation definition and checkpoint of a run live in in-memory stores (see the yml).
+Stages in concurrent processes take a file lock around a checkpoint run: each rewrites
+the site's index from all stored results, and none may read a result another is still
+writing. The pages load their CSS and scripts from the site itself, not from CDNs, so
+they render offline (``gx/plugins/ptune_data_docs.py``). The record of a run that the
+pipeline reads is the summary that ``validate`` writes next to the stage's output.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from pipelines.common import StageError, write_json
 
@@ -37,6 +44,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GX_DIR = PROJECT_ROOT / "gx"
 DATA_SOURCE = "ptune"
 BATCH = "whole"
+SITE = "local_site"
+# The site's directory in a project (data_docs_sites.local_site.base_directory in the yml).
+SITE_DIR = Path("gx/uncommitted/data_docs/local_site")
 SAMPLE = 5  # unexpected values kept per failure: enough to recognise the fault, short enough to read
 # Rows per GX call for the stages that validate as they stream (collect, clean, tokenize):
 # a light frame of ~10 MB and ~50 ms a call, whatever the corpus size.
@@ -101,14 +111,21 @@ def _observed_text(f: dict) -> str:
 
 
 @lru_cache(maxsize=1)
-def _context():
-    if not (GX_DIR / "great_expectations.yml").is_file():
+def _context(root: Path):
+    if not (root / "gx" / "great_expectations.yml").is_file():
         # get_context would scaffold a fresh, empty project here instead of failing.
-        raise StageError(f"{GX_DIR}/great_expectations.yml is missing: the GX project must be "
+        raise StageError(f"{root / 'gx'}/great_expectations.yml is missing: the GX project must be "
                          f"checked out with the code")
     import great_expectations as gx
 
-    return gx.get_context(mode="file", project_root_dir=str(PROJECT_ROOT))
+    return gx.get_context(mode="file", project_root_dir=str(root))
+
+
+def _site_lock() -> FileLock:
+    """Held while GX writes results or pages: concurrent stages serialise their checkpoint runs."""
+    runtime = GX_DIR / "uncommitted"
+    runtime.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(runtime / "data_docs.lock"))
 
 
 def _definition(ctx, suite: str):
@@ -132,6 +149,22 @@ def _definition(ctx, suite: str):
                          f"batch definition {BATCH!r} in data source {DATA_SOURCE!r} ({exc}); add it with "
                          f"`python -m pipelines.validation declare {suite}`") from None
     return ctx.validation_definitions.add(gx.ValidationDefinition(name=suite, data=batch_def, suite=expectations))
+
+
+def _checkpoint(ctx, suite: str):
+    """The suite's Checkpoint (its validation definition, and GX's action that adds the
+    result's page to the Data Docs), kept in the in-memory store for later calls."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.exceptions import DataContextError
+
+    try:
+        return ctx.checkpoints.get(suite)
+    except DataContextError:
+        pass
+    return ctx.checkpoints.add(gx.Checkpoint(
+        name=suite, validation_definitions=[_definition(ctx, suite)], result_format="SUMMARY",
+        actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[SITE])]))
 
 
 def _parameter_names(definition) -> set[str]:
@@ -177,26 +210,49 @@ def validate(suite: str, df: pd.DataFrame, parameters: dict[str, Any], result_pa
     from great_expectations.compatibility.pydantic import ValidationError
     from great_expectations.exceptions import SuiteParameterError
 
-    ctx = _context()
-    definition = _definition(ctx, suite)
-    needed = _parameter_names(definition)
+    ctx = _context(PROJECT_ROOT)
+    checkpoint = _checkpoint(ctx, suite)
+    needed = _parameter_names(checkpoint.validation_definitions[0])
     if needed != set(parameters):
         raise StageError(f"validate({suite!r}): gx/expectations/{suite}.json takes parameters {sorted(needed)}, "
                          f"got {sorted(parameters)}; pass exactly the suite's parameters")
     try:
-        result = definition.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters,
-                                result_format="SUMMARY")
+        with _site_lock():
+            run = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=parameters)
     except (SuiteParameterError, ValidationError) as exc:
         raise StageError(f"validate({suite!r}): GX rejected parameters {parameters}: {exc}") from None
+    ((key, result),) = run.run_results.items()
 
     summary = ValidationSummary(suite=suite, success=bool(result.success), evaluated=len(result.results),
                                 successful=sum(1 for r in result.results if r.success), rows=len(df),
                                 failures=[_failure(r) for r in result.results if not r.success])
     write_json(Path(result_path), {**asdict(summary), "parameters": parameters})
+    for site in ctx.get_docs_sites_urls(resource_identifier=key, site_names=[SITE]):
+        log.info("validation %s: Data Docs page %s", suite, site["site_url"])
     if not summary.success:
         raise ValidationFailed(summary)
     log.info("%s", summary)
     return summary
+
+
+def build_docs() -> tuple[Path, int]:
+    """The Data Docs site rebuilt from every stored result (as many as the yml's
+    ``validation_results_limit`` lists), with a page per suite: (the index page, the
+    number of stored results)."""
+    ctx = _context(PROJECT_ROOT)
+    with _site_lock():
+        ctx.build_data_docs(site_names=[SITE])
+    return PROJECT_ROOT / SITE_DIR / "index.html", len(ctx.validation_results_store.list_keys())
+
+
+def latest_page(root: Path, suite: str) -> Path | None:
+    """The newest Data Docs page of a ``suite`` result in the project at ``root``, if any.
+
+    GX writes it to ``validations/<suite, a directory per dot>/<run name>/<run time>/<batch>.html``;
+    run times (``20261205T130455.937948Z``) sort as text.
+    """
+    pages = (root / SITE_DIR / "validations" / Path(*suite.split("."))).glob("*/*/*.html")
+    return max(pages, key=lambda p: (p.parent.name, p.name), default=None)
 
 
 def declare(suite: str) -> None:
@@ -208,7 +264,7 @@ def declare(suite: str) -> None:
         raise StageError(f"suite name {suite!r}: use lower-case letters, digits and '_'")
     from great_expectations.exceptions import DataContextError
 
-    ctx = _context()
+    ctx = _context(PROJECT_ROOT)
     try:
         ctx.suites.get(suite)
     except DataContextError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -66,6 +67,23 @@ def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: in
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
         "hidden_size": 32, "num_layers": 2, "probe_loss": 6.0}))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gx_project(tmp_path_factory) -> Path:
+    """A copy of the GX project (gx/, as git has it) that this session's in-process
+    validations use: their results and Data Docs pages go there, not into the checkout's
+    gx/uncommitted/, which holds the pipeline's own (`make docs`)."""
+    from pipelines import validation
+
+    root = tmp_path_factory.mktemp("gx-project")
+    shutil.copytree(validation.GX_DIR, root / "gx", ignore=shutil.ignore_patterns("uncommitted", "__pycache__"))
+    (root / "plots").mkdir()
+    shutil.copy2(ROOT / "plots" / "offline.html", root / "plots" / "offline.html")  # the vega builds the pages load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validation, "PROJECT_ROOT", root)
+        mp.setattr(validation, "GX_DIR", root / "gx")
+        yield root
 
 
 @pytest.fixture(scope="session")

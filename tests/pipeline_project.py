@@ -12,8 +12,8 @@ import yaml
 
 from tests.conftest import ROOT, git
 
-COPIED = ["pipelines", "serving", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "dvc.yaml",
-          "params.yaml", "data/sources", ".dvc/config", ".dvcignore", ".gitignore"]
+COPIED = ["pipelines", "serving", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "gx/plugins",
+          "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def env_for(project: Path) -> dict[str, str]:

@@ -19,9 +19,10 @@ CLEAN_PARAMS = {"min_chars": 2, "max_chars": 100, "min_words": 1, "max_words": N
 
 
 def gx_files(root: Path = GX_DIR) -> dict[str, bytes | None]:
-    """Every path under ``root``: a file's bytes, None for a directory."""
+    """Every path under ``root`` that git may see: a file's bytes, None for a directory.
+    (uncommitted/, GX's results and Data Docs, is ignored.)"""
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-            for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts}
+            for p in sorted(root.rglob("*")) if not {"__pycache__", "uncommitted"} & set(p.relative_to(root).parts)}
 
 
 def failed(err) -> set[tuple[str, str | None]]:
@@ -251,12 +252,14 @@ def test_unknown_suite_is_a_clear_error(tmp_path):
         validate("shard", shards_frame(), SHARDS_PARAMS, tmp_path / "v.json")
 
 
-def test_nothing_under_gx_changes_at_run_time(tmp_path):
-    before = gx_files()
+def test_nothing_git_sees_under_gx_changes_at_run_time(tmp_path, gx_project):
+    # This session's validations use a copy of gx/ (tests/conftest.py); the checkout's is untouched.
+    before = gx_files(), gx_files(gx_project / "gx")
     validate("tune", pd.DataFrame({"step": [1], "loss": [1.0]}), {}, tmp_path / "a.json")
     with pytest.raises(ValidationFailed):
         validate("shards", shards_frame(), {**SHARDS_PARAMS, "max_length": 3}, tmp_path / "b.json")
-    assert gx_files() == before
+    assert (gx_files(), gx_files(gx_project / "gx")) == before
+    assert (gx_project / "gx" / "uncommitted" / "validations" / "shards").is_dir()  # GX's results went there
 
 
 def test_markdown_lists_each_failure(tmp_path):
