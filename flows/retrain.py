@@ -28,7 +28,7 @@ from pipelines.config import ConfigError, load_params, parse_params
 from pipelines.prefect_ops import STAGE_NOTE, notify_failure
 from pipelines.registry import register, tool
 from pipelines.stages import CATALOG
-from pipelines.validation import ValidationSummary
+from pipelines.validation import SITE_DIR, ValidationSummary, latest_page
 
 METRICS = Path("data/eval/metrics.json")
 REPORT = Path("data/eval/report.md")
@@ -77,7 +77,19 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")  # observed values may hold either
 
 
-def _validation_markdown(stage: str, s: ValidationSummary) -> str:
+def _docs_line(root: Path, suite: str) -> str:
+    """Where the suite's newest Great Expectations Data Docs page is, as a file:// URL."""
+    page = latest_page(root, suite)
+    if page is None:
+        return (f"Data Docs: no page of suite `{suite}` in {(root / SITE_DIR).as_uri()} yet; "
+                "`make docs` builds the site.")
+    # A browser does not follow a file:// link from the Prefect UI's http:// page: the URL is
+    # shown to copy as well.
+    return (f"Data Docs (GX's page of the newest `{suite}` validation; a file:// URL on the machine that "
+            f"ran the stage, it needs no network): [{page.name}]({page.as_uri()}) `{page.as_uri()}`")
+
+
+def _validation_markdown(stage: str, s: ValidationSummary, root: Path) -> str:
     result = "passed" if s.success else "FAILED"
     lines = [f"### Validation of `{stage}`: {result}", "",
              "| suite | result | expectations met | rows |", "|---|---|---|---|",
@@ -86,6 +98,7 @@ def _validation_markdown(stage: str, s: ValidationSummary) -> str:
         lines += ["", "| failed expectation | column | observed / unexpected |", "|---|---|---|"]
         lines += [f"| {_cell(f.get('expectation', '?'))} | {_cell(f.get('column') or '')} | "
                   f"{_cell(f.get('observed', ''))} |" for f in s.failures]
+    lines += ["", _docs_line(root, s.suite)]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +133,7 @@ def run_stage(repo: str, stage: str) -> dict | None:
     summary = _summary(root, stage, code == 0, started) if CATALOG[stage].validated else None
     if summary is not None:
         create_markdown_artifact(key=f"validation-{stage.replace('_', '-')}",
-                                 markdown=_validation_markdown(stage, summary),
+                                 markdown=_validation_markdown(stage, summary, root),
                                  description=f"Great Expectations summary of the {stage} stage")
         if not summary.success:
             raise ValidationStopped(f"{stage}: {summary}")

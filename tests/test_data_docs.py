@@ -1,6 +1,6 @@
 """Great Expectations Data Docs: each validation runs as a Checkpoint whose action adds its
 page; `ptune docs` rebuilds the site; the pages load nothing from the network (headless
-Chromium with every fetch refused).
+Chromium with every fetch refused); the retrain flow's artifact links the stage's page.
 
 In-process validations here write to this session's copy of gx/ (tests/conftest.py)."""
 from __future__ import annotations
@@ -155,6 +155,18 @@ for i in range(3):
     assert all(p.read_text(encoding="utf-8").rstrip().endswith("</html>") for p in pages)
     index = (site(root) / "index.html").read_text(encoding="utf-8")
     assert all(p.relative_to(site(root)).as_posix() in index for p in pages)
+
+
+def test_the_validation_artifact_links_the_stages_page(gx_project, tmp_path):
+    from flows.retrain import _validation_markdown
+
+    summary = validate("tune", TUNE_OK, {}, tmp_path / "v.json")
+    md = _validation_markdown("tune", summary, gx_project)
+    page = latest_page(gx_project, "tune")
+    assert f"]({page.as_uri()})" in md and "a file:// URL" in md
+    assert md.startswith("### Validation of `tune`: passed")
+    none_yet = _validation_markdown("tune", summary, tmp_path)
+    assert "no page of suite `tune`" in none_yet and "`make docs`" in none_yet
 
 
 # ../shared/ENVIRONMENT.md's flags; the proxy on a closed port makes any network fetch fail.
