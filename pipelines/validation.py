@@ -236,11 +236,12 @@ def validate(suite: str, df: pd.DataFrame, parameters: dict[str, Any], result_pa
 
 
 def build_docs() -> tuple[Path, int]:
-    """The Data Docs site rebuilt from every stored result (as many as the yml's
-    ``validation_results_limit`` lists), with a page per suite: (the index page, the
-    number of stored results)."""
+    """The Data Docs site rebuilt from the stored results (the newest the yml's
+    ``validation_results_limit`` keeps), with a page per suite: (the index page, the
+    number of stored results). The site is cleaned first, so it shows exactly those."""
     ctx = _context(PROJECT_ROOT)
     with _site_lock():
+        ctx.clean_data_docs(site_name=SITE)
         ctx.build_data_docs(site_names=[SITE])
     return PROJECT_ROOT / SITE_DIR / "index.html", len(ctx.validation_results_store.list_keys())
 

@@ -126,12 +126,16 @@ def test_make_docs_rebuilds_the_site_from_the_stored_results(gx_project, tmp_pat
     validate("tune", TUNE_OK, {}, tmp_path / "v.json")
     page = latest_page(gx_project, "tune")
     shutil.rmtree(site(gx_project))
+    stale = site(gx_project) / "validations" / "gone" / "__none__" / "20200101T000000.000000Z" / "x.html"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("<html></html>")  # a page whose result is no longer stored
     from pipelines.cli import main
 
     assert main(["docs"]) == 0
     index, results = validation.build_docs()
     assert index == site(gx_project) / "index.html" and index.is_file() and results >= 1
     assert page.is_file() and (site(gx_project) / "static" / "vendor" / "bootstrap.min.css").is_file()
+    assert not stale.exists()
 
 
 def test_concurrent_stages_each_get_a_whole_page_and_the_index_lists_all(tmp_path):
