@@ -1,5 +1,5 @@
 """Generation throughput of the evaluate stage: the serving engine's continuous batch
-(``pipelines.evaluate.generate``, left-padded rows sharing one KV cache) against one
+(``pipelines.scoring.generate``, left-padded rows sharing one KV cache) against one
 ``model.generate()`` call per example, on the same E2E rows, the same model and the same
 greedy settings.
 
@@ -23,7 +23,7 @@ import time
 import torch
 
 from pipelines.config import EvaluateConfig
-from pipelines.evaluate import first_line, generate
+from pipelines.scoring import first_line, generate
 from pipelines.prompts import render_prompt
 from pipelines.tasks import get_task
 from serving.engine import BASE, Engine

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from pipelines import evaluation
 from pipelines.common import StageError, read_json
 from pipelines.config import ConfigError, load_params, parse_params
 from pipelines.prefect_ops import STAGE_NOTE, notify_failure
@@ -30,7 +31,7 @@ from pipelines.registry import register, tool
 from pipelines.stages import CATALOG
 from pipelines.validation import SITE_DIR, ValidationSummary, latest_page
 
-METRICS = Path("data/eval/metrics.json")
+METRICS = Path(evaluation.METRICS)
 REPORT = Path("data/eval/report.md")
 GATE = Path("data/eval/gate.json")
 LOCK = Path(".dvc/tmp/ptune-retrain.lock")
@@ -148,7 +149,7 @@ def run_stage(repo: str, stage: str) -> dict | None:
 @task(name="publish-metrics", task_run_name="publish-metrics", cache_policy=NO_CACHE)
 def publish_metrics(repo: str) -> dict:
     """The evaluation table (every system on the same rows) and the evaluate stage's report."""
-    metrics = read_json(Path(repo) / METRICS)
+    metrics = evaluation.read(Path(repo) / METRICS)
     systems = metrics.get("systems") or ["tuned", "zero_shot"]
     keys = list(dict.fromkeys(k for s in systems for k in metrics[s]))
     rows = [{"metric": key + (" (primary)" if key == metrics.get("primary_metric") else ""),

@@ -21,9 +21,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import evaluation
 from pipelines.common import StageError
 
-METRICS = "data/eval/metrics.json"
+METRICS = evaluation.METRICS
 PREDICTIONS = "data/eval/predictions.jsonl"
 TUNE_METRICS = "data/metrics/tune.json"
 BOOTSTRAP_SAMPLES = 1000
@@ -52,9 +53,15 @@ def _git(repo: Path, *args: str):
 
 
 def _json_at(repo: Path, commit: str, path: str) -> dict | None:
-    from pipelines.registry import metrics_at
+    from pipelines.registry import json_at
 
-    return metrics_at(repo, commit, path)
+    return json_at(repo, commit, path)
+
+
+def _evaluation_at(repo: Path, commit: str) -> dict | None:
+    from pipelines.registry import evaluation_at
+
+    return evaluation_at(repo, commit, METRICS)
 
 
 def experiments(repo: Path) -> list[tuple[str, str]]:
@@ -84,11 +91,11 @@ def candidates(repo: Path) -> list[Entry]:
     found: list[Entry] = []
     for artifact in registry.artifacts(repo):
         for v in registry.list_versions(repo, artifact):
-            m = _json_at(repo, v["commit"], METRICS)
+            m = _evaluation_at(repo, v["commit"])
             if m:
                 found.append(Entry(f"{artifact}@{v['version']}", v["commit"], m))
     for name, commit in experiments(repo):
-        m = _json_at(repo, commit, METRICS)
+        m = _evaluation_at(repo, commit)
         if m:
             found.append(Entry(f"exp {name}", commit, m))
     return found
@@ -132,7 +139,7 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
     path = Path(reference) if reference else repo / METRICS
     if not path.is_file():
         raise StageError(f"{path}: no evaluation to compare against; run `dvc repro evaluate` first")
-    ref = Entry("workspace" if reference is None else str(reference), None, json.loads(path.read_text()))
+    ref = Entry("workspace" if reference is None else str(reference), None, evaluation.read(path))
     m = ref.metrics
     if "rows_sha256" not in m:
         raise StageError(f"{path}: written before evaluate recorded its rows' hash; rerun `dvc repro evaluate`")

@@ -1,99 +1,51 @@
-"""evaluate: score the tuned adapter against hand-written prompts on the same test rows.
+"""evaluate: score the tuned adapter on the test rows, beside the prompt baselines.
 
-Systems, all on the same rows:
 - ``tuned``: the adapter, prompted exactly as ``tokenize`` built its training sources
   (the shards' manifest says whether the chat template and few-shot demonstrations were
   on; the demonstrations come from the same pool, drawn with the same seed);
-- ``zero_shot``: the untuned base model with ``Task.zero_shot`` in its chat template;
-- ``few_shot``: the same instruction after ``evaluate.few_shot_k`` demonstrations from
-  the train split (the "hard prompt" baseline), seeded, never the row's own group.
+- ``zero_shot`` and ``few_shot``: the base model prompted by hand, as the ``baselines``
+  stage scored it on the same rows with the same decoding (checked by the rows' hash);
+  ``ptune evaluate`` on a file of one's own scores them here instead.
 
-Generation tasks (E2E, Stack Exchange QA): one row per distinct input with all its
-references; greedy or beam decoding (length penalty, no-repeat n-grams) per params,
-through the serving engine (serving/engine.py), the one decoding path ``ptune serve``
-answers with. The E2E challenge's metrics as in the Prefix-Tuning paper's Table 1: BLEU
-(sacrebleu, multi-reference), NIST (nltk), METEOR (METEOR 1.5 through pycocoevalcap;
-needs a Java runtime), ROUGE-L and CIDEr-D (pycocoevalcap, as the challenge's scoring
-script computes them: ROUGE-L is the LCS F-measure with beta 1.2 from the best precision
-and the best recall over a row's references, averaged over rows). BLEU, METEOR and
-ROUGE-L are in points (0-100); NIST and CIDEr on their own scales, as the paper reports
-them. What cannot be computed on this machine is named, with the reason, under
-``not_computed``.
-
-Classification tasks (SST-2): rank scoring: the label whose verbalizer has the highest
-total log-probability after the prompt wins; accuracy and macro-F1 in points.
+Scoring (decoding through the serving engine, the task's metrics) is pipelines/scoring.py.
+The record is written in two files (pipelines/evaluation.py): ``metrics.json``, numbers
+only, as ``dvc metrics`` and ``dvc exp show`` tabulate them, and ``details.json``
+(task, method, primary metric, the rows' hash, decoding, labels) beside it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
-import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from pipelines import baselines, evaluation
 from pipelines.base_model import load_model, load_tokenizer
-from pipelines.common import StageError, read_json, read_jsonl, sha256_file, write_json
+from pipelines.common import StageError, read_json, read_jsonl, sha256_file
 from pipelines.config import EvaluateConfig
 from pipelines.device import device_and_dtype
-from pipelines.prompts import Demo, PromptFormat, context, draw_demos, render, render_target, render_zero_shot
+from pipelines.prompts import Demo, PromptFormat, draw_demos, render
+from pipelines.scoring import TestRow, rows_sha256, score_system, test_rows
 from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
 from pipelines.validation import validate
 from serving.engine import BASE, Engine
-from serving.types import Decoding, Request
 
 log = logging.getLogger(__name__)
 
-DEMO_POOL = 256  # train records the few-shot baseline draws from: variety at bounded memory
 
-
-@dataclass
-class TestRow:
-    id: str
-    fields: dict
-    references: list[str]
-
-
-def rows_sha256(rows: list[TestRow]) -> str:
-    """Identity of a test set: scores with equal hashes were computed on the same rows."""
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps([r.id, r.fields, r.references], sort_keys=True, ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[TestRow]:
-    """Generation: one row per distinct input with every reference; classification: one per record."""
-    if task.kind == "classification":
-        rows = [TestRow(r["id"], r, [r[task.target_field]]) for r in records]
-    else:
-        by_input: dict[tuple, TestRow] = {}
-        inputs = [f for f in task.fields if f != task.target_field]
-        for r in records:
-            key = tuple(r[f] for f in inputs)
-            if key not in by_input:
-                by_input[key] = TestRow(r["id"], r, [])
-            by_input[key].references.append(r[task.target_field])
-        rows = list(by_input.values())
-    return rows[:max_rows] if max_rows else rows
-
-
-def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
+def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype, with_base: bool = True):
     """(tokenizer, base model, tuned model) for rank scoring, which runs forward passes
-    only; generation decodes through the engine instead."""
+    only; generation decodes through the engine instead. The base model is loaded only
+    when the baselines are scored here (``with_base``)."""
     from peft import PeftModel
 
     tok = load_tokenizer(base)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    base_model = load_model(base, dtype).to(device).eval()
+    base_model = load_model(base, dtype).to(device).eval() if with_base else None
     if (adapter / "adapter_config.json").is_file():
         tuned = PeftModel.from_pretrained(load_model(base, dtype), adapter).to(device).eval()
     elif (adapter / "model.safetensors").is_file():  # full fine-tuning
@@ -102,55 +54,6 @@ def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype):
         raise StageError(f"{adapter}: neither a PEFT adapter nor a full checkpoint")
     return tok, base_model, tuned
 
-
-def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], int]:
-    """Decode ``prompts`` with the engine's served ``model`` -> (first lines, new tokens).
-
-    This is the path ``ptune serve`` and ``ptune generate`` answer with (serving/engine.py:
-    continuous batching for greedy, transformers' beam search per adapter), so a served
-    greedy answer is the one scored here. Longest prompts go in first, so that the rows
-    decoding together pad little.
-    """
-    ids = [engine.encode(p) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    decoding = Decoding(max_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
-                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
-    done = engine.generate([Request(model, ids[i], decoding) for i in order])
-    out = [""] * len(prompts)
-    for i, (choice,) in zip(order, done):
-        out[i] = first_line(choice.text)
-    return out, sum(choice.completion_tokens for (choice,) in done)
-
-
-def first_line(text: str) -> str:
-    """Both systems are asked for one sentence; anything after the first line is not the answer."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
-@torch.no_grad()
-def rank_scores(model, tok, prompts: list[str], options: list[str], batch_size: int,
-                device: str) -> torch.Tensor:
-    """Total log-probability of each option after each prompt: [len(prompts), len(options)]."""
-    scores = torch.empty(len(prompts), len(options))
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        p_ids = [tok(prompts[i], add_special_tokens=False).input_ids for i, _ in chunk]
-        o_ids = [tok(options[j], add_special_tokens=False).input_ids for _, j in chunk]
-        n = max(len(p) + len(o) for p, o in zip(p_ids, o_ids))
-        ids = torch.full((len(chunk), n), tok.pad_token_id)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for k, (p, o) in enumerate(zip(p_ids, o_ids)):  # right padding: positions line up
-            ids[k, :len(p) + len(o)] = torch.tensor(p + o)
-            mask[k, :len(p) + len(o)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[:, -n:, :].float()  # prompt tuning prepends virtual-token positions
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        for k, ((i, j), p, o) in enumerate(zip(chunk, p_ids, o_ids)):
-            pos = torch.arange(len(p) - 1, len(p) + len(o) - 1)
-            scores[i, j] = logp[k, pos, torch.tensor(o)].sum()
-    return scores
 
 
 class TunedPrompts:
@@ -198,133 +101,6 @@ class TunedPrompts:
         return {k: v.lstrip() for k, v in texts.items()} if self.fmt.chat else texts
 
 
-class HardPrompts:
-    """The base model's prompts: the hand-written instruction, after ``k`` demonstrations
-    (user/assistant turns in the chat template) drawn from a seeded sample of train records."""
-
-    def __init__(self, task: Task, tok, train: list[dict], k: int, seed: int):
-        self.task, self.tok, self.seed = task, tok, seed
-        train = sorted(train, key=lambda r: str(r["id"]))  # the draw depends on the records, not their order
-        pool = train if len(train) <= DEMO_POOL else random.Random(seed).sample(train, DEMO_POOL)
-        self.pool = [Demo(str(r["id"]), str(r.get("group", r["id"])), self.instruction(r),
-                          render_target(task, r).strip()) for r in pool]
-        if k and len({d.group for d in self.pool}) <= k:
-            raise StageError(f"params.yaml: evaluate.few_shot_k={k}: the train split offers "
-                             f"{len({d.group for d in self.pool})} groups; lower few_shot_k")
-
-    def instruction(self, record: dict) -> str:
-        return render(self.task.zero_shot, context(self.task, record), record.get("id", "?"))
-
-    def source(self, record: dict, k: int) -> str:
-        if not k:
-            return render_zero_shot(self.task, record, self.tok)
-        demos = draw_demos(self.pool, record, k, self.seed)
-        if not getattr(self.tok, "chat_template", None):
-            shots = "".join(f"{d.prompt}\n{d.target}\n\n" for d in demos)
-            return f"{shots}{self.instruction(record)}\n"
-        turns = [t for d in demos for t in ({"role": "user", "content": d.prompt},
-                                            {"role": "assistant", "content": d.target})]
-        turns.append({"role": "user", "content": self.instruction(record)})
-        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-
-
-def _tokens(texts: list[str]) -> list[list[str]]:
-    """Lower-cased 13a tokens (sacrebleu's, as mteval's NIST uses) for NIST and the COCO scorers."""
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    tokenize = Tokenizer13a()
-    return [tokenize(t.lower()).split() for t in texts]
-
-
-def _nist(hyps: list[str], refs: list[list[str]]) -> float:
-    from nltk.translate.nist_score import corpus_nist
-
-    hyp_tokens = _tokens(hyps)
-    if not any(hyp_tokens):
-        return 0.0
-    return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=5)
-
-
-def _coco(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[list[float], float, float | None]:
-    """(per-row ROUGE-L in points, CIDEr-D, METEOR 1.5) through pycocoevalcap, the COCO
-    caption scorers the E2E challenge's script uses, each fed the same tokens; METEOR runs
-    its jar and so needs ``java`` on PATH."""
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    res = {i: [" ".join(t)] for i, t in enumerate(_tokens(hyps))}
-    gts = {i: [" ".join(t) for t in _tokens(r)] for i, r in enumerate(refs)}
-    rouge = [100 * float(s) for s in Rouge().compute_score(gts, res)[1]]
-    cider = float(Cider().compute_score(gts, res)[0])
-    meteor = None
-    if shutil.which("java") is None:
-        not_computed["meteor"] = "needs a Java runtime for the METEOR 1.5 jar (none on PATH here)"
-    else:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scorer = Meteor()  # a java subprocess, ended when the scorer is collected
-        meteor = 100 * float(scorer.compute_score(gts, res)[0])
-        del scorer
-    return rouge, cider, meteor
-
-
-def generation_metrics(hyps: list[str], refs: list[list[str]]) -> tuple[dict, list[float], dict]:
-    """-> (corpus metrics, per-row ROUGE-L, {metric: why it was not computed})."""
-    import sacrebleu
-
-    width = max(len(r) for r in refs)
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
-    bleu = sacrebleu.corpus_bleu(hyps, streams).score
-    not_computed: dict[str, str] = {}
-    rouge, cider, meteor = _coco(hyps, refs, not_computed)
-    metrics = {"bleu": round(bleu, 2), "nist": round(_nist(hyps, refs), 4), "meteor": meteor,
-               "rouge_l": round(sum(rouge) / len(rouge), 2), "cider": cider}
-    metrics = {k: (round(v, 4) if k in ("cider", "nist") else round(v, 2)) for k, v in metrics.items()
-               if v is not None}
-    return metrics, rouge, not_computed
-
-
-def classification_metrics(pred: list[str], gold: list[str], labels: list[str]) -> tuple[dict, list[float]]:
-    correct = [100.0 * (p == g) for p, g in zip(pred, gold)]
-    f1s = []
-    for label in labels:
-        tp = sum(p == label and g == label for p, g in zip(pred, gold))
-        fp = sum(p == label and g != label for p, g in zip(pred, gold))
-        fn = sum(p != label and g == label for p, g in zip(pred, gold))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": round(sum(correct) / len(correct), 2),
-            "macro_f1": round(100 * sum(f1s) / len(f1s), 2)}, correct
-
-
-# Each metric's range, checked on every run (the GX suite checks the per-row scores).
-RANGES = {"bleu": (0, 100), "meteor": (0, 100), "rouge_l": (0, 100), "accuracy": (0, 100),
-          "macro_f1": (0, 100), "nist": (0, 20), "cider": (0, 10)}
-
-
-def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow], cfg: EvaluateConfig,
-                 device: str, options: dict[str, str], engine: Engine | None = None
-                 ) -> tuple[dict, list[str], list[float], float, dict]:
-    """-> (metrics, predictions, per-row scores, tokens/s, not computed). ``model``: the model
-    (classification) or the ``engine``'s served name (generation)."""
-    t0 = time.perf_counter()
-    not_computed: dict[str, str] = {}
-    if task.kind == "classification":
-        labels = list(options)
-        scores = rank_scores(model, tok, prompts, [options[k] for k in labels], cfg.batch_size, device)
-        preds = [labels[int(i)] for i in scores.argmax(dim=1)]
-        tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) * len(labels)
-        seconds = time.perf_counter() - t0
-        metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
-    else:
-        preds, tokens = generate(engine, model, prompts, cfg)
-        seconds = time.perf_counter() - t0  # decoding only: the metrics' own time is not the model's
-        metrics, per_row, not_computed = generation_metrics(preds, [r.references for r in rows])
-    for key, value in metrics.items():
-        low, high = RANGES.get(key, (float("-inf"), float("inf")))
-        if not low <= value <= high:
-            raise StageError(f"metric {key} = {value} outside [{low}, {high}]: a scorer is broken")
-    return metrics, preds, per_row, tokens / seconds, not_computed
-
 
 def adapter_info(adapter: Path) -> dict:
     path = Path(adapter) / "ptune_adapter.json"
@@ -353,12 +129,16 @@ def report(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
 def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path, out: Path,
-        shards: Path | None = None, test_file: Path | None = None, check_shards: bool = True) -> dict:
-    """Score ``adapter`` and the baselines on ``clean``/test.jsonl (or ``test_file``).
+        shards: Path | None = None, test_file: Path | None = None, check_shards: bool = True,
+        scored_baselines: Path | None = None) -> dict:
+    """Score ``adapter`` on ``clean``/test.jsonl (or ``test_file``) -> the evaluation record.
 
     ``shards``: the directory the adapter was trained from (its prompt format); None:
-    plain prompts (the format of shards cut with default params).
+    plain prompts (the format of shards cut with default params). ``scored_baselines``:
+    the baselines stage's output for these rows; None: score the baselines here (with
+    ``clean``/train.jsonl, where there is one, for the few-shot demonstrations).
     """
     device, dtype = device_and_dtype()
     test_path = Path(test_file) if test_file else Path(clean) / "test.jsonl"
@@ -366,63 +146,77 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     if not rows:
         raise StageError(f"{test_path}: no test rows to evaluate")
     info = adapter_info(adapter)
+    prior = _checked(baselines.read(scored_baselines), rows, cfg, scored_baselines) if scored_baselines else None
     engine = None
     if task.kind == "classification":  # rank scoring: forward passes, nothing to decode
-        tok, base_model, tuned = load_models(base, adapter, device, dtype)
+        tok, base_model, tuned = load_models(base, adapter, device, dtype, with_base=prior is None)
     else:
         # Unbounded: a few-shot prompt past the model's context is scored as generate would
         # score it; serving refuses such a prompt instead.
         engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
         engine.add("tuned", adapter)
         tok, base_model, tuned = engine.tokenizer, BASE, "tuned"
-    if shards is not None:
-        tuned_prompts = TunedPrompts.from_dir(task, tok, shards, base, check=check_shards)  # reads the manifest
-        trained_on = info.get("data", {}).get("manifest_sha256")
-        if trained_on and trained_on != sha256_file(Path(shards) / "manifest.json"):
-            raise StageError(f"{adapter} was trained on other shards than {shards} (manifest sha256 "
-                             f"{trained_on[:12]}); evaluate it with the shards it was trained on")
-    else:
-        tuned_prompts = TunedPrompts(task, tok, {"params": {}, "template_sha256": PromptFormat(task, tok).hash}, [])
-    train_path = Path(clean) / "train.jsonl" if clean else None
-    k = cfg.few_shot_k if train_path and train_path.is_file() else 0
-    hard = HardPrompts(task, tok, read_jsonl(train_path) if k else [], k, cfg.seed)
+    try:
+        prompts = _tuned_prompts(task, tok, adapter, info, base, shards, check_shards)
+        sources = [prompts.source(r.fields) for r in rows]
+        s = score_system(task, tuned, tok, sources, rows, cfg, device, prompts.options(), engine)
+        log.info("evaluate: tuned: %s (%.0f tokens/s)", s.metrics, s.tokens_per_s)
+        if prior is None:
+            train_path = Path(clean) / "train.jsonl" if clean else None
+            train = read_jsonl(train_path) if cfg.few_shot_k and train_path and train_path.is_file() else []
+            prior = baselines.score(cfg, task, rows, tok, base_model, device, train, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+    stats = info["stats"]
+    tuned_info = {"label": f"{stats['method']} (tuned)", "trainable_parameters": stats["trainable_parameters"],
+                  "train_seconds": stats.get("train_seconds"), "train_examples": stats.get("train_examples"),
+                  "train_steps": stats.get("steps"), "train_best_step": stats.get("best_step")}
+    systems = ["tuned", *prior.systems]
+    record = {"task": task.name, "method": stats["method"], "primary_metric": task.primary_metric,
+              "rows": len(rows), "rows_sha256": rows_sha256(rows), "test_file": str(test_path),
+              "trainable_parameters": stats["trainable_parameters"], "decoding": baselines.decoding(cfg),
+              "systems": systems,
+              "system_info": {"tuned": tuned_info, **{n: {k: v[k] for k in ("label", "trainable_parameters")}
+                                                     for n, v in prior.systems.items()}},
+              "tokens_per_s": {"tuned": round(s.tokens_per_s, 1),
+                               **{n: v["tokens_per_s"] for n, v in prior.systems.items()}},
+              "not_computed": {**s.not_computed, **prior.not_computed},
+              "tuned": s.metrics, **{n: v["metrics"] for n, v in prior.systems.items()}}
+    predictions = baselines.prediction_records("tuned", rows, sources, s.predictions, s.per_row) + prior.predictions
+    _write(Path(out), record, predictions, cfg)
+    return record
 
-    method = info["stats"]["method"]
-    systems = {
-        "tuned": (tuned, [tuned_prompts.source(r.fields) for r in rows], tuned_prompts.options(),
-                  {"label": f"{method} (tuned)", "trainable_parameters": info["stats"]["trainable_parameters"],
-                   "train_seconds": info["stats"].get("train_seconds"),
-                   "train_examples": info["stats"].get("train_examples"), "train_steps": info["stats"].get("steps"),
-                   "train_best_step": info["stats"].get("best_step")}),
-        "zero_shot": (base_model, [hard.source(r.fields, 0) for r in rows], dict(task.labels),
-                      {"label": "zero-shot prompt (base model)", "trainable_parameters": 0}),
-    }
-    if k:
-        systems["few_shot"] = (base_model, [hard.source(r.fields, k) for r in rows], dict(task.labels),
-                               {"label": f"{k}-shot prompt (base model)", "trainable_parameters": 0})
-    metrics = {"task": task.name, "method": method, "primary_metric": task.primary_metric, "rows": len(rows),
-               "rows_sha256": rows_sha256(rows), "test_file": str(test_path), "trainable_parameters": info["stats"]["trainable_parameters"],
-               "decoding": {"num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty,
-                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "max_new_tokens": cfg.max_new_tokens},
-               "systems": list(systems), "system_info": {s: v[3] for s, v in systems.items()},
-               "tokens_per_s": {}, "not_computed": {}}
-    predictions = []
-    for name, (model, prompts, options, _) in systems.items():
-        m, preds, per_row, tps, missing = score_system(task, model, tok, prompts, rows, cfg, device, options, engine)
-        metrics[name] = m
-        metrics["tokens_per_s"][name] = round(tps, 1)
-        metrics["not_computed"].update(missing)
-        log.info("evaluate: %s: %s (%.0f tokens/s)", name, m, tps)
-        predictions += [{"system": name, "id": r.id, "prompt": p, "prediction": pred,
-                         "references": r.references, "score": round(s, 2)}
-                        for r, p, pred, s in zip(rows, prompts, preds, per_row)]
 
-    out = Path(out)
+def _checked(prior: baselines.Baselines, rows: list[TestRow], cfg: EvaluateConfig, where: Path) -> baselines.Baselines:
+    """The baselines stage's scores, if they are of these rows with this decoding."""
+    if prior.rows_sha256 != rows_sha256(rows):
+        raise StageError(f"{where}: the baselines were scored on other test rows ({prior.rows} rows, hash "
+                         f"{prior.rows_sha256[:12]}) than these {len(rows)}; rerun `dvc repro baselines`")
+    if prior.decoding != baselines.decoding(cfg):
+        raise StageError(f"{where}: the baselines were decoded with {prior.decoding}, this evaluation with "
+                         f"{baselines.decoding(cfg)}; rerun `dvc repro baselines`")
+    return prior
+
+
+def _tuned_prompts(task: Task, tok, adapter: Path, info: dict, base: Path, shards: Path | None,
+                   check_shards: bool) -> TunedPrompts:
+    if shards is None:
+        return TunedPrompts(task, tok, {"params": {}, "template_sha256": PromptFormat(task, tok).hash}, [])
+    prompts = TunedPrompts.from_dir(task, tok, shards, base, check=check_shards)  # reads the manifest
+    trained_on = info.get("data", {}).get("manifest_sha256")
+    if trained_on and trained_on != sha256_file(Path(shards) / "manifest.json"):
+        raise StageError(f"{adapter} was trained on other shards than {shards} (manifest sha256 "
+                         f"{trained_on[:12]}); evaluate it with the shards it was trained on")
+    return prompts
+
+
+def _write(out: Path, record: dict, predictions: list[dict], cfg: EvaluateConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for p in predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    pd.DataFrame([{"system": f"{s} {k}", "value": v} for s in systems for k, v in metrics[s].items()]
+    pd.DataFrame([{"system": f"{s} {k}", "value": v} for s in record["systems"] for k, v in record[s].items()]
                  ).to_csv(out / "scores.csv", index=False)
     # The candidate's predictions are validated; the baselines' are recorded as they are
     # (an untuned model answering nothing is a finding, not a broken stage).
@@ -431,14 +225,13 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
                        "prediction_chars": [len(p["prediction"]) for p in tuned_rows],
                        "score": [p["score"] for p in tuned_rows]})
     try:
-        validate("predictions", df, {"expected_rows": len(rows), "min_nonempty_fraction": cfg.min_nonempty_fraction},
-                 out / "validation.json")
+        validate("predictions", df, {"expected_rows": record["rows"],
+                                     "min_nonempty_fraction": cfg.min_nonempty_fraction}, out / "validation.json")
     except StageError:
         (out / "predictions.jsonl").unlink()  # nothing downstream may read a failed evaluation
         raise
-    (out / "report.md").write_text(report(metrics), encoding="utf-8")
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    (out / "report.md").write_text(report(record), encoding="utf-8")
+    evaluation.write(out, record)
 
 
 def collect_and_clean_file(params, task: Task, file: Path, work: Path, fmt: str | None = None) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines import evaluation
 from pipelines.common import SPLITS, StageError
 from pipelines.stages import CATALOG
 
@@ -230,11 +231,12 @@ def lineage(repo: Path, spec: str, record_id: str | None = None) -> dict:
     hashes = _hashes(lock)
     fs = _fs(repo, commit)
     committed = {}
-    for path in ("data/eval/metrics.json", "data/eval/gate.json", "data/eval/validation.json",
+    for path in (evaluation.METRICS, evaluation.DETAILS, "data/eval/gate.json", "data/eval/validation.json",
                  *(f"data/metrics/{s}.json" for s in ("collect", "clean", "tokenize", "tune", "package"))):
         text = _show(repo, commit, path)
         committed[path] = json.loads(text) if text else None
-    metrics = committed.pop("data/eval/metrics.json")
+    numbers, details = committed.pop(evaluation.METRICS), committed.pop(evaluation.DETAILS)
+    metrics = evaluation.join(numbers, details) if numbers else None
     out = {
         **version,
         "params": {k: params.get(k) for k in ("task", "base_model", "tokenize", "tune", "evaluate", "package")},

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import compare
+from pipelines import compare, evaluation
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl, sha256_file
 from pipelines.config import HUB_ID, BaseModelConfig, PackageConfig
 from pipelines.shards import TOKENIZER_FILES, read_manifest, tokenizer_fingerprint
@@ -79,6 +79,7 @@ class Inputs:
     base: Path  # the base model directory (its tokenizer files)
     manifest: Path  # the shards' manifest.json (the prompt format trained with)
     metrics: Path  # evaluate's metrics.json
+    details: Path  # evaluate's details.json (what the metrics are of)
     predictions: Path  # evaluate's predictions.jsonl
     test: Path  # the clean test split (the example row's fields, references per input)
 
@@ -531,10 +532,10 @@ def run(cfg: PackageConfig, base_cfg: BaseModelConfig, task: Task, artifact: str
     method = info["stats"]["method"]
     if not any((tuned / w).is_file() for w in WEIGHTS):
         raise StageError(f"{tuned}: no {' or '.join(WEIGHTS)}; rerun `dvc repro tune`")
-    for path in (inputs.metrics, inputs.predictions, inputs.test):
+    for path in (inputs.metrics, inputs.details, inputs.predictions, inputs.test):
         if not Path(path).is_file():
             raise StageError(f"{path}: missing; rerun `dvc repro evaluate`")
-    metrics, predictions = read_json(inputs.metrics), read_jsonl(inputs.predictions)
+    metrics, predictions = evaluation.read(inputs.metrics, inputs.details), read_jsonl(inputs.predictions)
     _check_scored(metrics, info, Path(inputs.metrics))
     train_rows = _train_rows(tuned, info)
     manifest = read_manifest(Path(inputs.manifest).parent)

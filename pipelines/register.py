@@ -11,9 +11,10 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.common import StageError, read_json, write_json
+from pipelines import evaluation
+from pipelines.common import write_json
 from pipelines.config import RegisterConfig
-from pipelines.registry import artifact_name, metrics_at, primary_scores, prod_version, repo_path
+from pipelines.registry import artifact_name, evaluation_at, primary_scores, prod_version, repo_path
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,12 @@ def gate(cfg: RegisterConfig, metrics: dict, prod: dict | None) -> dict:
             "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def run(cfg: RegisterConfig, metrics_path: Path, out: Path, repo: Path) -> dict:
+def run(cfg: RegisterConfig, metrics_path: Path, details_path: Path, out: Path, repo: Path) -> dict:
     """The DVC ``register`` stage: record the gate's decision. A refusal is not an error."""
-    metrics_path = Path(metrics_path)
-    if not metrics_path.is_file():
-        raise StageError(f"{metrics_path}: not found; the evaluate stage writes it")
-    metrics = read_json(metrics_path)
+    metrics = evaluation.read(metrics_path, details_path)
     prod = prod_version(repo, artifact_name(repo))
     if prod:
-        prod["metrics"] = metrics_at(repo, prod.pop("commit"), repo_path(repo, metrics_path))
+        prod["metrics"] = evaluation_at(repo, prod.pop("commit"), repo_path(repo, Path(metrics_path)))
     decision = gate(cfg, metrics, prod)
     write_json(out, decision)
     for reason in decision["reasons"]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pipelines import evaluation
 from pipelines.common import StageError, read_json
 from pipelines.config import RegisterConfig
 
@@ -119,15 +120,24 @@ def prod_version(repo: Path, artifact: str) -> dict | None:
     return {"version": found[0]["version"], "commit": found[0]["commit_hexsha"]} if found else None
 
 
-def metrics_at(repo: Path, commit: str, metrics_path: str) -> dict | None:
-    """The metrics file as committed at ``commit``, or None if that commit has none."""
-    proc = _git(repo, "show", f"{commit}:{metrics_path}", check=False)
+def json_at(repo: Path, commit: str, path: str) -> dict | None:
+    """The JSON file ``path`` as committed at ``commit``, or None if that commit has none."""
+    proc = _git(repo, "show", f"{commit}:{path}", check=False)
     if proc.returncode != 0:
         return None
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
         return None
+
+
+def evaluation_at(repo: Path, commit: str, metrics_path: str = evaluation.METRICS) -> dict | None:
+    """The evaluation record (metrics.json and the details.json beside it) committed at
+    ``commit``, or None if that commit has no metrics.json."""
+    numbers = json_at(repo, commit, metrics_path)
+    if numbers is None:
+        return None
+    return evaluation.join(numbers, json_at(repo, commit, str(evaluation.details_path(Path(metrics_path)))))
 
 
 def primary_scores(metrics: dict, where: str) -> tuple[str, float, float]:
@@ -218,7 +228,8 @@ def _params_changed(repo: Path, declared: dict[str, dict]) -> list[str]:
     return changed
 
 
-def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path) -> RegistrationResult:
+def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Path,
+             details_path: Path | None = None) -> RegistrationResult:
     """After ``dvc repro``: push, commit, version with GTO, assign ``staging`` and, if the gate
     passed, ``prod``. Only a workspace that matches ``dvc.lock`` (every stage ran and
     passed its validation) is registered.
@@ -232,6 +243,7 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
 
     repo = Path(repo)
     gate_file, metrics_file = repo / gate_path, repo / metrics_path
+    details_file = repo / details_path if details_path else evaluation.details_path(metrics_file)
     if not gate_file.is_file():
         raise StageError(f"{gate_file}: missing; run `dvc repro` (its register stage writes it) first")
     decision = read_json(gate_file)
@@ -245,12 +257,13 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
         sources, to_git = _git_paths(dvc_repo, repo)
         _check_workspace(dvc_repo, repo, sources)
         artifact = _artifact_name(dvc_repo, repo)
-        metrics = read_json(metrics_file)
+        metrics = evaluation.read(metrics_file, details_file)
         key, cand, zero = primary_scores(metrics, str(metrics_file))
         summary = f"{metrics.get('task', '?')}/{metrics.get('method', '?')} {key} {cand:.2f} (zero-shot {zero:.2f})"
 
         declared = _declared_params(repo)
-        paths = sorted({"dvc.lock", *declared, repo_path(repo, metrics_file), repo_path(repo, gate_file), *to_git})
+        paths = sorted({"dvc.lock", *declared, repo_path(repo, metrics_file), repo_path(repo, details_file),
+                        repo_path(repo, gate_file), *to_git})
         paths = [p for p in paths if (repo / p).exists()]
         # A params file counts as changed only where a stage reads it: dvc.lock records those
         # values, and a key no stage declares (`prefect.port`) changes no output.
@@ -311,11 +324,11 @@ def artifacts(repo: Path) -> list[str]:
     return sorted(api.show(str(repo)).keys()) if _has_commit(repo) else []
 
 
-def list_versions(repo: Path, artifact: str, metrics_path: str = "data/eval/metrics.json") -> list[dict]:
+def list_versions(repo: Path, artifact: str, metrics_path: str = evaluation.METRICS) -> list[dict]:
     """Versions of ``artifact``, newest first, with their stages and the metrics at their commit."""
     versions = []
     for v in _versions(repo, artifact):
-        m = metrics_at(repo, v["commit_hexsha"], metrics_path) or {}
+        m = evaluation_at(repo, v["commit_hexsha"], metrics_path) or {}
         created = v.get("created_at")
         versions.append({"version": v["version"], "commit": v["commit_hexsha"],
                          "stages": sorted(s["stage"] for s in v.get("stages", [])),

@@ -92,22 +92,28 @@ def _tune(params, task, o):
     return tune.run(params.tune, _p(o, "shards"), _p(o, "base"), _p(o, "out"), _p(o, "live"))
 
 
+def _baselines(params, task, o):
+    from pipelines import baselines
+    return baselines.run(params.evaluate, task, _p(o, "clean"), _p(o, "base"), _p(o, "out"))
+
+
 def _evaluate(params, task, o):
     from pipelines import evaluate
     return evaluate.run(params.evaluate, task, _p(o, "clean"), _p(o, "base"), _p(o, "adapter"), _p(o, "out"),
-                        shards=_p(o, "shards"))
+                        shards=_p(o, "shards"), scored_baselines=_p(o, "baselines"))
 
 
 def _package(params, task, o):
     from pipelines import package
     inputs = package.Inputs(tuned=_p(o, "tuned"), base=_p(o, "base"), manifest=_p(o, "manifest"),
-                            metrics=_p(o, "metrics"), predictions=_p(o, "predictions"), test=_p(o, "test"))
+                            metrics=_p(o, "metrics"), details=_p(o, "details"), predictions=_p(o, "predictions"),
+                            test=_p(o, "test"))
     return package.run(params.package, params.base_model, task, o["artifact"], inputs, _p(o, "out"))
 
 
 def _register(params, task, o):
     from pipelines import register
-    return register.run(params.register, _p(o, "metrics"), _p(o, "out"), Path("."))
+    return register.run(params.register, _p(o, "metrics"), _p(o, "details"), _p(o, "out"), Path("."))
 
 
 BASE = Option("base", "data/models/base")
@@ -129,18 +135,24 @@ CATALOG: dict[str, Stage] = {s.name: s for s in (  # dvc.yaml's order
           extra=(Option("live", "data/tune_live", "DVCLive directory (metrics and plots)", dep=False),),
           writes=("data/models/tuned", "data/metrics/tune.json", "data/tune_live/metrics.json",
                   "data/tune_live/plots/metrics")),
+    Stage("baselines", "baselines", _baselines, "data/baselines", inputs=(Option("clean", "data/clean"), BASE),
+          params=("task", "evaluate"), suite="baselines",
+          about="the task's metrics for the base model's zero- and few-shot prompts (no adapter: "
+                "a new experiment does not rerun it)"),
     Stage("evaluate", "evaluate", _evaluate, "data/eval",
           inputs=(Option("clean", "data/clean"),
                   Option("shards", "data/shards", "the shards the adapter was trained on (its prompt format)"),
-                  BASE, Option("adapter", "data/models/tuned")),
+                  BASE, Option("adapter", "data/models/tuned"),
+                  Option("baselines", "data/baselines", "the baselines stage's scores of the same rows")),
           params=("task", "evaluate"), suite="predictions",
-          about="the task's metrics for the adapter and the zero- and few-shot prompts",
+          about="the task's metrics for the adapter, beside the baselines'",
           writes=("data/eval/predictions.jsonl", "data/eval/validation.json", "data/eval/report.md",
-                  "data/eval/metrics.json", "data/eval/scores.csv")),
+                  "data/eval/details.json", "data/eval/metrics.json", "data/eval/scores.csv")),
     Stage("package", "package", _package, "data/models/adapter",
           inputs=(Option("tuned", "data/models/tuned", "tune's output"), BASE,
                   Option("manifest", "data/shards/manifest.json", "the shards' manifest.json (the prompt format)"),
                   Option("metrics", "data/eval/metrics.json", "evaluate's metrics.json"),
+                  Option("details", "data/eval/details.json", "evaluate's details.json (what the metrics are of)"),
                   Option("predictions", "data/eval/predictions.jsonl", "evaluate's predictions.jsonl"),
                   Option("test", "data/clean/test.jsonl", "the clean test split (the card's example row)"),
                   Option("artifact", "${task.name}-adapter", "the registry's name for it (dvc.yaml `artifacts:`)",
@@ -148,6 +160,7 @@ CATALOG: dict[str, Stage] = {s.name: s for s in (  # dvc.yaml's order
           params=("task", "base_model", "package"), suite="package", stats="data/metrics/package.json",
           about="the registered artifact: adapter, tokenizer, model card"),
     Stage("register", "register", _register, "data/eval/gate.json",
-          inputs=(Option("metrics", "data/eval/metrics.json"),), params=("register",),
+          inputs=(Option("metrics", "data/eval/metrics.json"), Option("details", "data/eval/details.json")),
+          params=("register",),
           about="the promotion gate's decision (the DVC stage; `ptune register` acts on it)"),
 )}

@@ -17,6 +17,7 @@ import yaml
 from pipelines import clean, cli, collect, tokenize
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl
 from pipelines.config import CleanConfig
+from pipelines.stages import CATALOG
 from tests.collect_fixtures import config, make_task, serve, source
 from tests.conftest import ROOT
 from tests.test_tokenize import E2E, ROWS, write_clean
@@ -500,18 +501,14 @@ def test_a_truncated_manifest_is_one_line_naming_it_in_tune_and_evaluate(tmp_pat
     assert err.startswith("ptune stage tune: error: shards/manifest.json: not valid JSON") and err.count("\n") == 1
 
 
-STAGE_INPUTS = {  # each stage command's other arguments: never read, the outputs are checked first
-    "base_model": [], "collect": [], "clean": ["--raw", "raw"], "tokenize": ["--clean", "clean", "--base", "base"],
-    "tune": ["--shards", "shards", "--base", "base", "--live", "live"],
-    "evaluate": ["--clean", "clean", "--shards", "shards", "--base", "base", "--adapter", "adapter"],
-    "package": ["--tuned", "tuned", "--base", "base", "--manifest", "m.json", "--metrics", "m.json",
-                "--predictions", "p.jsonl", "--test", "t.jsonl", "--artifact", "a"],
-}
+# Each stage command's other arguments (from the catalog): never read, the outputs are checked first.
+STAGE_INPUTS = {name: [a for o in (*s.inputs, *s.extra) for a in (f"--{o.name}", o.name)]
+                for name, s in CATALOG.items() if s.out_is_dir}
 FILE_THERE = "taken: exists and is not a directory; the stage writes a directory there"
 OUTPUT_CASES = {  # name -> (stage command, error)
     **{f"{stage} --out": ([stage, *args, "--out", "taken"], FILE_THERE) for stage, args in STAGE_INPUTS.items()},
     "tune --live": (["tune", "--shards", "s", "--base", "b", "--out", "adapter", "--live", "taken"], FILE_THERE),
-    "register --out": (["register", "--metrics", "m.json", "--out", "folder"],
+    "register --out": (["register", "--metrics", "m.json", "--details", "d.json", "--out", "folder"],
                        "folder: exists and is a directory; the stage writes a file there"),
     "--stats": (["collect", "--out", "raw", "--stats", "folder"], "folder: exists and is a directory"),
     "under a file": (["collect", "--out", "taken/raw"], "taken: is a file, so taken/raw cannot be created"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import evaluate
+from pipelines import scoring
 from pipelines.config import EvaluateConfig
 from serving.decoding import TextStream
 from serving.engine import BASE, Engine
@@ -123,8 +123,8 @@ def test_each_method_decodes_as_trained_and_as_evaluate_scores(method, engine, l
     answers = [alone(engine, greedy(method, p))[0] for p in ids]
     for p, answer in zip(ids, answers):
         assert list(answer.token_ids) == trained(lively_base, adapter_dirs, method, p)
-    texts, tokens = evaluate.generate(engine, method, PROMPTS, EvaluateConfig(batch_size=16, max_new_tokens=STEPS))
-    assert texts == [evaluate.first_line(a.text) for a in answers]
+    texts, tokens = scoring.generate(engine, method, PROMPTS, EvaluateConfig(batch_size=16, max_new_tokens=STEPS))
+    assert texts == [scoring.first_line(a.text) for a in answers]
     assert tokens == sum(a.completion_tokens for a in answers)
     if method != BASE:  # the adapter matters
         assert answers[0].token_ids != alone(engine, greedy(BASE, ids[0]))[0].token_ids

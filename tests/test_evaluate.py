@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from pipelines import evaluate, tokenize, tune
+from pipelines import baselines, evaluate, evaluation, scoring, tokenize, tune
 from pipelines.common import StageError
 from pipelines.config import EvaluateConfig, TokenizeConfig
+from pipelines.prompts import render_zero_shot
 from pipelines.shards import IGNORE, load_split
 from tests.test_tokenize import MANY, write_clean
 from tests.test_tune import E2E, shards, tune_cfg  # noqa: F401  (shards: a fixture)
@@ -46,20 +47,20 @@ def test_tuned_prompts_refuse_shards_cut_with_other_templates(tmp_path, tiny_bas
 
 def test_hard_prompt_baseline_draws_other_groups_deterministically(tok):
     train = [{"id": f"train:{i}", "group": r["mr"], **r} for i, r in enumerate(MANY["train"])]
-    a = evaluate.HardPrompts(E2E, tok, train, 2, seed=0)
-    b = evaluate.HardPrompts(E2E, tok, list(reversed(train)), 2, seed=0)
+    a = baselines.HardPrompts(E2E, tok, train, 2, seed=0)
+    b = baselines.HardPrompts(E2E, tok, list(reversed(train)), 2, seed=0)
     row = {"id": "test:0", "group": train[0]["mr"], **MANY["train"][0]}
     shot = a.source(row, 2)
     assert shot == b.source(row, 2)
     assert shot.count("Attributes:") == 3 and shot.count(MANY["train"][0]["mr"]) == 1  # never its own group
-    assert a.source(row, 0) == evaluate.render_zero_shot(E2E, row, tok)
+    assert a.source(row, 0) == render_zero_shot(E2E, row, tok)
 
 
 @pytest.mark.slow
 def test_generation_metrics_use_every_reference():
     hyps = ["Aromi is a Chinese coffee shop.", "B is by the river."]
-    one = evaluate.generation_metrics(hyps, [["Aromi serves food."], ["B is by the river."]])[0]
-    both, per_row, missing = evaluate.generation_metrics(
+    one = scoring.generation_metrics(hyps, [["Aromi serves food."], ["B is by the river."]])[0]
+    both, per_row, missing = scoring.generation_metrics(
         hyps, [["Aromi serves food.", "Aromi is a Chinese coffee shop."], ["B is by the river."]])
     assert both["bleu"] == 100.0 and one["bleu"] < 100.0
     assert both["rouge_l"] == 100.0 and per_row == [100.0, 100.0]
@@ -72,17 +73,17 @@ def test_generation_metrics_use_every_reference():
 
 @pytest.mark.slow
 def test_generation_metrics_of_empty_answers_are_zero_not_errors():
-    m, _, _ = evaluate.generation_metrics(["", ""], [["Aromi serves food."], ["B is by the river."]])
+    m, _, _ = scoring.generation_metrics(["", ""], [["Aromi serves food."], ["B is by the river."]])
     assert m["bleu"] == 0 and m["nist"] == 0 and m["rouge_l"] == 0 and m["cider"] == 0
 
 
 def test_rouge_l_is_the_e2e_challenges(monkeypatch):
     """pycocoevalcap's ROUGE-L on lower-cased 13a tokens: F = (1 + b^2) P R / (R + b^2 P),
     b = 1.2, with P and R each the best over the row's references; the mean over rows."""
-    monkeypatch.setattr(evaluate.shutil, "which", lambda name: None)  # no METEOR jar: not what is tested
+    monkeypatch.setattr(scoring.shutil, "which", lambda name: None)  # no METEOR jar: not what is tested
     hyps = ["The cat sat on the mat.", "Aromi is a pub."]
     refs = [["The cat is on the mat.", "Cat sat."], ["Aromi is a Chinese pub near the river."]]
-    metrics, per_row, _ = evaluate.generation_metrics(hyps, refs)
+    metrics, per_row, _ = scoring.generation_metrics(hyps, refs)
     # row 1: 7 tokens; LCS 6 with the first reference (7 tokens), 3 with "cat sat ." (3 tokens):
     # P = 6/7 (first), R = 3/3 (second) -> 2.44 * 6/7 / (1 + 1.44 * 6/7) = 14.64 / 15.64
     # (the best single reference's F would be 6/7); row 2: LCS 5, P = 5/5, R = 5/9
@@ -93,7 +94,7 @@ def test_rouge_l_is_the_e2e_challenges(monkeypatch):
 
 
 def test_classification_metrics():
-    m, per_row = evaluate.classification_metrics(["1", "1", "0", "0"], ["1", "0", "0", "0"], ["0", "1"])
+    m, per_row = scoring.classification_metrics(["1", "1", "0", "0"], ["1", "0", "0", "0"], ["0", "1"])
     assert m["accuracy"] == 75.0 and per_row == [100.0, 0.0, 100.0, 100.0]
     assert m["macro_f1"] == pytest.approx(100 * (0.8 + 2 / 3) / 2, abs=0.01)
 
@@ -103,7 +104,7 @@ def test_rank_scores_match_sequence_log_probability(tiny_base, tok):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     prompts, options = ["Review: bleak\nSentiment:", "Review: it 's a charming journey\nSentiment:"], [" positive", " negative"]
-    scores = evaluate.rank_scores(model, tok, prompts, options, batch_size=3, device="cpu")
+    scores = scoring.rank_scores(model, tok, prompts, options, batch_size=3, device="cpu")
     p = tok(prompts[1], add_special_tokens=False).input_ids
     o = tok(options[0], add_special_tokens=False).input_ids
     with torch.no_grad():
@@ -121,9 +122,9 @@ def test_batched_generation_equals_one_at_a_time(tiny_base):
     from serving.engine import BASE, Engine
 
     cfg = EvaluateConfig(batch_size=3, max_new_tokens=6)
-    batched, _ = evaluate.generate(Engine(tiny_base, max_batch=3, device="cpu"), BASE, PROMPTS, cfg)
+    batched, _ = scoring.generate(Engine(tiny_base, max_batch=3, device="cpu"), BASE, PROMPTS, cfg)
     one = Engine(tiny_base, max_batch=1, device="cpu")
-    assert batched == [evaluate.generate(one, BASE, [p], cfg)[0][0] for p in PROMPTS]
+    assert batched == [scoring.generate(one, BASE, [p], cfg)[0][0] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -155,8 +156,8 @@ def test_prompt_learning_generation_decodes_as_trained(tiny_base, tok, method, n
     for engine in engines:
         engine.add(method, tmp_path / "adapter")
     cfg = EvaluateConfig(batch_size=3, max_new_tokens=6, num_beams=num_beams)
-    batched, _ = evaluate.generate(engines[0], method, PROMPTS, cfg)
-    assert batched == [evaluate.generate(engines[1], method, [p], cfg)[0][0] for p in PROMPTS]
+    batched, _ = scoring.generate(engines[0], method, PROMPTS, cfg)
+    assert batched == [scoring.generate(engines[1], method, [p], cfg)[0][0] for p in PROMPTS]
     ids = [tuple(tok(p, add_special_tokens=False).input_ids) for p in PROMPTS]
     base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     with torch.no_grad():  # the virtual tokens matter
@@ -210,3 +211,30 @@ def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_pa
     compare.significance(tmp_path, c, samples=50)
     assert c.significance["missing"] == []
     assert [r["significance"]["score"] for r in c.rows] == [metrics[s]["bleu"] for s in metrics["systems"]]
+    # metrics.json holds numbers only (what `dvc exp show` tabulates); details.json the rest.
+    numbers = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    details = json.loads((tmp_path / "eval" / "details.json").read_text())
+
+    def leaves(d):
+        return [x for v in d.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+    assert leaves(numbers) and all(isinstance(v, (int, float)) for v in leaves(numbers))
+    assert {"primary_metric", "rows_sha256", "decoding", "systems"} <= set(details)
+    assert evaluation.read(tmp_path / "eval" / "metrics.json") == metrics
+
+    # The baselines stage scores what evaluate scored in-process; evaluate then reads them.
+    baselines.run(cfg, E2E, shards / "clean", tiny_base, tmp_path / "baselines")
+    again = evaluate.run(cfg, E2E, shards / "clean", tiny_base, tmp_path / "adapter", tmp_path / "eval2",
+                         shards=shards / "shards", scored_baselines=tmp_path / "baselines")
+    drop = ("tokens_per_s",)
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in metrics.items() if k not in drop}
+    assert (tmp_path / "eval2" / "predictions.jsonl").read_text() == (tmp_path / "eval" / "predictions.jsonl").read_text()
+    assert json.loads((tmp_path / "baselines" / "validation.json").read_text())["success"] is True
+    # Scores of other rows or another decoding are refused, not mixed in.
+    with pytest.raises(StageError, match="decoded with"):
+        evaluate.run(cfg.model_copy(update={"max_new_tokens": 9}), E2E, shards / "clean", tiny_base,
+                     tmp_path / "adapter", tmp_path / "eval3", shards=shards / "shards",
+                     scored_baselines=tmp_path / "baselines")
+    with pytest.raises(StageError, match="other test rows"):
+        evaluate.run(cfg.model_copy(update={"max_rows": 2}), E2E, shards / "clean", tiny_base,
+                     tmp_path / "adapter", tmp_path / "eval3", shards=shards / "shards",
+                     scored_baselines=tmp_path / "baselines")

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import yaml
 
+from pipelines import evaluation
 from pipelines.common import StageError, sha256_file
 from pipelines.lineage import membership, parse_spec
 from tests.conftest import build_tiny_model
@@ -136,7 +137,7 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     assert info["data"]["clean"]["data/clean"] == lock["data/clean"]
     assert info["data"]["base model"]["data/models/base"] == lock["data/models/base"]
     assert all(v["success"] for v in info["validation"].values()), info["validation"]
-    assert info["metrics"]["tuned"] == json.loads((project / "data/eval/metrics.json").read_text())["tuned"]
+    assert info["metrics"]["tuned"] == evaluation.read(project / "data/eval/metrics.json")["tuned"]
     # tune trained on a 16-row subset of the train split and recorded which rows: exact answers
     trained = (project / "data/models/adapter/train_ids.txt").read_text().split()
     assert len(trained) == 16 and trained == sorted(trained)
@@ -174,7 +175,7 @@ def test_a_registered_version_scores_any_file(registered, tmp_path):
                    "--out", str(tmp_path / "eval"))
     finally:
         run(project, "dvc", "checkout", "data/models/adapter")
-    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    metrics = evaluation.read(tmp_path / "eval/metrics.json")
     assert metrics["test_file"].endswith("test.jsonl") and 1 <= metrics["rows"] <= 5
     assert metrics["systems"] == ["tuned", "zero_shot", "few_shot"]
     assert "| lora (tuned) |" in proc.stdout
@@ -199,7 +200,7 @@ def test_repro_from_the_versions_commit_gives_the_same_hashes_and_metrics(regist
     weights = "data/models/adapter/adapter_model.safetensors"
     assert sha256_file(clone / weights) == sha256_file(project / weights)
     before = json.loads(git(project, "show", f"{commit}:data/eval/metrics.json"))
-    after = json.loads((clone / "data/eval/metrics.json").read_text())
+    after = evaluation.read(clone / "data/eval/metrics.json")
     for system in before["systems"]:
         for key, value in before[system].items():
             assert after[system][key] == pytest.approx(value, abs=METRIC_TOLERANCE), (system, key)

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from pipelines import evaluation
 from pipelines import package
 from pipelines.common import StageError, sha256_file
 from pipelines.config import BaseModelConfig, PackageConfig, load_params
@@ -225,7 +226,7 @@ def test_the_registered_directory_carries_a_filled_model_card(versions):
     project = versions
     pkg, tuned = project / "data/models/adapter", project / "data/models/tuned"
     card = (pkg / "README.md").read_text()
-    metrics = json.loads((project / "data/eval/metrics.json").read_text())
+    metrics = evaluation.read(project / "data/eval/metrics.json")
     stats = json.loads((project / "data/metrics/package.json").read_text())
     adapter = json.loads((pkg / "ptune_adapter.json").read_text())
     assert package.PLACEHOLDER in (tuned / "README.md").read_text()  # PEFT's template, left behind in tune's output
@@ -320,7 +321,7 @@ def test_a_version_registered_before_the_package_stage_still_resolves(versions, 
     for version in ("v0.0.1", "v0.1.0"):
         run(project, "ptune", "evaluate", "--adapter", f"e2e-adapter@{version}", "--file", str(outside),
             "--out", str(tmp_path / version))
-        metrics = json.loads((tmp_path / version / "metrics.json").read_text())
+        metrics = evaluation.read(tmp_path / version / "metrics.json")
         assert metrics["method"] == "lora" and 1 <= metrics["rows"] <= 3, version
 
     before = json.loads(run(project, "ptune", "lineage", "e2e-adapter@v0.0.1", "--json").stdout)
@@ -344,7 +345,7 @@ def test_a_prompt_learning_card_carries_the_peft_generate_caveat(versions):
     params = load_params(project / "params.yaml")
     info = json.loads((pkg / "ptune_adapter.json").read_text())
     info["stats"]["method"] = "prefix"
-    metrics = json.loads((project / "data/eval/metrics.json").read_text())
+    metrics = evaluation.read(project / "data/eval/metrics.json")
     predictions = [json.loads(x) for x in (project / "data/eval/predictions.jsonl").read_text().splitlines()]
     test = [json.loads(x) for x in (project / "data/clean/test.jsonl").read_text().splitlines()]
     manifest = json.loads((project / "data/shards/manifest.json").read_text())

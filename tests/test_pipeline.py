@@ -3,6 +3,8 @@ model on a sliver of data (slow)."""
 import json
 
 import pytest
+
+from pipelines import evaluation
 from tests.conftest import build_tiny_model, git
 from tests.pipeline_project import make_project, run, update_params
 
@@ -40,7 +42,7 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
                                       "register.min_margin_over_zero_shot": 0.0,
                                       "register.prod_tolerance": 100.0})
     run(project, "dvc", "repro")
-    metrics = json.loads((project / "data/eval/metrics.json").read_text())
+    metrics = evaluation.read(project / "data/eval/metrics.json")
     assert metrics["rows"] == 4 and "bleu" in metrics["tuned"] and "bleu" in metrics["zero_shot"]
     gate = json.loads((project / "data/eval/gate.json").read_text())
     assert gate["passed"], gate["reasons"]  # margin 0 and prod tolerance 100 admit any candidate
@@ -71,7 +73,7 @@ def test_real_model_on_a_sliver(real_sliver):
     project = real_sliver
     base = json.loads((project / "data/models/base/ptune_base.json").read_text())
     assert base["parameters"] > 100_000_000 and base["vocab_size"] == 49152
-    metrics = json.loads((project / "data/eval/metrics.json").read_text())
+    metrics = evaluation.read(project / "data/eval/metrics.json")
     assert metrics["rows"] == 8
     assert 0 <= metrics["zero_shot"]["bleu"] <= 100 and 0 <= metrics["tuned"]["bleu"] <= 100
     adapter = json.loads((project / "data/models/adapter/ptune_adapter.json").read_text())

@@ -22,7 +22,7 @@ from pipelines.stages import CATALOG
 from tests.conftest import ROOT, git
 
 CFG = RegisterConfig(min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
-GATE, METRICS = Path("data/eval/gate.json"), Path("data/eval/metrics.json")
+GATE, METRICS, DETAILS = Path("data/eval/gate.json"), Path("data/eval/metrics.json"), Path("data/eval/details.json")
 
 
 def metrics(tuned, zero, task="e2e"):
@@ -110,9 +110,11 @@ out.mkdir(parents=True, exist_ok=True)
 if stage == "evaluate":
     (out / "predictions.jsonl").write_text(json.dumps({"tuned": control["tuned"]}) + "\\n")
     (out / "metrics.json").write_text(json.dumps({
-        "task": "e2e", "method": "lora", "primary_metric": "bleu", "rows": 3, "rows_sha256": "0" * 64,
-        "tuned": {"bleu": control["tuned"], "rouge_l": 55.0},
+        "rows": 3, "tuned": {"bleu": control["tuned"], "rouge_l": 55.0},
         "zero_shot": {"bleu": control["zero_shot"], "rouge_l": 30.2}, "trainable_parameters": 8}))
+    (out / "details.json").write_text(json.dumps({
+        "task": "e2e", "method": "lora", "primary_metric": "bleu", "rows_sha256": "0" * 64,
+        "systems": ["tuned", "zero_shot"]}))
 else:
     (out / "part.txt").write_text(f"{stage} {control['tuned']}\\n")
 '''
@@ -131,15 +133,16 @@ def dvc_yaml(stages: tuple[str, ...]) -> dict:
     for stage in stages:
         if stage == "register":
             graph[stage] = {
-                "cmd": f"python -m pipelines.cli stage register --metrics {METRICS} --out {GATE}",
-                "deps": [str(METRICS)], "params": ["register"], "metrics": [{str(GATE): {"cache": False}}]}
+                "cmd": f"python -m pipelines.cli stage register --metrics {METRICS} --details {DETAILS} --out {GATE}",
+                "deps": [str(METRICS), str(DETAILS)], "params": ["register"], "metrics": [{str(GATE): {"cache": False}}]}
             continue
         out = OUTS.get(stage, "data/eval")
         upstream = [d for d in UPSTREAM.get(stage, []) if any(OUTS.get(s) == d for s in stages)]
         graph[stage] = {"cmd": f"python stage.py {stage} {out}", "deps": ["stage.py", "control.json", *upstream],
                         "outs": [out]}
     if "evaluate" in graph:
-        graph["evaluate"]["outs"] = ["data/eval/predictions.jsonl", {"data/eval/validation.json": {"cache": False}}]
+        graph["evaluate"]["outs"] = ["data/eval/predictions.jsonl", {"data/eval/validation.json": {"cache": False}},
+                                     {str(DETAILS): {"cache": False}}]
         graph["evaluate"]["metrics"] = [{str(METRICS): {"cache": False}}]
     return {"stages": graph,
             "artifacts": {"${task.name}-adapter": {"path": "data/models/adapter", "type": "model"}}}
@@ -254,8 +257,9 @@ def test_a_passing_run_is_committed_versioned_in_prod_and_pushed(tmp_path):
                                 "ptune: register e2e-adapter v0.0.1 — e2e/lora bleu 41.20 (zero-shot 9.10)"]
     committed = git(repo, "show", "--name-only", "--format=", "HEAD").split()
     # The lock and what DVC leaves to git; the cached outputs stay out of git.
-    assert sorted(committed) == ["data/eval/.gitignore", "data/eval/gate.json", "data/eval/metrics.json",
-                                 "data/eval/validation.json", "data/models/.gitignore", "dvc.lock"]
+    assert sorted(committed) == ["data/eval/.gitignore", "data/eval/details.json", "data/eval/gate.json",
+                                 "data/eval/metrics.json", "data/eval/validation.json", "data/models/.gitignore",
+                                 "dvc.lock"]
     assert git(repo, "status", "--porcelain") == ""
     # dvc push put the registered directory (its .dir listing and its files) into the remote.
     adapter = lock_hash(repo, "package", "data/models/adapter")

@@ -22,7 +22,7 @@ import uvicorn
 
 from pipelines import lineage
 from pipelines.common import StageError
-from pipelines.evaluate import first_line
+from pipelines.scoring import first_line
 from serving.engine import Engine
 from serving.models import CACHE, Models, NotServable
 from serving.server import api_key_for, create_app
@@ -483,7 +483,7 @@ def test_the_registered_real_adapter_serves_what_evaluate_scored(real_sliver, tm
         assert served.refresh() == []
         spec = served.aliases()["e2e-adapter"]
         rows = [r for r in evaluated(clone, spec, tmp_path) if r["system"] == "tuned"][:4]
-        max_new = json.loads(git(clone, "show", f"{served.resolve(spec).commit}:data/eval/metrics.json"))[
+        max_new = json.loads(git(clone, "show", f"{served.resolve(spec).commit}:data/eval/details.json"))[
             "decoding"]["max_new_tokens"]
         with running(create_app(served, poll_seconds=None)) as url:
             api = client(url)

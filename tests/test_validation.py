@@ -74,6 +74,9 @@ PASSING = {
     "shards": (shards_frame, SHARDS_PARAMS),
     "tune": (lambda: pd.DataFrame({"step": [0, 10], "loss": [2.0, 1.5]}), {}),
     "predictions": (predictions_frame, {"expected_rows": 4, "min_nonempty_fraction": 0.75}),
+    "baselines": (lambda: pd.DataFrame({"system": ["zero_shot", "zero_shot", "few_shot", "few_shot"],
+                                        "id": ["1", "2", "1", "2"], "score": [0.0, 12.5, 100.0, 40.0]}),
+                  {"expected_rows": 4}),
     "package": (lambda: pd.DataFrame({"item": [f"check {i}" for i in range(15)], "ok": [True] * 15}), {}),
 }
 

@@ -1,0 +1,226 @@
+"""Scoring a system on the test rows: the rows, decoding, and the task's metrics.
+
+Shared by the ``baselines`` stage (the base model prompted by hand) and the ``evaluate``
+stage (the tuned adapter), so the two score alike and an edit to one stage's prompts
+reruns only that stage.
+
+Generation tasks (E2E, Stack Exchange QA): one row per distinct input with all its
+references; greedy or beam decoding (length penalty, no-repeat n-grams) per params,
+through the serving engine (serving/engine.py), the one decoding path ``ptune serve``
+answers with. The E2E challenge's metrics as in the Prefix-Tuning paper's Table 1: BLEU
+(sacrebleu, multi-reference), NIST (nltk), METEOR (METEOR 1.5 through pycocoevalcap;
+needs a Java runtime), ROUGE-L and CIDEr-D (pycocoevalcap, as the challenge's scoring
+script computes them: ROUGE-L is the LCS F-measure with beta 1.2 from the best precision
+and the best recall over a row's references, averaged over rows). BLEU, METEOR and
+ROUGE-L are in points (0-100); NIST and CIDEr on their own scales, as the paper reports
+them. What cannot be computed on this machine is named, with the reason, under
+``not_computed``.
+
+Classification tasks (SST-2): rank scoring: the label whose verbalizer has the highest
+total log-probability after the prompt wins; accuracy and macro-F1 in points.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.common import StageError
+from pipelines.config import EvaluateConfig
+from pipelines.tasks import Task
+from serving.engine import Engine
+from serving.types import Decoding, Request
+
+
+@dataclass
+class TestRow:
+    id: str
+    fields: dict
+    references: list[str]
+
+
+def rows_sha256(rows: list[TestRow]) -> str:
+    """Identity of a test set: scores with equal hashes were computed on the same rows."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.id, r.fields, r.references], sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[TestRow]:
+    """Generation: one row per distinct input with every reference; classification: one per record."""
+    if task.kind == "classification":
+        rows = [TestRow(r["id"], r, [r[task.target_field]]) for r in records]
+    else:
+        by_input: dict[tuple, TestRow] = {}
+        inputs = [f for f in task.fields if f != task.target_field]
+        for r in records:
+            key = tuple(r[f] for f in inputs)
+            if key not in by_input:
+                by_input[key] = TestRow(r["id"], r, [])
+            by_input[key].references.append(r[task.target_field])
+        rows = list(by_input.values())
+    return rows[:max_rows] if max_rows else rows
+
+
+def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], int]:
+    """Decode ``prompts`` with the engine's served ``model`` -> (first lines, new tokens).
+
+    This is the path ``ptune serve`` and ``ptune generate`` answer with (serving/engine.py:
+    continuous batching for greedy, transformers' beam search per adapter), so a served
+    greedy answer is the one scored here. Longest prompts go in first, so that the rows
+    decoding together pad little.
+    """
+    ids = [engine.encode(p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    decoding = Decoding(max_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
+    done = engine.generate([Request(model, ids[i], decoding) for i in order])
+    out = [""] * len(prompts)
+    for i, (choice,) in zip(order, done):
+        out[i] = first_line(choice.text)
+    return out, sum(choice.completion_tokens for (choice,) in done)
+
+
+def first_line(text: str) -> str:
+    """Both systems are asked for one sentence; anything after the first line is not the answer."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+@torch.no_grad()
+def rank_scores(model, tok, prompts: list[str], options: list[str], batch_size: int,
+                device: str) -> torch.Tensor:
+    """Total log-probability of each option after each prompt: [len(prompts), len(options)]."""
+    scores = torch.empty(len(prompts), len(options))
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        p_ids = [tok(prompts[i], add_special_tokens=False).input_ids for i, _ in chunk]
+        o_ids = [tok(options[j], add_special_tokens=False).input_ids for _, j in chunk]
+        n = max(len(p) + len(o) for p, o in zip(p_ids, o_ids))
+        ids = torch.full((len(chunk), n), tok.pad_token_id)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for k, (p, o) in enumerate(zip(p_ids, o_ids)):  # right padding: positions line up
+            ids[k, :len(p) + len(o)] = torch.tensor(p + o)
+            mask[k, :len(p) + len(o)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[:, -n:, :].float()  # prompt tuning prepends virtual-token positions
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        for k, ((i, j), p, o) in enumerate(zip(chunk, p_ids, o_ids)):
+            pos = torch.arange(len(p) - 1, len(p) + len(o) - 1)
+            scores[i, j] = logp[k, pos, torch.tensor(o)].sum()
+    return scores
+
+
+
+def _tokens(texts: list[str]) -> list[list[str]]:
+    """Lower-cased 13a tokens (sacrebleu's, as mteval's NIST uses) for NIST and the COCO scorers."""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    tokenize = Tokenizer13a()
+    return [tokenize(t.lower()).split() for t in texts]
+
+
+def _nist(hyps: list[str], refs: list[list[str]]) -> float:
+    from nltk.translate.nist_score import corpus_nist
+
+    hyp_tokens = _tokens(hyps)
+    if not any(hyp_tokens):
+        return 0.0
+    return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=5)
+
+
+def _coco(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[list[float], float, float | None]:
+    """(per-row ROUGE-L in points, CIDEr-D, METEOR 1.5) through pycocoevalcap, the COCO
+    caption scorers the E2E challenge's script uses, each fed the same tokens; METEOR runs
+    its jar and so needs ``java`` on PATH."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    res = {i: [" ".join(t)] for i, t in enumerate(_tokens(hyps))}
+    gts = {i: [" ".join(t) for t in _tokens(r)] for i, r in enumerate(refs)}
+    rouge = [100 * float(s) for s in Rouge().compute_score(gts, res)[1]]
+    cider = float(Cider().compute_score(gts, res)[0])
+    meteor = None
+    if shutil.which("java") is None:
+        not_computed["meteor"] = "needs a Java runtime for the METEOR 1.5 jar (none on PATH here)"
+    else:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()  # a java subprocess, ended when the scorer is collected
+        meteor = 100 * float(scorer.compute_score(gts, res)[0])
+        del scorer
+    return rouge, cider, meteor
+
+
+def generation_metrics(hyps: list[str], refs: list[list[str]]) -> tuple[dict, list[float], dict]:
+    """-> (corpus metrics, per-row ROUGE-L, {metric: why it was not computed})."""
+    import sacrebleu
+
+    width = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    bleu = sacrebleu.corpus_bleu(hyps, streams).score
+    not_computed: dict[str, str] = {}
+    rouge, cider, meteor = _coco(hyps, refs, not_computed)
+    metrics = {"bleu": round(bleu, 2), "nist": round(_nist(hyps, refs), 4), "meteor": meteor,
+               "rouge_l": round(sum(rouge) / len(rouge), 2), "cider": cider}
+    metrics = {k: (round(v, 4) if k in ("cider", "nist") else round(v, 2)) for k, v in metrics.items()
+               if v is not None}
+    return metrics, rouge, not_computed
+
+
+def classification_metrics(pred: list[str], gold: list[str], labels: list[str]) -> tuple[dict, list[float]]:
+    correct = [100.0 * (p == g) for p, g in zip(pred, gold)]
+    f1s = []
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(pred, gold))
+        fp = sum(p == label and g != label for p, g in zip(pred, gold))
+        fn = sum(p != label and g == label for p, g in zip(pred, gold))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": round(sum(correct) / len(correct), 2),
+            "macro_f1": round(100 * sum(f1s) / len(f1s), 2)}, correct
+
+
+# Each metric's range, checked on every run (the GX suite checks the per-row scores).
+RANGES = {"bleu": (0, 100), "meteor": (0, 100), "rouge_l": (0, 100), "accuracy": (0, 100),
+          "macro_f1": (0, 100), "nist": (0, 20), "cider": (0, 10)}
+
+
+@dataclass
+class Scored:
+    """One system's result on the test rows."""
+    metrics: dict  # metric -> value (points, or the metric's own scale)
+    predictions: list[str]  # per row, in row order
+    per_row: list[float]  # the per-row score (ROUGE-L for generation, accuracy for classification)
+    tokens_per_s: float  # generated (generation) or scored (classification) tokens per second of model time
+    not_computed: dict = field(default_factory=dict)  # metric -> why it could not be computed here
+
+
+def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow], cfg: EvaluateConfig,
+                 device: str, options: dict[str, str], engine: Engine | None = None
+                 ) -> Scored:
+    """``model``: the model (classification) or the ``engine``'s served name (generation)."""
+    t0 = time.perf_counter()
+    not_computed: dict[str, str] = {}
+    if task.kind == "classification":
+        labels = list(options)
+        scores = rank_scores(model, tok, prompts, [options[k] for k in labels], cfg.batch_size, device)
+        preds = [labels[int(i)] for i in scores.argmax(dim=1)]
+        tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) * len(labels)
+        seconds = time.perf_counter() - t0
+        metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
+    else:
+        preds, tokens = generate(engine, model, prompts, cfg)
+        seconds = time.perf_counter() - t0  # decoding only: the metrics' own time is not the model's
+        metrics, per_row, not_computed = generation_metrics(preds, [r.references for r in rows])
+    for key, value in metrics.items():
+        low, high = RANGES.get(key, (float("-inf"), float("inf")))
+        if not low <= value <= high:
+            raise StageError(f"metric {key} = {value} outside [{low}, {high}]: a scorer is broken")
+    return Scored(metrics, preds, per_row, tokens / seconds, not_computed)
