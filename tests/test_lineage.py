@@ -192,9 +192,10 @@ def test_repro_from_the_versions_commit_gives_the_same_hashes_and_metrics(regist
     run(clone, "dvc", "repro")
     original = lock_outs(project, git(project, "show", f"{commit}:dvc.lock"))
     reproduced = lock_outs(clone)
-    # The adapter directory and the training curves also hold timings (tokens/s); the weights
-    # must be the same bytes.
-    timed = ("data/models/tuned", "data/models/adapter", "data/tune_live/plots/metrics")
+    # The adapter directory, the training curves and the baselines' scores also hold timings
+    # (tokens/s); the weights must be the same bytes, and the baselines' predictions are
+    # compared in evaluate's predictions.jsonl.
+    timed = ("data/models/tuned", "data/models/adapter", "data/tune_live/plots/metrics", "data/baselines")
     assert {k: v for k, v in reproduced.items() if k not in timed} == \
         {k: v for k, v in original.items() if k not in timed}  # raw, clean, shards, base model, predictions
     weights = "data/models/adapter/adapter_model.safetensors"

@@ -295,7 +295,7 @@ def test_a_run_triggered_through_the_api_runs_every_stage_registers_and_publishe
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"learning_rate": 0.002, "params_overrides": {"tune.seed": 3}}
     tasks = prefect_stack.task_runs(run["id"])
-    assert [t["name"] for t in tasks] == TASKS[:6] + ["publish-metrics", "package", "register", "publish-gate",
+    assert [t["name"] for t in tasks] == TASKS[:7] + ["publish-metrics", "package", "register", "publish-gate",
                                                      "register-version", "publish-comparison"]
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     artifacts = prefect_stack.artifacts(run["id"])

@@ -159,6 +159,6 @@ def test_the_run_page_lists_every_stage_as_a_completed_task(run_page, retrain_ru
         browser.close()
     listed = [line for line in text.splitlines() if line in TASKS]
     assert listed == ["publish-comparison", "register-version", "publish-gate", "register", "package", "publish-metrics",
-                      "evaluate", "tune",
+                      "evaluate", "baselines", "tune",
                       "tokenize", "clean", "collect", "base_model"]  # newest first, as the UI sorts them
     assert f"{len(TASKS)} Task runs\n({len(TASKS)} Completed)" in text
