@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from pipelines import evaluation
+from pipelines import evaluation, registry
 from pipelines.common import StageError, sha256_file
 from pipelines.lineage import membership, parse_spec
 from tests.conftest import build_tiny_model
@@ -200,7 +200,7 @@ def test_repro_from_the_versions_commit_gives_the_same_hashes_and_metrics(regist
         {k: v for k, v in original.items() if k not in timed}  # raw, clean, shards, base model, predictions
     weights = "data/models/adapter/adapter_model.safetensors"
     assert sha256_file(clone / weights) == sha256_file(project / weights)
-    before = json.loads(git(project, "show", f"{commit}:data/eval/metrics.json"))
+    before = registry.evaluation_at(project, commit)
     after = evaluation.read(clone / "data/eval/metrics.json")
     for system in before["systems"]:
         for key, value in before[system].items():
