@@ -11,12 +11,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +21,9 @@ import yaml
 
 from pipelines import validation
 from pipelines.validation import SITE_DIR, ValidationFailed, latest_page, validate
+from tests.browser import DevTools, needs_chromium
 from tests.conftest import ROOT
-from tests.test_validation import copy_project, run_in
+from tests.test_validation import copy_project
 
 ASSETS = ROOT / "gx" / "plugins" / "custom_data_docs" / "assets"
 TUNE_OK = pd.DataFrame({"step": [0, 10], "loss": [2.0, 1.5]})
@@ -173,11 +170,6 @@ def test_the_validation_artifact_links_the_stages_page(gx_project, tmp_path):
     assert "no page of suite `tune`" in none_yet and "`make docs`" in none_yet
 
 
-# ../shared/ENVIRONMENT.md's flags; the proxy on a closed port makes any network fetch fail.
-CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--window-size=1400,900",
-            "--remote-debugging-port=0"]
 # What a page shows once its assets work: Bootstrap's CSS (a sticky navbar), its scripts,
 # bootstrap-table, vega and Font Awesome's icon font.
 FACTS = """(async () => {
@@ -197,75 +189,20 @@ FACTS = """(async () => {
 })()"""
 
 
-class Browser:
-    """Headless Chromium over the DevTools protocol: each request a page makes, and what it shows."""
-
-    def __init__(self):
-        from websockets.sync.client import connect
-
-        self.profile = tempfile.TemporaryDirectory()
-        self.proc = subprocess.Popen([*CHROMIUM, f"--user-data-dir={self.profile.name}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)  # its own group: no renderer outlives the test
-        try:
-            for line in self.proc.stderr:
-                if m := re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line):
-                    break
-            else:
-                raise AssertionError(f"chromium exited {self.proc.wait()} without a DevTools endpoint")
-            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/json/list", timeout=10))
-            self.ws = connect(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
-        except BaseException:
-            self.close()
-            raise
-        self.calls = 0
-        self.events: list[dict] = []
-        self.call("Network.enable")
-        self.call("Page.enable")
-
-    def call(self, method: str, **params) -> dict:
-        self.calls += 1
-        self.ws.send(json.dumps({"id": self.calls, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == self.calls:
-                assert "error" not in msg, msg["error"]
-                return msg["result"]
-            self.events.append(msg)
-
-    def visit(self, url: str) -> tuple[dict, list[str], list[str]]:
-        """(what the page shows, every URL it requested, the requests that failed)."""
-        self.events = []
-        self.call("Page.navigate", url=url)
-        deadline = time.monotonic() + 60
-        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
-            assert time.monotonic() < deadline, f"{url} never finished loading"
-            self.events.append(json.loads(self.ws.recv(timeout=60)))
-        facts = self.call("Runtime.evaluate", expression=FACTS, awaitPromise=True, returnByValue=True)
-        urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
-                for e in self.events if e.get("method") == "Network.requestWillBeSent"}
-        failed = [f"{urls.get(e['params']['requestId'])}: {e['params']['errorText']}"
-                  for e in self.events if e.get("method") == "Network.loadingFailed"]
-        return facts["result"]["value"], list(urls.values()), failed
-
-    def close(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-        self.profile.cleanup()
+def visit(browser: DevTools, url: str) -> tuple[dict, list[str], list[str]]:
+    """(what the page shows, every URL it requested, the requests that failed)."""
+    browser.load(url)
+    return browser.js(FACTS, awaited=True), *browser.requests()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (apt-get install -y chromium): the pages are not drawn")
+@needs_chromium
 def test_the_pages_render_in_a_browser_with_no_network(gx_project, tmp_path):
     with pytest.raises(ValidationFailed):
         validate("tune", TUNE_BAD, {}, tmp_path / "v.json")
     page = latest_page(gx_project, "tune")
-    browser = Browser()
+    browser = DevTools(offline=True)
     try:
-        shown = {name: browser.visit(path.as_uri()) for name, path in
+        shown = {name: visit(browser, path.as_uri()) for name, path in
                  [("index", site(gx_project) / "index.html"), ("validation", page),
                   ("suite", site(gx_project) / "expectations" / "tune.html")]}
     finally:

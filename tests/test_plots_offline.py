@@ -8,11 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.browser import OFFLINE, RENDER, chromium, needs_chromium
 from tests.conftest import ROOT, git
 
 TEMPLATE = ROOT / "plots" / "offline.html"
@@ -81,18 +81,9 @@ def test_plots_page_has_no_cdn_scripts(plots_page):
     assert "vegaEmbed('#loss_tsv', spec)" in html
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (apt-get install -y chromium): the page is not drawn")
+@needs_chromium
 def test_plots_page_draws_with_no_network(plots_page):
-    # The proxy on a closed port makes any network fetch fail, so only inlined code runs.
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-             "--virtual-time-budget=30000", "--run-all-compositor-stages-before-draw", "--dump-dom",
-             plots_page.as_uri()],
-            capture_output=True, text=True, timeout=60)
+    proc = chromium(*OFFLINE, *RENDER, "--dump-dom", plots_page.as_uri(), timeout=60)
     charts = re.findall(r'<(?:canvas|svg)\b[^>]*class="marks"[^>]*>', proc.stdout)
     assert len(charts) == 1, f"expected one drawn chart, got {charts}; chromium said:\n{proc.stderr[-2000:]}"
     assert charts[0].startswith("<svg") or re.search(r'width="[1-9]', charts[0]), f"the chart has no size: {charts[0]}"
