@@ -1,10 +1,14 @@
 """The ``retrain`` flow: the DVC graph, stage by stage, then registration.
 
-Each task runs one DVC stage (``dvc repro --single-item <stage>``), so a run from the
+Each Prefect task runs one DVC stage (``dvc repro --single-item <stage>``), so a run from the
 Prefect UI leaves exactly the ``dvc.lock`` that ``dvc repro`` would. Prefect adds what
 DVC has not: per-stage logs, the validation summaries, metrics and the gate's decision
 as artifacts, retries where a failure may be transient (the stages that fetch), and a
 workspace lock so two runs never drive DVC in one repository at once.
+
+Names: in ptune a "task" is the NLP task (``task.name`` in params.yaml, ``pipelines/
+tasks.py``); Prefect's decorator is imported here as ``prefect_task`` and its runs are
+"task runs".
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock, Timeout
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
+from prefect import task as prefect_task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -48,7 +53,7 @@ class WorkspaceBusy(StageError):
     """Another retrain holds this workspace."""
 
 
-def _transient(task, task_run, state) -> bool:
+def _transient(_prefect_task, _task_run, state) -> bool:
     """Retry only failures that may pass on a second try (network, a busy DVC lock)."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (ValidationStopped, ConfigError))
@@ -103,7 +108,7 @@ def _validation_markdown(stage: str, s: ValidationSummary, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+@prefect_task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(repo: str, stage: str) -> dict | None:
     """``dvc repro --single-item <stage>``, its output streamed to the run log.
 
@@ -146,7 +151,7 @@ def run_stage(repo: str, stage: str) -> dict | None:
     return None if summary is None else {"suite": summary.suite, "success": summary.success}
 
 
-@task(name="publish-metrics", task_run_name="publish-metrics", cache_policy=NO_CACHE)
+@prefect_task(name="publish-metrics", task_run_name="publish-metrics", cache_policy=NO_CACHE)
 def publish_metrics(repo: str) -> dict:
     """The evaluation table (every system on the same rows) and the evaluate stage's report."""
     metrics = evaluation.read(Path(repo) / METRICS)
@@ -166,7 +171,7 @@ def publish_metrics(repo: str) -> dict:
     return metrics
 
 
-@task(name="publish-gate", task_run_name="publish-gate", cache_policy=NO_CACHE)
+@prefect_task(name="publish-gate", task_run_name="publish-gate", cache_policy=NO_CACHE)
 def publish_gate(repo: str) -> dict:
     decision = read_json(Path(repo) / GATE)
     create_markdown_artifact(key="promotion-gate", description="the register stage's decision", markdown=(
@@ -175,7 +180,7 @@ def publish_gate(repo: str) -> dict:
     return decision
 
 
-@task(name="register-version", task_run_name="register-version", cache_policy=NO_CACHE)
+@prefect_task(name="register-version", task_run_name="register-version", cache_policy=NO_CACHE)
 def register_version(repo: str) -> dict:
     """``ptune register``: commit, GTO version and stages, ``dvc push`` (if the gate passed)."""
     root = Path(repo)
@@ -187,9 +192,9 @@ def register_version(repo: str) -> dict:
     return asdict(result)
 
 
-@task(name="publish-comparison", task_run_name="publish-comparison", cache_policy=NO_CACHE)
+@prefect_task(name="publish-comparison", task_run_name="publish-comparison", cache_policy=NO_CACHE)
 def publish_comparison(repo: str) -> dict:
-    """Every trained method of this task (registered versions, DVC experiments) scored on
+    """Every trained method of the params' NLP task (registered versions, DVC experiments) scored on
     this run's test rows, with the prompt baselines: ``ptune compare`` as an artifact."""
     from pipelines import compare
 
@@ -306,7 +311,7 @@ def retrain(repo: str = ".", params_overrides: dict[str, str | int | float | boo
             try:
                 run_stage.with_options(name=stage, **options)(str(root), stage)
             except Exception as exc:
-                exc.add_note(f"{STAGE_NOTE}{stage}")  # for the failure hook: the API may not have the task yet
+                exc.add_note(f"{STAGE_NOTE}{stage}")  # for the failure hook: the API may not have the task run yet
                 raise
             if stage == "evaluate":
                 metrics = publish_metrics(str(root))

@@ -248,7 +248,7 @@ def _failed_stages(flow_run_id, state) -> list[str]:
     """The stage the flow noted on its exception, else the failed task runs the API knows of.
 
     Task run states reach the API as events, a moment after the flow has seen them: a
-    hook that runs at once may not find the failed task there yet.
+    hook that runs at once may not find the failed task run there yet.
     """
     exc = state.result(raise_on_failure=False) if state.is_failed() else None
     noted = [n[len(STAGE_NOTE):] for n in getattr(exc, "__notes__", []) if n.startswith(STAGE_NOTE)]

@@ -31,7 +31,7 @@ from tests.test_pipeline import TINY
 slow = pytest.mark.slow  # a real server (and, once, the tiny pipeline): seconds to minutes
 
 STAGES = list(CATALOG)
-TASKS = STAGES + ["publish-metrics", "publish-gate", "register-version", "publish-comparison"]
+TASK_RUNS = STAGES + ["publish-metrics", "publish-gate", "register-version", "publish-comparison"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT_S = 600  # the tiny pipeline takes ~1 min on 2 idle cores
 
@@ -295,7 +295,7 @@ def test_a_run_triggered_through_the_api_runs_every_stage_registers_and_publishe
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"learning_rate": 0.002, "params_overrides": {"tune.seed": 3}}
     tasks = prefect_stack.task_runs(run["id"])
-    assert [t["name"] for t in tasks] == TASKS[:7] + ["publish-metrics", "package", "register", "publish-gate",
+    assert [t["name"] for t in tasks] == TASK_RUNS[:7] + ["publish-metrics", "package", "register", "publish-gate",
                                                      "register-version", "publish-comparison"]
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     artifacts = prefect_stack.artifacts(run["id"])
@@ -329,7 +329,7 @@ def test_two_triggers_at_once_run_one_after_the_other(prefect_stack, retrain_run
     assert "AwaitingConcurrencySlot" in [s["name"] for s in waited]
     for run in runs:
         assert not any("Unable to acquire lock" in m or "another retrain" in m for m in prefect_stack.logs_of(run["id"]))
-        assert len(prefect_stack.task_runs(run["id"])) == len(TASKS)
+        assert len(prefect_stack.task_runs(run["id"])) == len(TASK_RUNS)
 
 
 @slow

@@ -12,7 +12,7 @@ import pytest
 
 from tests.browser import RENDER, DevTools, chromium, needs_chromium
 from tests.conftest import ROOT
-from tests.test_prefect_server import TASKS, prefect_stack, retrain_run  # noqa: F401 (shared fixtures)
+from tests.test_prefect_server import TASK_RUNS, prefect_stack, retrain_run  # noqa: F401 (shared fixtures)
 
 pytestmark = [pytest.mark.slow, needs_chromium]
 
@@ -61,12 +61,12 @@ def test_the_run_page_lists_every_stage_as_a_completed_task(run_page, retrain_ru
                              ".find(e => e.children.length === 0 && e.textContent.trim() === 'Task Runs');"
                              " if (tab) tab.click(); return !!tab; })()")
         assert clicked, "no 'Task Runs' tab on the run page"
-        text = browser.text_once(lambda t: all(f"\n{name}\n" in t for name in TASKS))
+        text = browser.text_once(lambda t: all(f"\n{name}\n" in t for name in TASK_RUNS))
         keep("prefect-run-task-runs.png", base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
     finally:
         browser.close()
-    listed = [line for line in text.splitlines() if line in TASKS]
+    listed = [line for line in text.splitlines() if line in TASK_RUNS]
     assert listed == ["publish-comparison", "register-version", "publish-gate", "register", "package", "publish-metrics",
                       "evaluate", "baselines", "tune",
                       "tokenize", "clean", "collect", "base_model"]  # newest first, as the UI sorts them
-    assert f"{len(TASKS)} Task runs\n({len(TASKS)} Completed)" in text
+    assert f"{len(TASK_RUNS)} Task runs\n({len(TASK_RUNS)} Completed)" in text
