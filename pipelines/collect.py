@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -159,16 +159,24 @@ def _field_text(value: Any, labels: dict[str, str] | None) -> str | None:
     return label_key(value, labels) if labels else None
 
 
+class Fields(NamedTuple):
+    """A row's task fields (None if it is quarantined), their size in bytes, and the
+    quarantine (reason, detail) if it is."""
+    fields: dict[str, str] | None
+    size: int
+    problem: tuple[str, str] | None
+
+
 def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[str, str] | None = None,
-                label_field: str | None = None) -> tuple[dict[str, str] | None, int, tuple[str, str] | None]:
-    """(task fields, their size in bytes, problem) of a row read from ``src``.
+                label_field: str | None = None) -> Fields:
+    """The task fields of a row read from ``src``, their size, or why it is quarantined.
 
     ``labels``: the task's label set, which a number or boolean in ``label_field`` may stand for.
     """
     fields = {}
     for column, name in src.columns.items():
         if column not in values:
-            return None, 0, ("missing_field", f"no value for column {column!r}")
+            return Fields(None, 0, ("missing_field", f"no value for column {column!r}"))
         value = values[column]
         is_label = bool(labels) and name == label_field
         text = _field_text(value, labels if is_label else None)
@@ -176,19 +184,21 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[st
             where = f"field {name!r}" + (f" (column {column!r})" if column != name else "")
             wanted = (f"a string, or a number or boolean standing for one of the labels {sorted(labels)}"
                       if is_label else "a string")
-            return None, 0, ("bad_value", f"{where} is {_kind(value)}, not {wanted}")
+            return Fields(None, 0, ("bad_value", f"{where} is {_kind(value)}, not {wanted}"))
         fields[name] = text
     for name, text in fields.items():
         if bad := sources.undecodable(text):
-            return None, 0, ("invalid_utf8", f"field {name!r}: {bad}")
+            return Fields(None, 0, ("invalid_utf8", f"field {name!r}: {bad}"))
         if (nul := text.find("\x00")) >= 0:
-            return None, 0, ("nul_byte", f"field {name!r} holds a NUL byte at character {nul + 1}")
+            return Fields(None, 0, ("nul_byte", f"field {name!r} holds a NUL byte at character {nul + 1}"))
     size = sum(len(t.encode("utf-8")) for t in fields.values())
     if size > max_bytes:
-        return None, size, ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})")
+        return Fields(None, size,
+                      ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})"))
     if empty := [k for k, v in fields.items() if not v.strip()]:
-        return None, size, ("empty_field", f"field(s) {', '.join(map(repr, empty))} empty or only whitespace")
-    return fields, size, None
+        return Fields(None, size,
+                      ("empty_field", f"field(s) {', '.join(map(repr, empty))} empty or only whitespace"))
+    return Fields(fields, size, None)
 
 
 def _own_id(src: SourceConfig, values: dict) -> tuple[str | None, tuple[str, str] | None]:

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jinja2
 import jinja2.meta
@@ -118,6 +118,22 @@ def render_zero_shot(task: Task, record: dict, tokenizer) -> str:
     return text + "\n"
 
 
+class Example(NamedTuple):
+    """A record rendered: the model's input, what it should answer, and how many of the
+    values substituted into them were not non-empty strings (the shards require 0)."""
+    prompt: str
+    target: str
+    non_text: int
+
+
+class SourceParts(NamedTuple):
+    """A source without demonstrations, cut around the prompt: the chat template's markup
+    before and after it, kept whole when truncation cuts the prompt."""
+    before: str
+    prompt: str
+    after: str
+
+
 @dataclass(frozen=True)
 class Demo:
     """A few-shot demonstration: a train record's rendered prompt and target."""
@@ -183,14 +199,14 @@ class PromptFormat:
         # model never produces after "assistant\n".
         return text.lstrip() if self.chat else text
 
-    def example(self, record: dict) -> tuple[str, str, int]:
-        """(prompt, target, non_text): ``non_text`` counts the values substituted into them
+    def example(self, record: dict) -> Example:
+        """The record's prompt and target; ``non_text`` counts the values substituted into them
         that are not non-empty strings, counted on what the templates read, not on the
         checked fields, so that a value ``context`` ever lets through shows up in the
         shards' validation (which requires 0) instead of as "None" in the training text."""
         ctx, rid = context(self.task, record), record.get("id", "?")
-        return (self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
-                sum(not is_text(ctx[n]) for n in self._substituted if n in ctx))
+        return Example(self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
+                       sum(not is_text(ctx[n]) for n in self._substituted if n in ctx))
 
     def source(self, prompt: str, demos: Sequence[Demo] = ()) -> str:
         if not self.chat:
@@ -201,14 +217,14 @@ class PromptFormat:
         turns.append({"role": "user", "content": prompt})
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
-    def split_source(self, prompt: str) -> tuple[str, str, str]:
-        """(before, prompt, after): the demonstration-free source around the prompt, for
+    def split_source(self, prompt: str) -> SourceParts:
+        """The demonstration-free source around the prompt, for
         truncation that must cut the prompt but keep the chat template's markup whole."""
         text = self.source(prompt)
         i = text.rfind(prompt) if prompt else -1
         if i < 0:  # a chat template that rewrites the content: cut the whole source
-            return "", text, ""
-        return text[:i], prompt, text[i + len(prompt):]
+            return SourceParts("", text, "")
+        return SourceParts(text[:i], prompt, text[i + len(prompt):])
 
     @property
     def hash(self) -> str:

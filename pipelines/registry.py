@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 from pathlib import Path
 
 from pipelines import evaluation
@@ -140,11 +141,18 @@ def evaluation_at(repo: Path, commit: str, metrics_path: str = evaluation.METRIC
     return evaluation.join(numbers, json_at(repo, commit, str(evaluation.details_path(Path(metrics_path)))))
 
 
-def primary_scores(metrics: dict, where: str) -> tuple[str, float, float]:
-    """(primary metric, the adapter's value, the zero-shot prompt's value) of evaluate's metrics."""
+class PrimaryScores(NamedTuple):
+    """The primary metric's name and its value for the adapter and for the zero-shot prompt."""
+    metric: str
+    tuned: float
+    zero_shot: float
+
+
+def primary_scores(metrics: dict, where: str) -> PrimaryScores:
+    """The primary scores in evaluate's record; ``where`` names the record in the error."""
     try:
         key = metrics["primary_metric"]
-        return key, float(metrics["tuned"][key]), float(metrics["zero_shot"][key])
+        return PrimaryScores(key, float(metrics["tuned"][key]), float(metrics["zero_shot"][key]))
     except (KeyError, TypeError, ValueError) as exc:
         raise StageError(f"{where}: expected primary_metric and its value under `tuned` and "
                          f"`zero_shot` (as the evaluate stage writes them); missing {exc}") from None

@@ -26,6 +26,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -159,8 +160,16 @@ def _coco(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[l
     return rouge, cider, meteor
 
 
-def generation_metrics(hyps: list[str], refs: list[list[str]]) -> tuple[dict, list[float], dict]:
-    """-> (corpus metrics, per-row ROUGE-L, {metric: why it was not computed})."""
+class GenerationMetrics(NamedTuple):
+    """A generation system's corpus metrics, its per-row ROUGE-L (for the paired bootstrap)
+    and, per metric that could not be computed here, why."""
+    metrics: dict[str, float]
+    rouge_per_row: list[float]
+    not_computed: dict[str, str]
+
+
+def generation_metrics(hyps: list[str], refs: list[list[str]]) -> GenerationMetrics:
+    """BLEU, NIST, METEOR, ROUGE-L and CIDEr-D as the E2E challenge's script computes them."""
     import sacrebleu
 
     width = max(len(r) for r in refs)
@@ -172,7 +181,7 @@ def generation_metrics(hyps: list[str], refs: list[list[str]]) -> tuple[dict, li
                "rouge_l": round(sum(rouge) / len(rouge), 2), "cider": cider}
     metrics = {k: (round(v, 4) if k in ("cider", "nist") else round(v, 2)) for k, v in metrics.items()
                if v is not None}
-    return metrics, rouge, not_computed
+    return GenerationMetrics(metrics, rouge, not_computed)
 
 
 def classification_metrics(pred: list[str], gold: list[str], labels: list[str]) -> tuple[dict, list[float]]:

@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -113,8 +113,16 @@ class Encoded:
                 "source_tokens": self.source_len, "non_text_values": self.non_text}
 
 
-def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> tuple[dict, str, str, int]:
-    """(record, prompt, target, non_text) of JSONL line ``n`` of ``path``; any fault in it is
+class Rendered(NamedTuple):
+    """A clean record and what the prompt format makes of it (``prompts.Example``)."""
+    record: dict
+    prompt: str
+    target: str
+    non_text: int
+
+
+def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> Rendered:
+    """The record, prompt, target and non-text count of JSONL line ``n`` of ``path``; any fault in it is
     a StageError naming the file and line (and, from ``prompts``, the record and field)."""
     try:
         record = json.loads(line)
@@ -123,7 +131,7 @@ def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> tuple[dict, str
     if not isinstance(record, dict) or "id" not in record:
         raise StageError(f"{path}:{n}: not a record with an id ({line[:60].strip()!r}); re-run the clean stage")
     try:
-        return (record, *fmt.example(record))
+        return Rendered(record, *fmt.example(record))
     except StageError as exc:
         raise StageError(f"{path}:{n}: {exc}") from None
 

@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from pipelines import lineage, registry
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
@@ -445,11 +445,18 @@ class Models:
         return self._base_sha
 
 
+class Generated(NamedTuple):
+    """``ptune generate``'s answer: the model that gave it, the prompt's length in tokens
+    and each choice (``Finished``: the text, tokens and why it stopped)."""
+    served: Served
+    prompt_tokens: int
+    choices: list
+
+
 def generate(repo: Path, base: Path, name: str, decoding: Decoding, *, text: str | None = None,
-             fields: dict | None = None, raw: bool = False, chat: bool = False) -> tuple[Served, int, list]:
+             fields: dict | None = None, raw: bool = False, chat: bool = False) -> Generated:
     """``ptune generate``: one request through the path the server answers with (the same
-    names, prompt formats and engine), without a server -> (served, prompt tokens, Finished
-    per choice). ``text``: the task's input (``raw``: the model's input as it is; ``chat``:
+    names, prompt formats and engine), without a server. ``text``: the task's input (``raw``: the model's input as it is; ``chat``:
     one user message); ``fields``: the task's input fields."""
     engine = Engine(base, max_batch=max(decoding.n, 1))
     try:
@@ -471,6 +478,6 @@ def generate(repo: Path, base: Path, name: str, decoding: Decoding, *, text: str
             raise StageError(f"--model: {exc.args[0]} (`ptune registry` lists the versions)") from None
         except (NotServable, ValueError) as exc:  # BadRequest, the engine's field checks
             raise StageError(str(exc).replace("prompt_ids:", "TEXT:")) from None
-        return served, len(request.prompt_ids), choices
+        return Generated(served, len(request.prompt_ids), choices)
     finally:
         engine.close()
