@@ -23,8 +23,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+import yaml
+from pydantic import ValidationError
+
 from pipelines.common import StageError
-from pipelines.config import ConfigError, PrefectConfig, load_params
+from pipelines.config import PrefectConfig
 
 ENTRYPOINT = "flows/retrain.py:retrain"
 HOST = "127.0.0.1"  # loopback only: the server has no authentication
@@ -238,9 +241,12 @@ def notify_url(repo: str | Path) -> str | None:
     url = os.environ.get(NOTIFY_URL_ENV)
     if url:
         return url
+    # Only the prefect section is read: a run that failed on another section of params.yaml, or on
+    # its task's declaration, still tells someone.
     try:
-        return load_params(Path(repo) / "params.yaml").prefect.notify_url
-    except ConfigError:  # the run may have failed on exactly that file
+        raw = yaml.safe_load((Path(repo) / "params.yaml").read_text())
+        return PrefectConfig.model_validate((raw or {}).get("prefect") or {}).notify_url
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError):  # the file itself is what broke
         return None
 
 

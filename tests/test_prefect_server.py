@@ -403,7 +403,7 @@ def test_the_url_comes_from_the_environment_or_params_and_without_one_nothing_is
     monkeypatch.delenv("PTUNE_NOTIFY_URL", raising=False)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(_params({"notify_url": "https://hooks.example/T0"})))
-    assert notify_url(tmp_path) == "https://hooks.example/T0"
+    assert notify_url(tmp_path) == "https://hooks.example/T0"  # no tasks/ here: only the prefect section is read
     monkeypatch.setenv("PTUNE_NOTIFY_URL", "http://127.0.0.1:9/env-wins")
     assert notify_url(tmp_path) == "http://127.0.0.1:9/env-wins"
 
