@@ -162,7 +162,7 @@ def main() -> None:
     from serving.models import Served
     from pipelines.evaluate import TunedPrompts
     from pipelines.shards import read_manifest
-    from pipelines.tasks import get_task
+    from pipelines.tasks import manifest_task
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="ptune-bench-") as tmp:
@@ -174,7 +174,7 @@ def main() -> None:
 
         # What a client of the base model sends: the adapters' own E2E prompt, as text.
         manifest = read_manifest(project / "data/shards")
-        task = get_task(manifest["task"])
+        task = manifest_task(manifest, "data/shards")
         prompts = TunedPrompts.from_dir(task, AutoTokenizer.from_pretrained(base), project / "data/shards", base,
                                         check=False)
         formatter = Served("x", "lora", task=task, prompts=prompts)

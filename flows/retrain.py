@@ -238,7 +238,7 @@ def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
             node[leaf] = YAML(typ="safe").load(raw) if isinstance(raw, str) else raw
         except YAMLError as exc:
             raise ConfigError(f"override {dotted}: {raw!r} is not a YAML value: {exc}") from None
-    parse_params(dict(doc), where=f"params.yaml with overrides {overrides}")
+    parse_params(dict(doc), where=f"params.yaml with overrides {overrides}", tasks_dir=repo / "tasks")
     with open(path, "w") as f:
         rt.dump(doc, f)
 

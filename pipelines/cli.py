@@ -3,6 +3,7 @@
     ptune stage <name> ...   one DVC stage (dvc.yaml calls these; paths come from there)
     ptune register           after `dvc repro`: commit, GTO version + stages, dvc push (gate permitting)
     ptune registry           registered versions, their stages and key metrics
+    ptune tasks              the tasks declared in tasks/<name>.yaml, each checked
     ptune evaluate --adapter <dir | artifact@version> --file <path>
                              score an adapter on any file in the task's source format
     ptune lineage <artifact>@<version> [--record-id ID]
@@ -50,7 +51,7 @@ def _stage(args: argparse.Namespace) -> None:
     from pipelines.tasks import get_task
 
     params = load_params(args.params)
-    task = get_task(params.task.name)
+    task = get_task(params.task.name, Path(args.params).parent / "tasks")
     deps.check(args.stage, params, Path("."))  # under `dvc repro`: what params name must be a dep or pinned
     stage = CATALOG[args.stage]
     stats = stage.call(params, task, {o.name: getattr(args, o.name) for o in stage.options})
@@ -78,6 +79,27 @@ def _registry(args: argparse.Namespace) -> None:
             print("  " + registry.format_version(v))
 
 
+def _tasks(args: argparse.Namespace) -> None:
+    from pipelines.tasks import get_task, task_names
+
+    root = Path(args.params).parent / "tasks"
+    names, bad = task_names(root), []
+    if not names:
+        raise StageError(f"no task declared: no {root}/<name>.yaml (see README, \"Tasks\")")
+    for name in names:
+        try:
+            t = get_task(name, root)
+        except ConfigError as exc:
+            bad.append(str(exc))
+            print(f"{name:20} INVALID (below)")
+            continue
+        labels = f", labels {sorted(t.labels.values())}" if t.labels else ""
+        print(f"{name:20} {t.kind}: fields {list(t.fields)}, grouped by {t.group_key}, "
+              f"primary metric {t.primary_metric}{labels}")
+    if bad:
+        raise ConfigError("\n".join(bad))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from pipelines import evaluate
     from pipelines.tasks import get_task
@@ -85,7 +107,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     if args.max_rows:
         params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_rows": args.max_rows})})
-    task = get_task(args.task or params.task.name)
+    task = get_task(args.task or params.task.name, Path(args.params).parent / "tasks")
     metrics = evaluate.evaluate_file(params, task, args.adapter, Path(args.file), Path(args.base),
                                      Path(args.shards), Path(args.out), fmt=args.format)
     print(evaluate.report(metrics), end="")
@@ -258,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_register)
 
     sub.add_parser("registry", help="list registered versions").set_defaults(func=_registry)
+    sub.add_parser("tasks", help="list the declared tasks (tasks/<name>.yaml), each checked").set_defaults(func=_tasks)
 
     e = sub.add_parser("evaluate", help="score an adapter (or a registered version) on any file")
     e.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")

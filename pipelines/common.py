@@ -19,7 +19,12 @@ class StageError(RuntimeError):
     """A failure the user can act on; the CLI prints it without a traceback."""
 
 
+class ConfigError(ValueError):
+    """A user-fixable problem in params.yaml (or an override of it) or a task's declaration."""
+
+
 SPLITS = ("train", "validation", "test")  # clean writes them, tokenize shards them, lineage searches them
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

@@ -13,9 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem in params.yaml (or an override of it)."""
+from pipelines.common import ConfigError  # noqa: F401 (raised here; importers take it from here too)
 
 
 class _Section(BaseModel):
@@ -23,7 +21,7 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    name: str = Field(description="a task defined in pipelines/tasks.py")
+    name: str = Field(description="a task declared in tasks/<name>.yaml")
 
 
 class BaseModelConfig(_Section):
@@ -485,25 +483,32 @@ with warnings.catch_warnings():
         prefect: PrefectConfig = PrefectConfig()
 
 
-def parse_params(raw: dict, where: str = "params.yaml") -> Params:
+def parse_params(raw: dict, where: str = "params.yaml", tasks_dir: Path | None = None) -> Params:
+    """Validate ``raw`` and the declarations (``tasks_dir``, default tasks/) of the tasks it names."""
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
         lines = [f"{where}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
-    from pipelines.tasks import TASKS, get_task  # late: tasks import nothing from here
+    from pipelines.tasks import TASKS_DIR, get_task, task_file  # late: tasks import nothing from here
 
+    tasks_dir = TASKS_DIR if tasks_dir is None else tasks_dir
     try:
-        get_task(params.task.name)
-    except KeyError as exc:
-        raise ConfigError(f"{where}: task.name: {exc.args[0]}") from None
-    problems = [f"collect.sources.{name}: no task {name!r} (defined: {', '.join(sorted(TASKS))})"
-                for name in params.collect.sources if name not in TASKS]
-    problems += params.collect.source_problems(params.task.name, TASKS[params.task.name].fields)
-    problems += [p for name in params.collect.sources if name in TASKS and name != params.task.name
-                 for p in params.collect.source_problems(name, TASKS[name].fields)]
-    problems += [f"package.datasets.{name}: no task {name!r} (defined: {', '.join(sorted(TASKS))})"
-                 for name in params.package.datasets if name not in TASKS]
+        task = get_task(params.task.name, tasks_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: task.name: {exc}") from None
+    declared = {name for name in {*params.collect.sources, *params.package.datasets}
+                if task_file(name, tasks_dir).is_file()}
+    problems = [f"collect.sources.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"
+                for name in params.collect.sources if name not in declared]
+    problems += params.collect.source_problems(task.name, task.fields)
+    for name in sorted(declared & set(params.collect.sources) - {task.name}):
+        try:
+            problems += params.collect.source_problems(name, get_task(name, tasks_dir).fields)
+        except ConfigError as exc:
+            problems.append(f"collect.sources.{name}: {exc}")
+    problems += [f"package.datasets.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"
+                 for name in params.package.datasets if name not in declared]
     if problems:
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(f"{where}: {p}" for p in problems))
     return params
@@ -519,4 +524,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, where=str(path))
+    return parse_params(raw, where=str(path), tasks_dir=path.parent / "tasks")

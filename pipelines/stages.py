@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+TASK_DECLARATION = "tasks/${task.name}.yaml"  # dvc.yaml's spelling: the params' task's file
+
 
 @dataclass(frozen=True)
 class Option:
@@ -56,6 +58,13 @@ class Stage:
     def cmd(self) -> str:
         """The command dvc.yaml runs."""
         return " ".join([f"ptune stage {self.name}", *(f"--{o.name} {o.path}" for o in self.options)])
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        """What it reads besides its modules and suite: its inputs, the extra deps, and the
+        task's declaration where it takes the task's params."""
+        task = (TASK_DECLARATION,) if "task" in self.params else ()
+        return (*(o.path for o in self.inputs if o.dep), *self.extra_deps, *task)
 
     @property
     def validated(self) -> str | None:

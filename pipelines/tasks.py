@@ -1,14 +1,37 @@
-"""Task definitions: what a task reads, how it is prompted, and how it is scored.
+"""Tasks: what a task reads, how it is prompted and how it is scored.
 
-A task is data, not code. Adding one means adding an entry to ``TASKS`` and declaring
-its sources under ``collect.sources.<name>`` in params.yaml (files committed under
-``data/sources/<name>/``); no stage changes. Templates are Jinja2 over the record's fields.
+A task is declared, not coded: ``tasks/<name>.yaml`` beside params.yaml holds its fields,
+templates, labels, the field that groups records for splitting, its primary metric and
+the baselines' instruction; this module reads and checks it. Adding a task means that
+file and its sources under ``collect.sources.<name>`` in params.yaml (files under
+``data/sources/<name>/``); no code. A bad declaration is refused with its file and key,
+e.g. ``tasks/e2e.yaml: group_key: 'name' is not one of the fields ['mr', 'ref']``.
+
+Templates are Jinja2 over the record's fields (and, for classification, ``verbalizer``:
+the label's word). The tokenize stage copies the declaration into the shards' manifest,
+so a trained adapter keeps the task it was trained on wherever it is served.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
+
+import jinja2
+import jinja2.meta
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from pipelines.common import ConfigError
+
+TASKS_DIR = Path("tasks")  # beside params.yaml, in the project root
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # also the registry's artifact name: <name>-adapter
+# The primary metric gates promotion, so it must be one evaluate always computes (METEOR
+# needs a Java runtime and is left out where there is none).
+PRIMARY_METRICS = {"generation": ("bleu", "nist", "rouge_l", "cider"), "classification": ("accuracy", "macro_f1")}
+VERBALIZER = "verbalizer"  # the template variable holding a classification label's word
 
 
 @dataclass(frozen=True)
@@ -22,70 +45,161 @@ class Task:
     zero_shot: str  # hand-written instruction for the untuned base model (chat template)
     target_field: str
     labels: dict[str, str] = field(default_factory=dict)  # label value -> verbalizer
-    max_target_words: int = 80
     text_fields: tuple[str, ...] = ()  # fields the length filters apply to
     primary_metric: str = "bleu"
 
-
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task(
-            name="e2e",
-            kind="generation",
-            fields=("mr", "ref"),
-            group_key="mr",  # all references of one meaning representation share a split
-            prompt="Attributes: {{ mr }}\nDescription:",
-            target=" {{ ref }}",
-            zero_shot=(
-                "Write one fluent sentence that describes a restaurant using exactly these "
-                "attributes, and nothing else.\nAttributes: {{ mr }}"
-            ),
-            target_field="ref",
-            text_fields=("mr", "ref"),
-            primary_metric="bleu",
-        ),
-        Task(
-            name="sst2",
-            kind="classification",
-            fields=("sentence", "label"),
-            group_key="sentence",
-            prompt="Review: {{ sentence }}\nSentiment:",
-            target=" {{ verbalizer }}",
-            zero_shot=(
-                "Is the sentiment of this movie review positive or negative? "
-                "Answer with one word.\nReview: {{ sentence }}"
-            ),
-            target_field="label",
-            labels={"0": "negative", "1": "positive"},
-            text_fields=("sentence",),
-            primary_metric="accuracy",
-        ),
-        Task(
-            # Stack Exchange question -> its accepted answer. The dirty corpus: raw HTML
-            # bodies, code blocks, LaTeX, duplicates (the clean stage turns them into text).
-            name="stackexchange_qa",
-            kind="generation",
-            fields=("title", "question", "answer"),
-            group_key="title",  # one question per record; equal titles (reposts) share a split
-            prompt="Question: {{ title }}\n{{ question }}\nAnswer:",
-            target=" {{ answer }}",
-            zero_shot=(
-                "Answer this question from a Stack Exchange site in a few sentences.\n"
-                "Question: {{ title }}\n{{ question }}"
-            ),
-            target_field="answer",
-            text_fields=("title", "question", "answer"),
-            primary_metric="rouge_l",  # answers are free text with many valid wordings; BLEU is too strict
-        ),
-    )
-}
+    def declaration(self) -> dict:
+        """The task as its YAML file declares it (without the name, which is the file's)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "name"}
 
 
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; defined tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+class Declaration(BaseModel):
+    """The schema of ``tasks/<name>.yaml``. Validators run in field order, so each checks
+    against the keys above it."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["generation", "classification"]
+    fields: tuple[str, ...] = Field(min_length=1, description="what collect's `columns` map onto")
+    labels: dict[str, str] = Field(default_factory=dict, description="classification: label value -> word")
+    group_key: str = Field(description="records sharing this field's value share a split")
+    target_field: str
+    text_fields: tuple[str, ...] = Field(default=(), description="what the length filters measure")
+    prompt: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+    zero_shot: str = Field(min_length=1)
+    primary_metric: str
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        if bad := [f for f in fields if not f.isidentifier() or f == VERBALIZER]:
+            raise ValueError(f"{bad}: a field is a template variable: letters, digits and _, "
+                             f"not starting with a digit, and not {VERBALIZER!r}")
+        if len(set(fields)) < len(fields):
+            raise ValueError(f"{list(fields)}: a field is listed twice")
+        return fields
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_values(cls, labels):
+        """YAML reads ``{0: negative}``'s keys as numbers; a label value is a string, as
+        ``label_key`` names it (1 -> "1", true -> "true")."""
+        if isinstance(labels, dict):
+            return {json.dumps(k) if isinstance(k, bool) else str(k) if isinstance(k, int) else k: v
+                    for k, v in labels.items()}
+        return labels
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        kind = info.data.get("kind")
+        if kind == "classification" and len(labels) < 2:
+            raise ValueError("a classification task names at least two labels (label value: word)")
+        if kind == "generation" and labels:
+            raise ValueError("only a classification task has labels")
+        if empty := [k for k, v in labels.items() if not v.strip()]:
+            raise ValueError(f"label(s) {empty}: the word is empty")
+        if len(set(labels.values())) < len(labels):
+            raise ValueError(f"{labels}: two labels share a word; the model could not tell them apart")
+        return labels
+
+    @field_validator("group_key", "target_field")
+    @classmethod
+    def _a_field(cls, name: str, info: ValidationInfo) -> str:
+        fields = info.data.get("fields")
+        if fields is not None and name not in fields:
+            raise ValueError(f"{name!r} is not one of the fields {list(fields)}")
+        return name
+
+    @field_validator("text_fields")
+    @classmethod
+    def _text_fields(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        fields = info.data.get("fields")
+        if fields is not None and (unknown := [n for n in names if n not in fields]):
+            raise ValueError(f"{unknown}: not among the fields {list(fields)}")
+        return names
+
+    @field_validator("prompt", "target", "zero_shot")
+    @classmethod
+    def _template(cls, source: str, info: ValidationInfo) -> str:
+        fields = info.data.get("fields")
+        if fields is None:
+            return source
+        allowed = set(fields) | ({VERBALIZER} if info.data.get("labels") else set())
+        used = template_variables(source)
+        if unknown := sorted(used - allowed):
+            raise ValueError(f"reads {unknown}, which the task does not have (it has {sorted(allowed)})")
+        target_field = info.data.get("target_field")
+        if info.field_name != "target" and (leaked := used & {target_field, VERBALIZER}):
+            raise ValueError(f"reads {sorted(leaked)}: the answer would be in the model's input")
+        if info.field_name == "target" and not used & {target_field, VERBALIZER}:
+            raise ValueError(f"reads neither {target_field!r} nor {VERBALIZER!r}: it would not depend on the answer")
+        return source
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _metric(cls, metric: str, info: ValidationInfo) -> str:
+        allowed = PRIMARY_METRICS.get(info.data.get("kind"), ())
+        if allowed and metric not in allowed:
+            raise ValueError(f"{metric!r}: a {info.data['kind']} task's primary metric is one of {list(allowed)}")
+        return metric
+
+
+def template_variables(source: str) -> set[str]:
+    """The variables a Jinja2 template reads; a syntax error is a ValueError saying where."""
+    env = jinja2.Environment(autoescape=False)
+    try:
+        return set(jinja2.meta.find_undeclared_variables(env.parse(source)))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"not a valid Jinja2 template (line {exc.lineno}: {exc.message})") from None
+
+
+def from_declaration(name: str, raw, where: str) -> Task:
+    """The task ``name`` from its declaration ``raw`` (a mapping); ``where`` names it in errors."""
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"{where}: task name {name!r}: lowercase letters, digits and _, starting with a letter "
+                          "(it names the registry's artifact, <name>-adapter)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of the task's keys, got {type(raw).__name__}")
+    try:
+        d = Declaration.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{where}: {'.'.join(str(p) for p in e['loc']) or '(task)'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]
+        raise ConfigError("invalid task declaration:\n  " + "\n  ".join(lines)) from None
+    return Task(name=name, **d.model_dump())
+
+
+def task_file(name: str, root: Path = TASKS_DIR) -> Path:
+    return Path(root) / f"{name}.yaml"
+
+
+def task_names(root: Path = TASKS_DIR) -> list[str]:
+    """The tasks declared under ``root``."""
+    return sorted(p.stem for p in Path(root).glob("*.yaml"))
+
+
+def get_task(name: str, root: Path = TASKS_DIR) -> Task:
+    """The task declared in ``root``/<name>.yaml, checked; a ConfigError naming the file and key."""
+    path = task_file(name, root)
+    if not path.is_file():
+        declared = task_names(root)
+        hint = "; run from the project root" if not root.is_absolute() and not declared else ""
+        raise ConfigError(f"unknown task {name!r}: no {path} (declared: {', '.join(declared) or 'none'}{hint})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return from_declaration(name, raw, str(path))
+
+
+def manifest_task(manifest: dict, where: str) -> Task:
+    """The task a shards manifest (or an adapter's copy of it) was built for: the declaration
+    it carries, so an adapter is served with its own task wherever it goes; a manifest from
+    before declarations names the task only, which is read from ``tasks/``."""
+    if "task_declaration" in manifest:
+        return from_declaration(manifest["task"], manifest["task_declaration"], f"{where}: task_declaration")
+    return get_task(manifest["task"])
 
 
 def label_key(value, labels: dict[str, str]) -> str | None:

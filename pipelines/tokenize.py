@@ -438,6 +438,7 @@ def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> 
         manifest = {
             "format": FORMAT,
             "task": task.name,
+            "task_declaration": task.declaration(),  # the adapter keeps its task wherever it goes
             "tokenizer": {"path": str(base), "sha256": tokenizer_fingerprint(base), "vocab_size": len(tok),
                           "model_vocab_size": model_vocab, "eos_token_id": tok.eos_token_id,
                           "pad_token_id": tok.pad_token_id},

@@ -29,7 +29,7 @@ from pipelines.device import device_and_dtype
 from pipelines.methods import (build_peft_config, init_from_labels, init_prefix_from_text, saved_parameters,
                                trainable_parameters)
 from pipelines.shards import load_split, read_manifest
-from pipelines.tasks import get_task
+from pipelines.tasks import manifest_task
 from pipelines.training import (CountingPackedCollator, PadCollator, make_trainer, rank_and_world, run_key,
                                 training_arguments)
 from pipelines.validation import validate
@@ -106,7 +106,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     if cfg.method == "prompt" and cfg.prompt.init == "labels":
-        init_from_labels(model, tok, list(get_task(manifest["task"]).labels.values()))
+        init_from_labels(model, tok, list(manifest_task(manifest, str(shards)).labels.values()))
     prefix_init = None
     if cfg.method == "prefix" and cfg.prefix.init == "text":
         prefix_init = init_prefix_from_text(model, tok, cfg.prefix.init_text)

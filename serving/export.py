@@ -30,7 +30,7 @@ from pipelines.common import StageError, atomic_dir, check_output, read_json, re
 from pipelines.evaluate import TunedPrompts, adapter_info
 from pipelines.prompts import Demo
 from pipelines.shards import IGNORE, TOKENIZER_FILES, read_manifest, tokenizer_fingerprint
-from pipelines.tasks import Task, get_task
+from pipelines.tasks import Task, manifest_task
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def export(adapter: str, base: Path, shards: Path, out: Path, force: bool = Fals
         _check_base(adapter, info, base)
         tok = load_tokenizer(base)
         manifest, example = _training_example(source, info, base, tok)
-        fmt = prompt_format(get_task(manifest["task"]), tok, manifest, _demos(source.shards), example)
+        task = manifest_task(manifest, str(source.shards))
+        fmt = prompt_format(task, tok, manifest, _demos(source.shards), example)
         with atomic_dir(out) as staging:
             if method in MERGED:
                 check = _write_checkpoint(method, source.adapter, base, example["source_ids"], staging)

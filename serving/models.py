@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from pipelines import lineage, registry
-from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
+from pipelines.common import ConfigError, StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.evaluate import TunedPrompts, adapter_info
 from pipelines.prompts import _template
 from pipelines.shards import read_manifest
-from pipelines.tasks import Task, get_task
+from pipelines.tasks import Task, manifest_task
 from serving.engine import BASE, Engine
 from serving.types import Decoding, Request, UnknownModel
 
@@ -404,12 +404,12 @@ class Models:
                                   f"{str(trained_on)[:12]}) than the one served, {self.base} "
                                   f"({self.base_sha()[:12]}); serve it with --base pointing at its base model")
             manifest = read_manifest(where / "shards")
-            task = get_task(manifest["task"])
+            task = manifest_task(manifest, str(where / "shards"))
             if self._reads_target(task):
                 raise NotServable(f"{exact}: task {task.name}'s prompt template reads its target field")
             prompts = TunedPrompts.from_dir(task, self.engine.tokenizer, where / "shards", self.base, check=False)
             self.engine.add(exact, where / "adapter")
-        except (StageError, KeyError) as exc:
+        except (StageError, ConfigError, KeyError) as exc:
             raise NotServable(f"{exact} (commit {commit[:10]}): {exc}") from None
         method = self.engine.models()[exact]
         log.info("loaded %s (%s, task %s, commit %s)", exact, method, task.name, commit[:10])

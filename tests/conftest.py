@@ -108,6 +108,17 @@ def git(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
+def write_params(project: Path, params: dict, header: str = "") -> Path:
+    """``project``/params.yaml from ``params``, with the shipped task declarations beside it in tasks/."""
+    import yaml
+
+    project.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "tasks", project / "tasks", dirs_exist_ok=True)
+    path = project / "params.yaml"
+    path.write_text(header + yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

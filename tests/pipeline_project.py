@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import ROOT, git
 
-COPIED = ["pipelines", "serving", "flows", "plots", "gx/great_expectations.yml", "gx/expectations", "gx/plugins",
+COPIED = ["pipelines", "serving", "flows", "plots", "tasks", "gx/great_expectations.yml", "gx/expectations", "gx/plugins",
           "dvc.yaml", "params.yaml", "data/sources", ".dvc/config", ".dvcignore", ".gitignore"]
 
 

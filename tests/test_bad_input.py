@@ -19,7 +19,7 @@ from pipelines.common import StageError, atomic_dir, read_json, read_jsonl
 from pipelines.config import CleanConfig
 from pipelines.stages import CATALOG
 from tests.collect_fixtures import config, make_task, serve, source
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_params
 from tests.test_tokenize import E2E, ROWS, write_clean
 from tests.test_tokenize import cfg as tokenize_cfg
 
@@ -309,7 +309,7 @@ def _cli_project(tmp_path, declared: dict) -> list[str]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["task"]["name"] = "sst2"
     params["collect"]["sources"]["sst2"] = [declared]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     return ["--params", str(tmp_path / "params.yaml"), "stage", "collect", "--out", "data/raw",
             "--stats", "data/metrics/collect.json"]
 
@@ -436,7 +436,7 @@ def test_a_killed_clean_leaves_scratch_git_ignores_and_the_next_run_removes(tmp_
 def _e2e_params(tmp_path) -> list[str]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["task"]["name"] = "e2e"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     return ["--params", str(tmp_path / "params.yaml")]
 
 

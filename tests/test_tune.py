@@ -19,7 +19,7 @@ from pipelines.tasks import get_task
 from tests.conftest import ROOT
 from tests.test_tokenize import MANY, ROWS, write_clean
 
-E2E = get_task("e2e")
+E2E = get_task("e2e", ROOT / "tasks")
 
 
 def tune_cfg(method, **kw):
