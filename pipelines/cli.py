@@ -94,7 +94,8 @@ def _tasks(args: argparse.Namespace) -> None:
             print(f"{name:20} INVALID (below)")
             continue
         labels = f", labels {sorted(t.labels.values())}" if t.labels else ""
-        print(f"{name:20} {t.kind}: fields {list(t.fields)}, grouped by {t.group_key}, "
+        optional = f" (optional: {list(t.optional_fields)})" if t.optional_fields else ""
+        print(f"{name:20} {t.kind}: fields {list(t.fields)}{optional}, grouped by {t.group_key}, "
               f"primary metric {t.primary_metric}{labels}")
     if bad:
         raise ConfigError("\n".join(bad))

@@ -94,6 +94,7 @@ class _RawValidation:
 
     def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], path: Path):
         self.fields, self.chunk_rows, self.path = task.fields, validation.CHUNK_ROWS, path
+        self.required = task.required_fields
         self.parameters = {"required_columns": ["id", "source", "location", *task.fields],
                            "sources": source_names, "max_record_bytes": cfg.max_record_bytes}
         self.rows: list[dict] = []
@@ -103,7 +104,7 @@ class _RawValidation:
         self.rows.append({"id": record["id"], "source": record["source"], "location": record["location"],
                           **{f: record[f][:self.CUT] for f in self.fields},
                           "id_source": record["id"].partition(":")[0],
-                          "empty_fields": sum(not record[f].strip() for f in self.fields),
+                          "empty_fields": sum(not record[f].strip() for f in self.required),
                           "record_bytes": size})
         if len(self.rows) >= self.chunk_rows:
             self._flush()
@@ -167,25 +168,31 @@ class Fields(NamedTuple):
     problem: tuple[str, str] | None
 
 
-def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[str, str] | None = None,
-                label_field: str | None = None) -> Fields:
+def task_fields(src: SourceConfig, values: dict, max_bytes: int, task: Task) -> Fields:
     """The task fields of a row read from ``src``, their size, or why it is quarantined.
 
-    ``labels``: the task's label set, which a number or boolean in ``label_field`` may stand for.
+    A number or boolean in a classification task's label field may stand for one of its
+    labels. An optional field the row lacks, holds as null, or ``columns`` does not map is "".
     """
     fields = {}
     for column, name in src.columns.items():
-        if column not in values:
+        optional = name in task.optional_fields
+        if column not in values or (optional and values[column] is None):
+            if optional:
+                fields[name] = ""
+                continue
             return Fields(None, 0, ("missing_field", f"no value for column {column!r}"))
         value = values[column]
-        is_label = bool(labels) and name == label_field
-        text = _field_text(value, labels if is_label else None)
+        is_label = bool(task.labels) and name == task.target_field
+        text = _field_text(value, task.labels if is_label else None)
         if text is None:
             where = f"field {name!r}" + (f" (column {column!r})" if column != name else "")
-            wanted = (f"a string, or a number or boolean standing for one of the labels {sorted(labels)}"
-                      if is_label else "a string")
+            wanted = (f"a string, or a number or boolean standing for one of the labels {sorted(task.labels)}"
+                      if is_label else "a string" + (" or null" if optional else ""))
             return Fields(None, 0, ("bad_value", f"{where} is {_kind(value)}, not {wanted}"))
         fields[name] = text
+    for name in task.optional_fields:
+        fields.setdefault(name, "")
     for name, text in fields.items():
         if bad := sources.undecodable(text):
             return Fields(None, 0, ("invalid_utf8", f"field {name!r}: {bad}"))
@@ -195,7 +202,7 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, labels: dict[st
     if size > max_bytes:
         return Fields(None, size,
                       ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})"))
-    if empty := [k for k, v in fields.items() if not v.strip()]:
+    if empty := [k for k in task.required_fields if not fields[k].strip()]:
         return Fields(None, size,
                       ("empty_field", f"field(s) {', '.join(map(repr, empty))} empty or only whitespace"))
     return Fields(fields, size, None)
@@ -218,7 +225,7 @@ class _Sink:
 
     def __init__(self, cfg: CollectConfig, task: Task, source_names: list[str], staging: Path, scratch: Path):
         self.max_bytes = cfg.max_record_bytes
-        self.labels, self.label_field = task.labels, task.target_field
+        self.task = task
         self.first: dict[tuple[str, str], str] = {}  # (source, reason) -> its first row's location and detail
         self.records = open(staging / "records.jsonl", "w", encoding="utf-8")
         # A quarantined value may hold undecodable bytes (as surrogates): written escaped, not refused.
@@ -231,7 +238,7 @@ class _Sink:
         rec_id = f"{src.name}:{file.key + ':' if file.key else ''}{row.key}"
         fields, size, problem = None, 0, row.problem
         if problem is None:
-            fields, size, problem = task_fields(src, row.fields, self.max_bytes, self.labels, self.label_field)
+            fields, size, problem = task_fields(src, row.fields, self.max_bytes, self.task)
         if problem is None and src.id_column:
             own, problem = _own_id(src, row.fields)
             if own is not None:
@@ -291,7 +298,7 @@ def _collect_source(src: SourceConfig, cfg: CollectConfig, root: Path, scratch: 
 
 
 def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
-    if problems := cfg.source_problems(task.name, task.fields):
+    if problems := cfg.source_problems(task.name, task.required_fields):
         raise StageError("; ".join(problems))
     declared = cfg.sources[task.name]
     stats = CollectStats()

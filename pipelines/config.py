@@ -115,7 +115,7 @@ class CollectConfig(_Section):
         return self
 
     def source_problems(self, task: str, fields: tuple[str, ...]) -> list[str]:
-        """What keeps ``task`` (with these fields) from being collected; empty when nothing."""
+        """What keeps ``task`` (with these required fields) from being collected; empty when nothing."""
         if task not in self.sources:
             return [f"collect.sources: no sources declared for task {task!r}"]
         return [f"collect.sources.{task}.{i} ({s.name}): `columns` maps nothing to field(s) {missing}; "
@@ -501,10 +501,10 @@ def parse_params(raw: dict, where: str = "params.yaml", tasks_dir: Path | None =
                 if task_file(name, tasks_dir).is_file()}
     problems = [f"collect.sources.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"
                 for name in params.collect.sources if name not in declared]
-    problems += params.collect.source_problems(task.name, task.fields)
+    problems += params.collect.source_problems(task.name, task.required_fields)
     for name in sorted(declared & set(params.collect.sources) - {task.name}):
         try:
-            problems += params.collect.source_problems(name, get_task(name, tasks_dir).fields)
+            problems += params.collect.source_problems(name, get_task(name, tasks_dir).required_fields)
         except ConfigError as exc:
             problems.append(f"collect.sources.{name}: {exc}")
     problems += [f"package.datasets.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"

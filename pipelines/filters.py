@@ -239,9 +239,10 @@ def pii_step(cfg: PiiConfig, fields: tuple[str, ...]) -> Step:
 
 # --- filters ----------------------------------------------------------------------
 
-def length_step(cfg: LengthConfig, fields: tuple[str, ...]) -> Step:
+def length_step(cfg: LengthConfig, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> Step:
+    """Bounds on the characters and words of ``fields`` together; a required one left empty drops."""
     def step(rec: Mapping[str, str]) -> Keep | Drop:
-        empty = [f for f in fields if not rec[f]]
+        empty = [f for f in fields if not rec[f] and f not in optional]
         if empty:
             return Drop("empty_field", f"{', '.join(empty)} empty after cleaning")
         chars = sum(len(rec[f]) for f in fields)
@@ -394,7 +395,7 @@ def build_steps(cfg: FiltersConfig, task: Task) -> list[tuple[str, Step]]:
         "unicode": lambda: unicode_step(cfg.unicode, every),
         "whitespace": lambda: whitespace_step(every),
         "pii": lambda: pii_step(cfg.pii, text),
-        "length": lambda: length_step(cfg.length, text),
+        "length": lambda: length_step(cfg.length, text, task.optional_fields),
         "label": lambda: label_step(task),
         "gopher_repetition": lambda: gopher_step(gopher_repetition, cfg.gopher_repetition, text),
         "gopher_quality": lambda: gopher_step(gopher_quality, cfg.gopher_quality, text),

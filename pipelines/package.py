@@ -201,7 +201,7 @@ def front_matter(task: Task, method: str, ref: BaseReference, metrics: dict, dat
 
 
 def _task_lines(task: Task) -> str:
-    inputs = [f for f in task.fields if f != task.target_field]
+    inputs = task.input_fields
     if task.kind == "classification":
         labels = ", ".join(f"`{k}` → “{v}”" for k, v in task.labels.items())
         return (f"`{task.name}`, classification: {', '.join(f'`{f}`' for f in inputs)} → `{task.target_field}` "
@@ -289,7 +289,7 @@ def _prompt_section(task: Task, manifest: dict, example: dict) -> list[str]:
 
 def references_per_input(task: Task, records: list[dict]) -> float:
     """Mean references per distinct input (E2E: per MR) of a split's records."""
-    inputs = [f for f in task.fields if f != task.target_field]
+    inputs = task.input_fields
     return len(records) / len({tuple(r[f] for f in inputs) for r in records})
 
 
@@ -387,7 +387,7 @@ def _training_section(info: dict, train_rows: tuple[int, str]) -> list[str]:
 def _example_input(task: Task, record: dict) -> str:
     """The example row's input as `ptune generate` takes it: the one input field's text, or
     each input field as ``--field name=value``."""
-    inputs = [f for f in task.fields if f != task.target_field]
+    inputs = [f for f in task.input_fields if record[f] or f not in task.optional_fields]
     if len(inputs) == 1:
         return shlex.quote(record[inputs[0]])
     return " ".join(f"--field {shlex.quote(f'{name}={record[name]}')}" for name in inputs)

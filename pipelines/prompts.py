@@ -65,14 +65,18 @@ def field_problem(task: Task, record: dict) -> str | None:
 
     Jinja2 renders any value: a null ``mr`` would become the prompt "Attributes: None" and a
     number the target "12345", silently. So a field the task uses as text must be a
-    non-empty string, and the label field of a classification task a string, number or
-    boolean that names one of its labels.
+    non-empty string (an optional field a string, empty or absent), and the label field of
+    a classification task a string, number or boolean that names one of its labels.
     """
-    if missing := [name for name in task.fields if name not in record]:
-        return f"no field {', '.join(map(repr, missing))} (task {task.name} needs {', '.join(task.fields)})"
+    if missing := [name for name in task.required_fields if name not in record]:
+        return (f"no field {', '.join(map(repr, missing))} (task {task.name} needs "
+                f"{', '.join(task.required_fields)})")
     for name in task.fields:
-        value = record[name]
-        if task.labels and name == task.target_field:
+        value = record.get(name, "")  # only an optional field may be absent
+        if name in task.optional_fields:
+            if not isinstance(value, str):
+                return f"optional field {name!r} holds {_described(value)}, not text (empty is allowed)"
+        elif task.labels and name == task.target_field:
             if label_key(value, task.labels) is None:
                 return (f"label field {name!r} holds {_described(value)}, which names none of task "
                         f"{task.name}'s labels {sorted(task.labels)}")
@@ -88,7 +92,7 @@ def context(task: Task, record: dict) -> dict:
     if a value is not what the task renders (``field_problem``)."""
     if problem := field_problem(task, record):
         raise StageError(f"record {record.get('id', '?')}: {problem}; re-run the clean stage (`dvc repro clean`)")
-    ctx = {f: record[f] for f in task.fields}
+    ctx = {f: record.get(f, "") for f in task.fields}
     if task.labels:
         ctx["verbalizer"] = task.labels[label_key(record[task.target_field], task.labels)]
     return ctx
@@ -120,7 +124,8 @@ def render_zero_shot(task: Task, record: dict, tokenizer) -> str:
 
 class Example(NamedTuple):
     """A record rendered: the model's input, what it should answer, and how many of the
-    values substituted into them were not non-empty strings (the shards require 0)."""
+    values substituted into them were not text (non-empty, or empty where the field is
+    optional; the shards require 0)."""
     prompt: str
     target: str
     non_text: int
@@ -206,7 +211,8 @@ class PromptFormat:
         shards' validation (which requires 0) instead of as "None" in the training text."""
         ctx, rid = context(self.task, record), record.get("id", "?")
         return Example(self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
-                       sum(not is_text(ctx[n]) for n in self._substituted if n in ctx))
+                       sum(not (is_text(ctx[n]) or n in self.task.optional_fields and ctx[n] == "")
+                           for n in self._substituted if n in ctx))
 
     def source(self, prompt: str, demos: Sequence[Demo] = ()) -> str:
         if not self.chat:

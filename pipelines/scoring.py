@@ -59,7 +59,7 @@ def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Tes
         rows = [TestRow(r["id"], r, [r[task.target_field]]) for r in records]
     else:
         by_input: dict[tuple, TestRow] = {}
-        inputs = [f for f in task.fields if f != task.target_field]
+        inputs = task.input_fields
         for r in records:
             key = tuple(r[f] for f in inputs)
             if key not in by_input:

@@ -47,6 +47,17 @@ class Task:
     labels: dict[str, str] = field(default_factory=dict)  # label value -> verbalizer
     text_fields: tuple[str, ...] = ()  # fields the length filters apply to
     primary_metric: str = "bleu"
+    optional_fields: tuple[str, ...] = ()  # may be absent or empty in a record: then ""
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """What the model is given: every field but the target."""
+        return tuple(f for f in self.fields if f != self.target_field)
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        """The fields every record must hold as non-empty text: all but the optional ones."""
+        return tuple(f for f in self.fields if f not in self.optional_fields)
 
     def declaration(self) -> dict:
         """The task as its YAML file declares it (without the name, which is the file's)."""
@@ -64,6 +75,7 @@ class Declaration(BaseModel):
     group_key: str = Field(description="records sharing this field's value share a split")
     target_field: str
     text_fields: tuple[str, ...] = Field(default=(), description="what the length filters measure")
+    optional_fields: tuple[str, ...] = Field(default=(), description="may be absent or empty (then \"\")")
     prompt: str = Field(min_length=1)
     target: str = Field(min_length=1)
     zero_shot: str = Field(min_length=1)
@@ -117,6 +129,18 @@ class Declaration(BaseModel):
         fields = info.data.get("fields")
         if fields is not None and (unknown := [n for n in names if n not in fields]):
             raise ValueError(f"{unknown}: not among the fields {list(fields)}")
+        return names
+
+    @field_validator("optional_fields")
+    @classmethod
+    def _optional_fields(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        fields = info.data.get("fields")
+        if fields is not None and (unknown := [n for n in names if n not in fields]):
+            raise ValueError(f"{unknown}: not among the fields {list(fields)}")
+        essential = {info.data.get("group_key"), info.data.get("target_field")}
+        if bad := [n for n in names if n in essential]:
+            raise ValueError(f"{bad}: the group key and the target field cannot be optional (every record "
+                             "needs a group to be split by and an answer to learn)")
         return names
 
     @field_validator("prompt", "target", "zero_shot")

@@ -197,12 +197,12 @@ def prompt_format(task: Task, tok, manifest: dict, demos: list[Demo], example: d
     """How to prompt the exported model as it was trained: the template with ``{field}``
     placeholders where a record's values go, and one training example, rendered."""
     prompts = TunedPrompts(task, tok, manifest, demos)
-    inputs = [f for f in task.fields if f != task.target_field]
+    inputs = task.input_fields
     placeholder = {f: "{" + f + "}" for f in inputs}
     placeholder[task.target_field] = next(iter(task.labels), "{" + task.target_field + "}")
     fmt = {
         "task": task.name,
-        "fields": inputs,
+        "fields": list(inputs),
         "template": prompts.source({"id": "template", **placeholder}),
         "chat_template": prompts.fmt.chat,
         "few_shot": prompts.few_shot,

@@ -76,26 +76,29 @@ class Served:
     @property
     def input_fields(self) -> tuple[str, ...]:
         """The task's fields a request supplies (all but the target)."""
-        return tuple(f for f in self.task.fields if f != self.task.target_field) if self.task else ()
+        return self.task.input_fields if self.task else ()
 
     def describe(self) -> dict:
         """What a client needs to prompt it (the ``ptune`` block of ``GET /v1/models``)."""
         out = {"method": self.method, "artifact": self.artifact, "version": self.version, "commit": self.commit}
         if self.prompts is not None:
-            out.update(task=self.task.name, input_fields=list(self.input_fields), template=self.task.prompt,
+            out.update(task=self.task.name, input_fields=list(self.input_fields),
+                       optional_fields=list(self.task.optional_fields), template=self.task.prompt,
                        chat_template=self.prompts.fmt.chat, few_shot=self.prompts.few_shot)
         return out
 
     def format_text(self, text: str, param: str = "prompt") -> str:
-        """The prompt for ``text``: for an adapter, the value of its task's one input field,
-        rendered as tokenize rendered training sources; for ``base``, ``text`` itself."""
+        """The prompt for ``text``: for an adapter, the value of its task's one required input
+        field (optional ones left empty), rendered as tokenize rendered training sources; for
+        ``base``, ``text`` itself."""
         if self.prompts is None:
             return text
-        if len(self.input_fields) != 1:
+        required = [f for f in self.input_fields if f not in self.task.optional_fields]
+        if len(required) != 1:
             raise BadRequest(param, f"{self.name} is an adapter for task {self.task.name}, whose input has the fields "
                                     f"{', '.join(self.input_fields)}; send them as an object "
                                     f"(prompt: {{{', '.join(repr(f) + ': ...' for f in self.input_fields)}}})")
-        return self.format_fields({self.input_fields[0]: text}, param)
+        return self.format_fields({required[0]: text}, param)
 
     def format_fields(self, fields: dict, param: str = "prompt") -> str:
         """The prompt for a record's input fields (optionally its ``id`` and ``group``, which
@@ -107,13 +110,17 @@ class Served:
             raise BadRequest(param, f"{', '.join(map(repr, unknown))}: not an input field of task "
                                     f"{self.task.name} (expected {', '.join(self.input_fields)})")
         for name in self.input_fields:
-            value = fields.get(name)
-            if not isinstance(value, str) or not value.strip():
+            value = fields.get(name, "" if name in self.task.optional_fields else None)
+            if name in self.task.optional_fields:
+                if not isinstance(value, str):
+                    raise BadRequest(f"{param}.{name}", f"must be text, or left out (optional in task "
+                                                        f"{self.task.name}'s input)")
+            elif not isinstance(value, str) or not value.strip():
                 raise BadRequest(f"{param}.{name}", f"must be non-empty text (task {self.task.name}'s input)")
         for name in ("id", "group"):
             if name in fields and not isinstance(fields[name], (str, int)):
                 raise BadRequest(f"{param}.{name}", "must be a string or an integer")
-        record = {name: fields[name] for name in self.input_fields}
+        record = {name: fields.get(name, "") for name in self.input_fields}
         # A record id seeds the draw of demonstrations; without one, the input's own hash does,
         # so the same input always gets the same demonstrations.
         record["id"] = str(fields.get("id") or "serve:" + hashlib.sha256(

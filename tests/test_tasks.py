@@ -70,6 +70,9 @@ def test_label_values_read_as_yaml_numbers_are_the_strings_label_key_matches(tmp
     ({"prompt": ""}, r"prompt: String should have at least 1 character"),
     ({"primary_metric": "bleu"}, r"primary_metric: 'bleu': a classification task's primary metric is one of "
                                  r"\['accuracy', 'macro_f1'\]"),
+    ({"optional_fields": ["body"]}, r"optional_fields: \['body'\]: not among the fields"),
+    ({"optional_fields": ["product"]}, r"optional_fields: \['product'\]: the group key and the target field "
+                                       r"cannot be optional"),
 ])
 def test_a_bad_declaration_is_refused_naming_its_file_and_key(tmp_path, change, message):
     root = declare(tmp_path / "tasks", "reviews", {**REVIEWS, **change})
@@ -121,41 +124,53 @@ def test_params_naming_a_task_with_a_bad_declaration_are_refused_with_its_key(tm
         parse_params({**raw, "task": {"name": "sst2"}}, tasks_dir=tasks)
 
 
-def test_a_task_of_ones_own_is_collected_cleaned_and_tokenized_with_no_code(tmp_path, tiny_base):
-    """The file, the declaration, the stages: what the README's "Bring your own data" promises."""
-    from pipelines import clean, collect, tokenize
-
+def _own_project(tmp_path, name: str, declaration: dict, lines: list, columns: dict, filters: dict) -> Path:
+    """A project with task ``name`` declared, one JSONL source of ``lines`` and the shipped params."""
     project = tmp_path / "project"
-    declare(project / "tasks", "reviews", REVIEWS)
-    rows = [{"product": f"p{i % 12}", "text": f"Review number {i} of product {i % 12}: it was {w} overall.",
-             "stars": 5 if i % 2 else 1} for i, w in zip(range(60), ["fine", "poor"] * 30)]
-    source = project / "data/sources/reviews/reviews.jsonl"
+    declare(project / "tasks", name, declaration)
+    source = project / f"data/sources/{name}/{name}.jsonl"
     source.parent.mkdir(parents=True)
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["task"]["name"] = "reviews"
-    raw["collect"]["sources"] = {"reviews": [{"name": "mine", "uri": "data/sources/reviews/reviews.jsonl",
-                                              "columns": {"product": "product", "text": "text", "stars": "stars"},
-                                              "splits": {"train": 0.6, "validation": 0.2, "test": 0.2}}]}
+    raw["task"]["name"] = name
+    raw["collect"]["sources"] = {name: [{"name": "mine", "uri": f"data/sources/{name}/{name}.jsonl",
+                                         "columns": columns, "splits": {"train": 0.6, "validation": 0.2,
+                                                                        "test": 0.2}}]}
     raw["package"]["datasets"] = {}  # hub ids of the shipped tasks' data
-    raw["clean"]["filters"] = {"unicode": {}, "whitespace": {}, "label": {}}
+    raw["clean"]["filters"] = filters
     raw["clean"]["dedup"] = {"exact": True, "near": {"enabled": False}}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    return project
+
+
+def _stages(project: Path, name: str, tiny_base: Path):
+    """collect, clean and tokenize as `dvc repro` runs them: the task, the splits, the shards."""
+    from pipelines import clean, collect, tokenize
     from pipelines.config import load_params
 
     params = load_params(project / "params.yaml")
-    task = get_task("reviews", project / "tasks")
+    task = get_task(name, project / "tasks")
     collect.run(params.collect, task, project, project / "data/raw")
     clean.run(params.clean, task, project / "data/raw", project / "data/clean")
     tokenize.run(params.tokenize, task, project / "data/clean", tiny_base, project / "data/shards")
     manifest = read_manifest(project / "data/shards")
-    assert manifest["task"] == "reviews" and manifest_task(manifest, "manifest") == task
+    assert manifest["task"] == name and manifest_task(manifest, "manifest") == task
     splits = {s: [json.loads(line) for line in (project / f"data/clean/{s}.jsonl").open()] for s in
               ("train", "validation", "test")}
+    return task, splits, load_split(project / "data/shards", "train")
+
+
+def test_a_task_of_ones_own_is_collected_cleaned_and_tokenized_with_no_code(tmp_path, tiny_base):
+    """The file, the declaration, the stages: what the README's "Bring your own data" promises."""
+    rows = [{"product": f"p{i % 12}", "text": f"Review number {i} of product {i % 12}: it was {w} overall.",
+             "stars": 5 if i % 2 else 1} for i, w in zip(range(60), ["fine", "poor"] * 30)]
+    project = _own_project(tmp_path, "reviews", REVIEWS, rows,
+                           {"product": "product", "text": "text", "stars": "stars"},
+                           {"unicode": {}, "whitespace": {}, "label": {}})
+    _, splits, train = _stages(project, "reviews", tiny_base)
     assert sum(map(len, splits.values())) == 60
     groups = {s: {r["product"] for r in rs} for s, rs in splits.items()}  # grouped by the declared key
     assert not groups["train"] & groups["test"] and not groups["train"] & groups["validation"]
-    train = load_split(project / "data/shards", "train")
     assert len(train) == len(splits["train"])
     # the declared verbalizer is what the model learns: the labelled tokens spell " good" or " bad"
     from transformers import AutoTokenizer
@@ -164,6 +179,52 @@ def test_a_task_of_ones_own_is_collected_cleaned_and_tokenized_with_no_code(tmp_
     answers = {tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
                for row in train}
     assert answers <= {" good" + tok.eos_token, " bad" + tok.eos_token} and len(answers) == 2
+
+
+ALPACA = {  # instruction data as Stanford Alpaca ships it: `input` is empty for most records
+    "kind": "generation",
+    "fields": ["instruction", "input", "output"],
+    "group_key": "instruction",
+    "target_field": "output",
+    "text_fields": ["instruction", "input", "output"],
+    "optional_fields": ["input"],
+    "prompt": "### Instruction:\n{{ instruction }}\n{% if input %}\n### Input:\n{{ input }}\n{% endif %}"
+              "\n### Response:\n",
+    "target": "{{ output }}",
+    "zero_shot": "{{ instruction }}{% if input %}\n\n{{ input }}{% endif %}",
+    "primary_metric": "rouge_l",
+}
+
+
+def test_instruction_data_with_an_optional_input_is_read_as_alpaca_ships_it(tmp_path, tiny_base):
+    rows = [{"instruction": f"Name a colour that rhymes with word {i}.", "output": f"Colour number {i} is red."}
+            for i in range(40)]  # no `input` key: the field is empty
+    for i in range(0, 40, 4):
+        rows[i]["input"] = f"The word is number {i}."
+    rows[1]["input"], rows[2]["input"] = None, ""  # null and "" mean no input as well
+    bad = [{"instruction": "", "input": "x", "output": "an answer"},  # the instruction is required
+           {"instruction": "Count.", "input": 5, "output": "five"},  # optional, but text when given
+           {"input": "no instruction at all", "output": "?"}]
+    project = _own_project(tmp_path, "alpaca", ALPACA, rows + bad,
+                           {"instruction": "instruction", "input": "input", "output": "output"},
+                           {"unicode": {}, "whitespace": {}, "length": {"min_chars": 1, "min_words": 1}})
+    task, splits, train = _stages(project, "alpaca", tiny_base)
+    assert task.required_fields == ("instruction", "output") and task.input_fields == ("instruction", "input")
+    quarantined = [json.loads(line) for line in (project / "data/raw/quarantine.jsonl").open()]
+    assert [(q["location"].rsplit(":", 1)[1], q["reason"]) for q in quarantined] == [
+        ("41", "empty_field"), ("42", "bad_value"), ("43", "missing_field")]
+    assert "field 'input' is a number (5), not a string or null" in quarantined[1]["detail"]
+    records = {r["instruction"]: r for rs in splits.values() for r in rs}
+    assert len(records) == 40  # none removed for an empty optional field
+    assert records["Name a colour that rhymes with word 1."]["input"] == ""
+    assert records["Name a colour that rhymes with word 4."]["input"] == "The word is number 4."
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    sources = [tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab == -100]) for row in train]
+    with_input = [s for s in sources if "### Input:" in s]
+    assert with_input and len(with_input) < len(sources)  # the template's {% if input %} decided, per record
+    assert all(s.endswith("\n### Response:\n") for s in sources)
 
 
 def test_ptune_tasks_lists_each_declaration_and_fails_on_a_bad_one(tmp_path, capsys):
@@ -178,3 +239,9 @@ def test_ptune_tasks_lists_each_declaration_and_fails_on_a_bad_one(tmp_path, cap
     out, err = capsys.readouterr()
     assert "worse                INVALID (below)" in out and "reviews              classification" in out
     assert "worse.yaml: group_key: 'brand' is not one of the fields" in err
+
+
+def test_the_readmes_declaration_is_the_one_tested_here():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("# tasks/alpaca.yaml\n"):]
+    assert yaml.safe_load(block[:block.index("```")]) == ALPACA
