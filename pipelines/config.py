@@ -329,7 +329,8 @@ class LoraMethodConfig(MethodConfig):
     r: int = Field(default=8, gt=0)
     alpha: int = Field(default=16, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # auto: PEFT's choice for the architecture (q_proj, v_proj on Llama, Qwen2, Mistral; GPT-2's fused c_attn)
+    targets: Literal["auto"] | tuple[str, ...] = "auto"
 
 
 class FullMethodConfig(MethodConfig):

@@ -27,8 +27,9 @@ def build_peft_config(cfg: TuneConfig, base_dir: Path):
     if cfg.method == "full":
         return None
     if cfg.method == "lora":
+        targets = None if cfg.lora.targets == "auto" else list(cfg.lora.targets)  # None: PEFT's per-architecture
         return LoraConfig(task_type=causal, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                          lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.targets))
+                          lora_dropout=cfg.lora.dropout, target_modules=targets)
     if cfg.method == "prefix":
         return PrefixTuningConfig(task_type=causal, num_virtual_tokens=cfg.prefix.num_virtual_tokens,
                                   prefix_projection=cfg.prefix.projection,
@@ -46,6 +47,23 @@ def build_peft_config(cfg: TuneConfig, base_dir: Path):
     # labels: sampled vocabulary first, then the label words over the first rows (init_from_labels)
     init = PromptTuningInit.RANDOM if m.init == "random" else PromptTuningInit.SAMPLE_VOCAB
     return PromptTuningConfig(task_type=causal, num_virtual_tokens=m.num_virtual_tokens, prompt_tuning_init=init)
+
+
+def apply_peft(model, peft_config, cfg: TuneConfig):
+    """``model`` wrapped for ``peft_config``; LoRA targets the model lacks are a StageError naming
+    the param, the architecture and the modules it has."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:  # PEFT's NoMatchingPeftModuleError, or no default for the architecture
+        if cfg.method != "lora":
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D") and "." in n})
+        raise StageError(f"params.yaml: tune.lora.targets: {cfg.lora.targets!r} on a "
+                         f"{model.config.model_type} base model: {exc}; its linear layers are {linear} "
+                         "(name some, or `auto` for PEFT's choice)") from None
 
 
 def init_from_labels(model, tok, words: list[str]) -> None:

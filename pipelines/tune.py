@@ -26,8 +26,8 @@ from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
 from pipelines.device import device_and_dtype
-from pipelines.methods import (build_peft_config, init_from_labels, init_prefix_from_text, saved_parameters,
-                               trainable_parameters)
+from pipelines.methods import (apply_peft, build_peft_config, init_from_labels, init_prefix_from_text,
+                               saved_parameters, trainable_parameters)
 from pipelines.shards import load_split, read_manifest
 from pipelines.tasks import manifest_task
 from pipelines.training import (CountingPackedCollator, PadCollator, make_trainer, rank_and_world, run_key,
@@ -75,7 +75,6 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     adapter is written.
     """
     from dvclive import Live
-    from peft import get_peft_model
     from transformers import set_seed
     from transformers.integrations import DVCLiveCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -104,7 +103,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
     model = load_model(base, torch.float32)
     peft_config = build_peft_config(cfg, base)
     if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+        model = apply_peft(model, peft_config, cfg)
     if cfg.method == "prompt" and cfg.prompt.init == "labels":
         init_from_labels(model, tok, list(manifest_task(manifest, str(shards)).labels.values()))
     prefix_init = None

@@ -32,16 +32,18 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: int = 256) -> Path:
-    """A 2-layer Llama (~100k parameters) and a byte-level BPE tokenizer, saved to ``out``.
+def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: int = 256, arch: str = "llama") -> Path:
+    """A 2-layer causal LM (~100k parameters) and a byte-level BPE tokenizer, saved to ``out``.
 
-    ``vocab_slack`` < 0 gives the model fewer embedding rows than the tokenizer has
-    tokens: a mismatched base model, for tests of the shard validation. ``context``: its
+    ``arch``: llama (the default), qwen2, mistral or gpt2, the architectures ``base_model.source``
+    is tested with. ``vocab_slack`` < 0 gives the model fewer embedding rows than the tokenizer
+    has tokens: a mismatched base model, for tests of the shard validation. ``context``: its
     maximum positions (a few-shot E2E prompt in its 400-token vocabulary is ~350 tokens).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig,
+                              PreTrainedTokenizerFast, Qwen2Config)
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -53,12 +55,15 @@ def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: in
                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok) + vocab_slack, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=context, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    ids = dict(vocab_size=len(tok) + vocab_slack, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=context, **ids)
+    else:
+        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+        cfg = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=context, **ids)
+    model = AutoModelForCausalLM.from_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
