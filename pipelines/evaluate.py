@@ -121,8 +121,8 @@ def report(metrics: dict) -> str:
                  *(f"{metrics[s][k]}" if k in metrics[s] else "—" for k in keys),
                  f"{metrics['tokens_per_s'][s]}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Primary metric: {metrics['primary_metric']}. BLEU, METEOR, ROUGE-L, accuracy and "
-              "macro-F1 in points (0-100); NIST and CIDEr on their own scales. tokens/s: generated "
+    lines += ["", f"Primary metric: {metrics['primary_metric']}. BLEU, METEOR, ROUGE-L, chrF, exact match, "
+              "accuracy and macro-F1 in points (0-100); NIST and CIDEr on their own scales. tokens/s: generated "
               "(generation) or scored (classification) tokens per second of model time."]
     for key, why in metrics.get("not_computed", {}).items():
         lines.append(f"- {key}: not computed ({why})")

@@ -52,9 +52,7 @@ METHODS = {"prompt": "prompt tuning (Lester et al. 2021)", "prefix": "prefix tun
            "ptuning": "P-tuning (Liu et al. 2021)", "lora": "LoRA (Hu et al. 2021)", "full": "full fine-tuning"}
 # The metric ids the hub links to; ours are named as evaluate writes them.
 HUB_METRICS = {"bleu": "bleu", "nist": "nist_mt", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider",
-               "accuracy": "accuracy", "macro_f1": "f1"}
-# The per-row score evaluate saves for each kind of task (ptune compare's intervals use it too).
-ROW_SCORE = {"generation": "rouge_l", "classification": "accuracy"}
+               "chrf": "chrf", "exact_match": "exact_match", "accuracy": "accuracy", "macro_f1": "f1"}
 # The E2E challenge's test set: 630 MRs with 4,693 references (Novikova et al. 2017).
 E2E_CHALLENGE = (630, 4693)
 
@@ -153,7 +151,7 @@ def intervals(task: Task, metrics: dict, predictions: list[dict], where: Path) -
             raise StageError(f"{where}: the {s} predictions are not the {metrics['rows']} test rows of "
                              "metrics.json; rerun `dvc repro evaluate`")
     out: dict[str, dict] = {}
-    for metric in dict.fromkeys([metrics["primary_metric"], ROW_SCORE[task.kind]]):
+    for metric in dict.fromkeys([metrics["primary_metric"], task.row_metric]):
         if any(metric not in metrics[s] for s in systems):
             continue
         values = {s: compare.row_values(rows, metric) for s, rows in by_system.items()}

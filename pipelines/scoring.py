@@ -13,8 +13,9 @@ needs a Java runtime), ROUGE-L and CIDEr-D (pycocoevalcap, as the challenge's sc
 script computes them: ROUGE-L is the LCS F-measure with beta 1.2 from the best precision
 and the best recall over a row's references, averaged over rows). BLEU, METEOR and
 ROUGE-L are in points (0-100); NIST and CIDEr on their own scales, as the paper reports
-them. What cannot be computed on this machine is named, with the reason, under
-``not_computed``.
+them. Beside them chrF (sacrebleu) and exact match, in points. A task reports the metrics
+its declaration lists (``metrics:``; all of them by default). What cannot be computed on
+this machine is named, with the reason, under ``not_computed``.
 
 Classification tasks (SST-2): rank scoring: the label whose verbalizer has the highest
 total log-probability after the prompt wins; accuracy and macro-F1 in points.
@@ -32,7 +33,7 @@ import torch
 
 from pipelines.common import StageError
 from pipelines.config import EvaluateConfig
-from pipelines.tasks import Task
+from pipelines.tasks import METRICS, Task
 from serving.engine import Engine
 from serving.types import Decoding, Request
 
@@ -137,51 +138,73 @@ def _nist(hyps: list[str], refs: list[list[str]]) -> float:
     return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=5)
 
 
-def _coco(hyps: list[str], refs: list[list[str]], not_computed: dict) -> tuple[list[float], float, float | None]:
+def _coco(hyps: list[str], refs: list[list[str]], wanted: tuple[str, ...], not_computed: dict
+          ) -> tuple[list[float], float | None, float | None]:
     """(per-row ROUGE-L in points, CIDEr-D, METEOR 1.5) through pycocoevalcap, the COCO
-    caption scorers the E2E challenge's script uses, each fed the same tokens; METEOR runs
-    its jar and so needs ``java`` on PATH."""
+    caption scorers the E2E challenge's script uses, each fed the same tokens; CIDEr and
+    METEOR only where ``wanted``; METEOR runs its jar and so needs ``java`` on PATH."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     res = {i: [" ".join(t)] for i, t in enumerate(_tokens(hyps))}
     gts = {i: [" ".join(t) for t in _tokens(r)] for i, r in enumerate(refs)}
     rouge = [100 * float(s) for s in Rouge().compute_score(gts, res)[1]]
-    cider = float(Cider().compute_score(gts, res)[0])
-    meteor = None
+    cider = float(Cider().compute_score(gts, res)[0]) if "cider" in wanted else None
+    return rouge, cider, _meteor(gts, res, not_computed) if "meteor" in wanted else None
+
+
+def _meteor(gts: dict, res: dict, not_computed: dict) -> float | None:
     if shutil.which("java") is None:
         not_computed["meteor"] = "needs a Java runtime for the METEOR 1.5 jar (none on PATH here)"
-    else:
-        from pycocoevalcap.meteor.meteor import Meteor
+        return None
+    from pycocoevalcap.meteor.meteor import Meteor
 
-        scorer = Meteor()  # a java subprocess, ended when the scorer is collected
-        meteor = 100 * float(scorer.compute_score(gts, res)[0])
+    scorer = Meteor()  # a java subprocess, ended when the scorer is collected
+    try:
+        return 100 * float(scorer.compute_score(gts, res)[0])
+    finally:
         del scorer
-    return rouge, cider, meteor
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
 
 
 class GenerationMetrics(NamedTuple):
-    """A generation system's corpus metrics, its per-row ROUGE-L (for the paired bootstrap)
-    and, per metric that could not be computed here, why."""
+    """A generation system's corpus metrics, its per-row scores (ROUGE-L and exact match, in
+    points: what the paired bootstrap resamples) and, per metric that could not be computed
+    here, why."""
     metrics: dict[str, float]
-    rouge_per_row: list[float]
+    per_row: dict[str, list[float]]
     not_computed: dict[str, str]
 
 
-def generation_metrics(hyps: list[str], refs: list[list[str]]) -> GenerationMetrics:
-    """BLEU, NIST, METEOR, ROUGE-L and CIDEr-D as the E2E challenge's script computes them."""
+def generation_metrics(hyps: list[str], refs: list[list[str]], wanted: tuple[str, ...] = METRICS["generation"]
+                       ) -> GenerationMetrics:
+    """The ``wanted`` metrics: BLEU, NIST, METEOR, ROUGE-L and CIDEr-D as the E2E challenge's
+    script computes them; chrF (sacrebleu, multi-reference); exact match (a row scores 100
+    when its answer equals one of its references, whitespace runs folded). Per-row ROUGE-L
+    and exact match are always computed: one of them is each prediction's score."""
     import sacrebleu
 
     width = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
-    bleu = sacrebleu.corpus_bleu(hyps, streams).score
     not_computed: dict[str, str] = {}
-    rouge, cider, meteor = _coco(hyps, refs, not_computed)
-    metrics = {"bleu": round(bleu, 2), "nist": round(_nist(hyps, refs), 4), "meteor": meteor,
-               "rouge_l": round(sum(rouge) / len(rouge), 2), "cider": cider}
+    rouge, cider, meteor = _coco(hyps, refs, wanted, not_computed)
+    exact = [100.0 * (_normalized(h) in {_normalized(r) for r in rs}) for h, rs in zip(hyps, refs)]
+    compute = {
+        "bleu": lambda: sacrebleu.corpus_bleu(hyps, streams).score,
+        "nist": lambda: _nist(hyps, refs),
+        "meteor": lambda: meteor,
+        "rouge_l": lambda: sum(rouge) / len(rouge),
+        "cider": lambda: cider,
+        "chrf": lambda: sacrebleu.corpus_chrf(hyps, streams).score,
+        "exact_match": lambda: sum(exact) / len(exact),
+    }
+    metrics = {k: compute[k]() for k in METRICS["generation"] if k in wanted}
     metrics = {k: (round(v, 4) if k in ("cider", "nist") else round(v, 2)) for k, v in metrics.items()
                if v is not None}
-    return GenerationMetrics(metrics, rouge, not_computed)
+    return GenerationMetrics(metrics, {"rouge_l": rouge, "exact_match": exact}, not_computed)
 
 
 def classification_metrics(pred: list[str], gold: list[str], labels: list[str]) -> tuple[dict, list[float]]:
@@ -198,6 +221,7 @@ def classification_metrics(pred: list[str], gold: list[str], labels: list[str]) 
 
 # Each metric's range, checked on every run (the GX suite checks the per-row scores).
 RANGES = {"bleu": (0, 100), "meteor": (0, 100), "rouge_l": (0, 100), "accuracy": (0, 100),
+          "chrf": (0, 100), "exact_match": (0, 100),
           "macro_f1": (0, 100), "nist": (0, 20), "cider": (0, 10)}
 
 
@@ -206,7 +230,7 @@ class Scored:
     """One system's result on the test rows."""
     metrics: dict  # metric -> value (points, or the metric's own scale)
     predictions: list[str]  # per row, in row order
-    per_row: list[float]  # the per-row score (ROUGE-L for generation, accuracy for classification)
+    per_row: list[float]  # the per-row score, of the task's row_metric (ROUGE-L, exact match or accuracy)
     tokens_per_s: float  # generated (generation) or scored (classification) tokens per second of model time
     not_computed: dict = field(default_factory=dict)  # metric -> why it could not be computed here
 
@@ -224,10 +248,13 @@ def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow]
         tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) * len(labels)
         seconds = time.perf_counter() - t0
         metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
+        metrics = {k: v for k, v in metrics.items() if k in task.scored_metrics}
     else:
         preds, tokens = generate(engine, model, prompts, cfg)
         seconds = time.perf_counter() - t0  # decoding only: the metrics' own time is not the model's
-        metrics, per_row, not_computed = generation_metrics(preds, [r.references for r in rows])
+        metrics, per_rows, not_computed = generation_metrics(preds, [r.references for r in rows],
+                                                             task.scored_metrics)
+        per_row = per_rows[task.row_metric]
     for key, value in metrics.items():
         low, high = RANGES.get(key, (float("-inf"), float("inf")))
         if not low <= value <= high:

@@ -28,9 +28,15 @@ from pipelines.common import ConfigError
 
 TASKS_DIR = Path("tasks")  # beside params.yaml, in the project root
 NAME = re.compile(r"[a-z][a-z0-9_]*")  # also the registry's artifact name: <name>-adapter
-# The primary metric gates promotion, so it must be one evaluate always computes (METEOR
-# needs a Java runtime and is left out where there is none).
-PRIMARY_METRICS = {"generation": ("bleu", "nist", "rouge_l", "cider"), "classification": ("accuracy", "macro_f1")}
+# What evaluate can score, per kind: the E2E challenge's five, chrF (sacrebleu) and exact match
+# for generation; accuracy and macro-F1 for classification. A task declares the ones it reports.
+METRICS = {"generation": ("bleu", "nist", "meteor", "rouge_l", "cider", "chrf", "exact_match"),
+           "classification": ("accuracy", "macro_f1")}
+# The primary metric gates promotion and gets paired-bootstrap intervals over the test rows, so
+# it is one a resample of rows recomputes: BLEU from per-row n-gram statistics, the others as
+# the mean of per-row scores (NIST, CIDEr, chrF and macro-F1 are not), and one evaluate always
+# computes (METEOR needs a Java runtime).
+PRIMARY_METRICS = {"generation": ("bleu", "rouge_l", "exact_match"), "classification": ("accuracy",)}
 VERBALIZER = "verbalizer"  # the template variable holding a classification label's word
 
 
@@ -48,6 +54,17 @@ class Task:
     text_fields: tuple[str, ...] = ()  # fields the length filters apply to
     primary_metric: str = "bleu"
     optional_fields: tuple[str, ...] = ()  # may be absent or empty in a record: then ""
+    metrics: tuple[str, ...] = ()  # what evaluate reports; () = every metric of the kind
+
+    @property
+    def scored_metrics(self) -> tuple[str, ...]:
+        return self.metrics or METRICS[self.kind]
+
+    @property
+    def row_metric(self) -> str:
+        """The per-row score each prediction carries: the primary metric's, or ROUGE-L's where
+        the primary is BLEU (whose resamples use n-gram statistics instead)."""
+        return "rouge_l" if self.primary_metric == "bleu" else self.primary_metric
 
     @property
     def input_fields(self) -> tuple[str, ...]:
@@ -79,6 +96,7 @@ class Declaration(BaseModel):
     prompt: str = Field(min_length=1)
     target: str = Field(min_length=1)
     zero_shot: str = Field(min_length=1)
+    metrics: tuple[str, ...] = Field(default=(), description="what evaluate reports (default: all of the kind)")
     primary_metric: str
 
     @field_validator("fields")
@@ -160,12 +178,25 @@ class Declaration(BaseModel):
             raise ValueError(f"reads neither {target_field!r} nor {VERBALIZER!r}: it would not depend on the answer")
         return source
 
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, metrics: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = METRICS.get(info.data.get("kind"), ())
+        if known and (unknown := [m for m in metrics if m not in known]):
+            raise ValueError(f"{unknown}: a {info.data['kind']} task's metrics are among {list(known)}")
+        if len(set(metrics)) < len(metrics):
+            raise ValueError(f"{list(metrics)}: a metric is listed twice")
+        return metrics
+
     @field_validator("primary_metric")
     @classmethod
     def _metric(cls, metric: str, info: ValidationInfo) -> str:
         allowed = PRIMARY_METRICS.get(info.data.get("kind"), ())
         if allowed and metric not in allowed:
-            raise ValueError(f"{metric!r}: a {info.data['kind']} task's primary metric is one of {list(allowed)}")
+            raise ValueError(f"{metric!r}: a {info.data['kind']} task's primary metric is one of {list(allowed)} "
+                             "(it gates promotion, with intervals from resampling the test rows)")
+        if (declared := info.data.get("metrics")) and metric not in declared:
+            raise ValueError(f"{metric!r} is not among the declared metrics {list(declared)}")
         return metric
 
 

@@ -63,10 +63,12 @@ def test_generation_metrics_use_every_reference():
     both, per_row, missing = scoring.generation_metrics(
         hyps, [["Aromi serves food.", "Aromi is a Chinese coffee shop."], ["B is by the river."]])
     assert both["bleu"] == 100.0 and one["bleu"] < 100.0
-    assert both["rouge_l"] == 100.0 and per_row == [100.0, 100.0]
+    assert both["rouge_l"] == 100.0 and per_row["rouge_l"] == [100.0, 100.0]
+    assert both["exact_match"] == 100.0 and one["exact_match"] == 50.0 and both["chrf"] == 100.0 > one["chrf"]
     assert both["nist"] > one["nist"] > 0
     assert both["cider"] > one["cider"]
-    assert set(both) | set(missing) == {"bleu", "nist", "meteor", "rouge_l", "cider"}  # each computed or named
+    assert set(both) | set(missing) == {"bleu", "nist", "meteor", "rouge_l", "cider", "chrf",
+                                        "exact_match"}  # each computed or named
     if "meteor" in both:
         assert both["meteor"] > one["meteor"]
 
@@ -75,6 +77,7 @@ def test_generation_metrics_use_every_reference():
 def test_generation_metrics_of_empty_answers_are_zero_not_errors():
     m, _, _ = scoring.generation_metrics(["", ""], [["Aromi serves food."], ["B is by the river."]])
     assert m["bleu"] == 0 and m["nist"] == 0 and m["rouge_l"] == 0 and m["cider"] == 0
+    assert m["chrf"] == 0 and m["exact_match"] == 0
 
 
 def test_rouge_l_is_the_e2e_challenges(monkeypatch):
@@ -89,8 +92,16 @@ def test_rouge_l_is_the_e2e_challenges(monkeypatch):
     # (the best single reference's F would be 6/7); row 2: LCS 5, P = 5/5, R = 5/9
     # -> 2.44 * 5/9 / (5/9 + 1.44) = 12.2 / 17.96 (beta 1 would give 10/14)
     expected = [100 * 14.64 / 15.64, 100 * 12.2 / 17.96]
-    assert per_row == pytest.approx(expected)
+    assert per_row["rouge_l"] == pytest.approx(expected)
     assert metrics["rouge_l"] == round(sum(expected) / 2, 2) == 80.77
+
+
+def test_declared_metrics_are_what_is_reported_and_exact_match_folds_whitespace_only():
+    hyps = ["Aromi  is a pub.", "aromi is a pub."]
+    refs = [["Aromi is a pub."], ["Aromi is a pub."]]
+    metrics, per_row, missing = scoring.generation_metrics(hyps, refs, ("exact_match", "chrf"))
+    assert set(metrics) == {"exact_match", "chrf"} and missing == {}  # no METEOR wanted: none missing
+    assert per_row["exact_match"] == [100.0, 0.0] and metrics["exact_match"] == 50.0
 
 
 def test_classification_metrics():

@@ -69,7 +69,12 @@ def test_label_values_read_as_yaml_numbers_are_the_strings_label_key_matches(tmp
     ({"prompt": "Review: {{ text "}, r"prompt: not a valid Jinja2 template \(line 1: "),
     ({"prompt": ""}, r"prompt: String should have at least 1 character"),
     ({"primary_metric": "bleu"}, r"primary_metric: 'bleu': a classification task's primary metric is one of "
-                                 r"\['accuracy', 'macro_f1'\]"),
+                                 r"\['accuracy'\]"),
+    ({"primary_metric": "macro_f1"}, r"primary_metric: 'macro_f1': .* \(it gates promotion, with intervals from "
+                                     r"resampling the test rows\)"),
+    ({"metrics": ["accuracy", "bleu"]}, r"metrics: \['bleu'\]: a classification task's metrics are among "
+                                        r"\['accuracy', 'macro_f1'\]"),
+    ({"metrics": ["macro_f1"]}, r"primary_metric: 'accuracy' is not among the declared metrics \['macro_f1'\]"),
     ({"optional_fields": ["body"]}, r"optional_fields: \['body'\]: not among the fields"),
     ({"optional_fields": ["product"]}, r"optional_fields: \['product'\]: the group key and the target field "
                                        r"cannot be optional"),
@@ -86,9 +91,14 @@ def test_a_generation_task_has_no_labels_and_not_meteor_as_its_gate(tmp_path):
     assert get_task("g", declare(tmp_path, "g", gen)).labels == {}
     with pytest.raises(ConfigError, match=r"labels: only a classification task has labels"):
         get_task("g", declare(tmp_path, "g", {**gen, "labels": {"a": "x", "b": "y"}}))
-    with pytest.raises(ConfigError, match=r"primary_metric: 'meteor': a generation task's primary metric is one of "
-                                          r"\['bleu', 'nist', 'rouge_l', 'cider'\]"):
-        get_task("g", declare(tmp_path, "g", {**gen, "primary_metric": "meteor"}))
+    for metric in ("meteor", "nist", "cider", "chrf"):  # no Java here, or not a mean over rows
+        with pytest.raises(ConfigError, match=rf"primary_metric: '{metric}': a generation task's primary metric is "
+                                              r"one of \['bleu', 'rouge_l', 'exact_match'\]"):
+            get_task("g", declare(tmp_path, "g", {**gen, "primary_metric": metric}))
+    declared = get_task("g", declare(tmp_path, "g", {**gen, "metrics": ["exact_match", "chrf"],
+                                                     "primary_metric": "exact_match"}))
+    assert declared.scored_metrics == ("exact_match", "chrf") and declared.row_metric == "exact_match"
+    assert get_task("e2e", TASKS).row_metric == "rouge_l"  # BLEU resamples from n-gram statistics
 
 
 def test_an_unknown_task_a_bad_name_and_a_file_that_is_no_declaration(tmp_path):
