@@ -141,9 +141,9 @@ class Declaration(BaseModel):
             raise ValueError(f"{name!r} is not one of the fields {list(fields)}")
         return name
 
-    @field_validator("text_fields")
+    @field_validator("text_fields", "optional_fields")
     @classmethod
-    def _text_fields(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    def _some_fields(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         fields = info.data.get("fields")
         if fields is not None and (unknown := [n for n in names if n not in fields]):
             raise ValueError(f"{unknown}: not among the fields {list(fields)}")
@@ -152,9 +152,6 @@ class Declaration(BaseModel):
     @field_validator("optional_fields")
     @classmethod
     def _optional_fields(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        fields = info.data.get("fields")
-        if fields is not None and (unknown := [n for n in names if n not in fields]):
-            raise ValueError(f"{unknown}: not among the fields {list(fields)}")
         essential = {info.data.get("group_key"), info.data.get("target_field")}
         if bad := [n for n in names if n in essential]:
             raise ValueError(f"{bad}: the group key and the target field cannot be optional (every record "

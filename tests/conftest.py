@@ -74,6 +74,22 @@ def build_tiny_model(out: Path, vocab_slack: int = 0, seed: int = 0, context: in
     return out
 
 
+def liven(checkpoint: Path) -> Path:
+    """Redraw a tiny model's matrices wide enough (N(0, 0.3)) that greedy decoding varies (the
+    default init repeats one token), so that a wrong position or a lost prefix changes the answer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(checkpoint)
+    return checkpoint
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gx_project(tmp_path_factory) -> Path:
     """A copy of the GX project (gx/, as git has it) that this session's in-process

@@ -11,7 +11,7 @@ import torch
 from pipelines import base_model, scoring, tokenize, tune
 from pipelines.config import BaseModelConfig, EvaluateConfig, TokenizeConfig
 from serving.engine import Engine
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, liven
 from tests.test_engine import PROMPTS, STEPS, alone, greedy, trained
 from tests.test_tokenize import ROWS, write_clean
 from tests.test_tune import E2E, tune_cfg
@@ -25,18 +25,11 @@ METHODS = ["prompt", "ptuning", "prefix", "lora", "full"]
 def arch(request, tmp_path_factory):
     """(architecture, base model directory, shards directory): weights drawn wide enough that
     greedy decoding varies, so a lost prefix or a wrong position changes the answer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     root = tmp_path_factory.mktemp(request.param)
-    checkpoint = build_tiny_model(root / "checkpoint", arch=request.param)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    assert model.config.model_type == request.param
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(checkpoint)
+    checkpoint = liven(build_tiny_model(root / "checkpoint", arch=request.param))
+    assert AutoConfig.from_pretrained(checkpoint).model_type == request.param
     base = root / "base"  # the checkpoint directory as base_model.source, through the stage
     stats = base_model.run(BaseModelConfig(source=str(checkpoint)), base)
     assert (stats.num_layers, stats.hidden_size) == (2, 32) and stats.probe_loss > 0

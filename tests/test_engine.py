@@ -14,7 +14,7 @@ from pipelines.config import EvaluateConfig
 from serving.decoding import TextStream
 from serving.engine import BASE, Engine
 from serving.types import Decoding, Finished, QueueFull, Request, Token, UnknownModel
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, liven
 
 METHODS = ["prompt", "ptuning", "prefix", "lora", "full", BASE]
 PROMPTS = ["Attributes: name[Aromi]\nDescription:",
@@ -25,19 +25,8 @@ STEPS = 10  # new tokens per answer: enough for a misplaced position to show
 
 @pytest.fixture(scope="session")
 def lively_base(tmp_path_factory) -> Path:
-    """The tiny Llama with weights drawn wide enough that greedy decoding varies (its default
-    init repeats one token), so that a wrong position or a lost prefix changes the answer."""
-    from transformers import AutoModelForCausalLM
-
-    out = build_tiny_model(tmp_path_factory.mktemp("lively") / "base")
-    model = AutoModelForCausalLM.from_pretrained(out)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(out)
-    return out
+    """The tiny Llama with weights drawn wide enough that greedy decoding varies (``liven``)."""
+    return liven(build_tiny_model(tmp_path_factory.mktemp("lively") / "base"))
 
 
 def _peft_config(method: str):
