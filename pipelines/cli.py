@@ -85,7 +85,7 @@ def _tasks(args: argparse.Namespace) -> None:
     root = Path(args.params).parent / "tasks"
     names, bad = task_names(root), []
     if not names:
-        raise StageError(f"no task declared: no {root}/<name>.yaml (see README, \"Tasks\")")
+        raise StageError(f"no task declared: no {root}/<name>.yaml (see the README, \"Bring your own data: tasks\")")
     for name in names:
         try:
             t = get_task(name, root)
