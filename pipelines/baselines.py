@@ -3,6 +3,8 @@
 - ``zero_shot``: ``Task.zero_shot`` in the base model's chat template;
 - ``few_shot``: the same instruction after ``evaluate.few_shot_k`` demonstrations from
   the train split (the "hard prompt" baseline), seeded, never the row's own group.
+- A chat task: the conversation so far in the chat template (zero-shot), after
+  ``few_shot_k`` exchanges of train conversations (few-shot); the final answer is scored.
 
 A stage of its own, keyed on what the baselines depend on (the base model, the clean
 splits, the task and the evaluate params): a new experiment (``dvc exp run -S
@@ -25,7 +27,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.base_model import load_model, load_tokenizer
+from pipelines import conversations
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl, write_json
+from pipelines.conversations import FIELD as CONVERSATION
 from pipelines.config import EvaluateConfig
 from pipelines.device import device_and_dtype
 from pipelines.prompts import Demo, context, draw_demos, render, render_target, render_zero_shot
@@ -49,8 +53,10 @@ class HardPrompts:
         self.task, self.tok, self.seed = task, tok, seed
         train = sorted(train, key=lambda r: str(r["id"]))  # the draw depends on the records, not their order
         pool = train if len(train) <= DEMO_POOL else random.Random(seed).sample(train, DEMO_POOL)
-        self.pool = [Demo(str(r["id"]), str(r.get("group", r["id"])), self.instruction(r),
-                          render_target(task, r).strip()) for r in pool]
+        # A chat task's demonstration is a train conversation's last exchange (user turn, answer).
+        self.pool = [Demo(str(r["id"]), str(r.get("group", r["id"])), *(
+            (r[CONVERSATION][-2]["content"], r[CONVERSATION][-1]["content"]) if task.chat
+            else (self.instruction(r), render_target(task, r).strip()))) for r in pool]
         if k and len({d.group for d in self.pool}) <= k:
             raise StageError(f"params.yaml: evaluate.few_shot_k={k}: the train split offers "
                              f"{len({d.group for d in self.pool})} groups; lower few_shot_k")
@@ -59,6 +65,12 @@ class HardPrompts:
         return render(self.task.zero_shot, context(self.task, record), record.get("id", "?"))
 
     def source(self, record: dict, k: int) -> str:
+        if self.task.chat:  # the conversation so far, the demonstrations as exchanges before it
+            turns = conversations.with_system(record[CONVERSATION][:-1], self.task.system)
+            system = turns[:1] if turns[0]["role"] == "system" else []
+            shots = [t for d in (draw_demos(self.pool, record, k, self.seed) if k else [])
+                     for t in ({"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.target})]
+            return conversations.prompt(self.tok, system + shots + turns[len(system):])
         if not k:
             return render_zero_shot(self.task, record, self.tok)
         demos = draw_demos(self.pool, record, k, self.seed)

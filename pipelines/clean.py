@@ -42,9 +42,10 @@ import pandas as pd
 from pipelines.common import SPLITS, StageError, atomic_dir, read_json, scratch_prefix, write_json
 from pipelines.config import CleanConfig
 from pipelines.dedup import DedupIndex, MinHasher, exact_key, normalized
-from pipelines.filters import Drop, apply_steps, build_steps, count_pii, pii_regex, step_names
+from pipelines.conversations import FIELD as CONVERSATION
+from pipelines.filters import Drop, Outcome, apply_steps, build_steps, count_pii, pii_regex, step_names
 from pipelines.tasks import Task
-from pipelines import validation
+from pipelines import conversations, validation
 from pipelines.validation import ValidationFailed, ValidationSummary, validate
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class _Worker:
     def __init__(self, cfg: CleanConfig, task: Task, fractions: dict[str, dict[str, float]]):
         self.cfg, self.task, self.fractions = cfg, task, fractions
         self.steps = build_steps(cfg.filters, task)
+        self._turn_steps: dict[int, list] = {}  # chat: the steps for conversations of so many turns
         near = cfg.dedup.near
         self.hasher = MinHasher(near) if near.enabled else None
         self.pii = pii_regex(cfg.filters.pii.kinds)  # what the output is checked for
@@ -120,21 +122,27 @@ class _Worker:
         out = []
         for lineno, line in lines:
             rec = self._parse(lineno, line)
-            fields = {f: rec[f] for f in self.task.fields}
-            outcome = apply_steps(self.steps, fields, events)
-            rec = {**rec, **outcome.fields}
+            if self.task.chat:
+                rec, outcome = self._chat_steps(rec, events)
+            else:
+                outcome = apply_steps(self.steps, {f: rec[f] for f in self.task.fields}, events)
+                rec = {**rec, **outcome.fields}
             if outcome.drop:
                 out.append(("drop", rec["source"], rec["id"], outcome.dropped_by, outcome.drop,
                             json.dumps({**rec, "reason": outcome.drop.reason, "detail": outcome.drop.detail},
                                        ensure_ascii=False)))
                 continue
-            texts = [rec[f] for f in self.task.text_fields]
-            norm = normalized("\n".join(texts))
+            if self.task.chat:  # dedup compares whole conversations, roles included; the group is the opening
+                texts = [t["content"] for t in rec[CONVERSATION]]
+                norm, group = normalized(conversations.as_text(rec[CONVERSATION])), group_of(
+                    conversations.opening(rec[CONVERSATION]))
+            else:
+                texts = [rec[f] for f in self.task.text_fields]
+                norm, group = normalized("\n".join(texts)), group_of(rec[self.task.group_key])
             sig = bands = None
             if self.hasher and len(norm.split()) >= self.cfg.dedup.near.min_words:
                 sig = self.hasher.signature(norm)
                 bands = self.hasher.band_keys(sig)
-            group = group_of(rec[self.task.group_key])
             split = split_of(group, self.fractions[rec["source"]], self.cfg.split_seed)
             label = rec[self.task.target_field] if self.task.labels else None
             meta = {"id": rec["id"], "source": rec["source"], "group": group, "split": split,
@@ -146,13 +154,31 @@ class _Worker:
                         json.dumps({**rec, "group": group}, ensure_ascii=False)))
         return out, events
 
+    def _chat_steps(self, rec: dict, events: Counter) -> tuple[dict, Outcome]:
+        """The steps over a conversation: each turn's content a field of its own (``turn_<i>``), so
+        every turn is scrubbed and judged; the record with the turns as the steps left them."""
+        turns = rec[CONVERSATION]
+        names = tuple(f"turn_{i}" for i in range(len(turns)))
+        if (steps := self._turn_steps.get(len(turns))) is None:
+            steps = self._turn_steps[len(turns)] = build_steps(self.cfg.filters, self.task, names)
+        outcome = apply_steps(steps, {n: t["content"] for n, t in zip(names, turns)}, events)
+        turns = [{**t, "content": outcome.fields[n]} for n, t in zip(names, turns)]
+        return {**rec, CONVERSATION: turns}, outcome
+
     def _parse(self, lineno: int, line: str) -> dict:
         where = f"records.jsonl:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise StageError(f"{where}: not valid JSON ({exc}); re-run the collect stage") from None
-        missing = [f for f in ("id", "source", *self.task.fields) if not isinstance(rec.get(f), str)]
+        if self.task.chat:
+            turns, problem = conversations.read(rec.get(CONVERSATION))
+            if problem:
+                raise StageError(f"{where}: record {rec.get('id')!r}: field {CONVERSATION!r}: {problem.detail}; the "
+                                 f"raw data does not belong to chat task {self.task.name!r} (re-run collect)")
+            rec = {**rec, CONVERSATION: turns}
+        missing = [f for f in ("id", "source", *self.task.fields)
+                   if not isinstance(rec.get(f), list if f == CONVERSATION and self.task.chat else str)]
         if missing:
             raise StageError(f"{where}: record {rec.get('id')!r} lacks text field(s) {missing} of task "
                              f"{self.task.name!r}; the raw data does not belong to this task")

@@ -34,9 +34,10 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from pipelines import sources, validation
+from pipelines import conversations, sources, validation
 from pipelines.common import StageError, atomic_dir, read_json, write_json
 from pipelines.config import CollectConfig, SourceConfig
+from pipelines.prompts import render
 from pipelines.tasks import Task, label_key
 from pipelines.validation import validate
 
@@ -101,10 +102,12 @@ class _RawValidation:
         self.validated = self.chunks = 0
 
     def add(self, record: dict, size: int) -> None:
+        values = {f: conversations.as_text(record[f]) if isinstance(record[f], list) else record[f]
+                  for f in self.fields}
         self.rows.append({"id": record["id"], "source": record["source"], "location": record["location"],
-                          **{f: record[f][:self.CUT] for f in self.fields},
+                          **{f: values[f][:self.CUT] for f in self.fields},
                           "id_source": record["id"].partition(":")[0],
-                          "empty_fields": sum(not record[f].strip() for f in self.required),
+                          "empty_fields": sum(not values[f].strip() for f in self.required),
                           "record_bytes": size})
         if len(self.rows) >= self.chunk_rows:
             self._flush()
@@ -173,7 +176,17 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, task: Task) -> 
 
     A number or boolean in a classification task's label field may stand for one of its
     labels. An optional field the row lacks, holds as null, or ``columns`` does not map is "".
+    A chat task's one field is the conversation (``conversations.read``), or the one its
+    source's ``turns`` build from text columns.
     """
+    if task.chat and not src.turns:
+        column = next(c for c, name in src.columns.items() if name == conversations.FIELD)
+        if column not in values:
+            return Fields(None, 0, ("missing_field", f"no value for column {column!r}"))
+        turns, problem = conversations.read(values[column])
+        if problem:
+            return Fields(None, 0, (problem.reason, f"field {conversations.FIELD!r}: {problem.detail}"))
+        return _checked({conversations.FIELD: turns}, [t["content"] for t in turns], max_bytes, ())
     fields = {}
     for column, name in src.columns.items():
         optional = name in task.optional_fields
@@ -193,16 +206,31 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, task: Task) -> 
         fields[name] = text
     for name in task.optional_fields:
         fields.setdefault(name, "")
-    for name, text in fields.items():
+    if task.chat:  # flat columns, built into a conversation by the source's turns
+        checked = _checked(fields, list(fields.values()), max_bytes, tuple(fields))
+        if checked.problem:
+            return checked
+        turns = [{"role": t.role, "content": render(t.content, fields, f"turns.{i}")} for i, t in enumerate(src.turns)]
+        if empty := [i for i, t in enumerate(turns) if not t["content"].strip()]:
+            return Fields(None, checked.size, ("empty_content", f"turn(s) {empty} of `turns` render empty"))
+        return Fields({conversations.FIELD: turns}, checked.size, None)
+    return _checked(fields, list(fields.values()), max_bytes, task.required_fields)
+
+
+def _checked(fields: dict, texts: list[str], max_bytes: int, required: tuple[str, ...]) -> Fields:
+    """``fields`` as a record's, or why not: each of ``texts`` decodable and free of NUL bytes, all of
+    them within ``max_bytes``, the ``required`` fields not blank."""
+    names = list(fields) if len(texts) == len(fields) else [f"{conversations.FIELD}[{i}]" for i in range(len(texts))]
+    for name, text in zip(names, texts):
         if bad := sources.undecodable(text):
             return Fields(None, 0, ("invalid_utf8", f"field {name!r}: {bad}"))
         if (nul := text.find("\x00")) >= 0:
             return Fields(None, 0, ("nul_byte", f"field {name!r} holds a NUL byte at character {nul + 1}"))
-    size = sum(len(t.encode("utf-8")) for t in fields.values())
+    size = sum(len(t.encode("utf-8")) for t in texts)
     if size > max_bytes:
         return Fields(None, size,
                       ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})"))
-    if empty := [k for k in task.required_fields if not fields[k].strip()]:
+    if empty := [k for k in required if not fields[k].strip()]:
         return Fields(None, size,
                       ("empty_field", f"field(s) {', '.join(map(repr, empty))} empty or only whitespace"))
     return Fields(fields, size, None)
@@ -298,7 +326,7 @@ def _collect_source(src: SourceConfig, cfg: CollectConfig, root: Path, scratch: 
 
 
 def run(cfg: CollectConfig, task: Task, root: Path, out: Path) -> CollectStats:
-    if problems := cfg.source_problems(task.name, task.required_fields):
+    if problems := cfg.source_problems(task.name, task.required_fields, task.chat):
         raise StageError("; ".join(problems))
     declared = cfg.sources[task.name]
     stats = CollectStats()

@@ -41,6 +41,12 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+class TurnConfig(_Section):
+    """One turn of the conversation a chat task's source builds from its columns."""
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)  # Jinja2 over the names `columns` gives the source's columns
+
+
 class SourceConfig(_Section):
     """One source of a task: where it is, how to read it, and which split its groups feed."""
 
@@ -51,6 +57,9 @@ class SourceConfig(_Section):
     uri: str = Field(min_length=1)
     format: SourceFormat  # omitted: from the extension (.xml: a Stack Exchange Posts.xml), or hf: from the uri
     columns: dict[str, str] = Field(min_length=1)  # column in the source -> field of the task
+    # A chat task's source in flat columns: the conversation each row becomes, its turns' contents
+    # Jinja2 over the names `columns` gives them (then `columns` names values, not task fields).
+    turns: tuple[TurnConfig, ...] = ()
     # Fractions of this source's groups per split; a source that *is* a split
     # (the SST-2 dev set used as test) says so with {test: 1.0}.
     splits: dict[Literal["train", "validation", "test"], float] = Field(min_length=1)
@@ -89,6 +98,15 @@ class SourceConfig(_Section):
             raise ValueError("`sha256` pins one file; a glob or an hf dataset has no single file to pin")
         if len(set(self.columns.values())) < len(self.columns):
             raise ValueError(f"columns {dict(self.columns)}: two source columns map to the same task field")
+        if self.turns:
+            from pipelines.conversations import order_problem
+            from pipelines.tasks import template_variables
+            for i, turn in enumerate(self.turns):
+                if unknown := sorted(template_variables(turn.content) - set(self.columns.values())):
+                    raise ValueError(f"turns.{i}.content reads {unknown}, which `columns` does not name "
+                                     f"(it names {sorted(self.columns.values())})")
+            if problem := order_problem([t.model_dump() for t in self.turns]):
+                raise ValueError(f"turns: {problem.detail}")
         if self.format == "stackexchange" and self.id_column:
             raise ValueError("a Stack Exchange source takes its ids from the post Id; drop `id_column`")
         if any(v <= 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
@@ -114,14 +132,17 @@ class CollectConfig(_Section):
                 raise ValueError(f"sources.{task}: source names must be unique; repeated: {dupes}")
         return self
 
-    def source_problems(self, task: str, fields: tuple[str, ...]) -> list[str]:
+    def source_problems(self, task: str, fields: tuple[str, ...], chat: bool = False) -> list[str]:
         """What keeps ``task`` (with these required fields) from being collected; empty when nothing."""
         if task not in self.sources:
             return [f"collect.sources: no sources declared for task {task!r}"]
-        return [f"collect.sources.{task}.{i} ({s.name}): `columns` maps nothing to field(s) {missing}; "
-                f"the task needs {list(fields)}"
-                for i, s in enumerate(self.sources[task])
-                if (missing := [f for f in fields if f not in s.columns.values()])]
+        problems = [f"collect.sources.{task}.{i} ({s.name}): `turns` builds a chat task's conversation; "
+                    f"task {task!r} is not one" for i, s in enumerate(self.sources[task]) if s.turns and not chat]
+        return problems + [
+            f"collect.sources.{task}.{i} ({s.name}): `columns` maps nothing to field(s) {missing}; "
+            f"the task needs {list(fields)}" + (" (or `turns` that build it from other columns)" if chat else "")
+            for i, s in enumerate(self.sources[task])
+            if not s.turns and (missing := [f for f in fields if f not in s.columns.values()])]
 
 
 class _Step(_Section):
@@ -502,10 +523,10 @@ def parse_params(raw: dict, where: str = "params.yaml", tasks_dir: Path | None =
                 if task_file(name, tasks_dir).is_file()}
     problems = [f"collect.sources.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"
                 for name in params.collect.sources if name not in declared]
-    problems += params.collect.source_problems(task.name, task.required_fields)
+    problems += params.collect.source_problems(task.name, task.required_fields, task.chat)
     for name in sorted(declared & set(params.collect.sources) - {task.name}):
         try:
-            problems += params.collect.source_problems(name, get_task(name, tasks_dir).required_fields)
+            problems += params.collect.source_problems(name, (t := get_task(name, tasks_dir)).required_fields, t.chat)
         except ConfigError as exc:
             problems.append(f"collect.sources.{name}: {exc}")
     problems += [f"package.datasets.{name}: no task {name!r} (no {task_file(name, tasks_dir)})"

@@ -387,9 +387,11 @@ def language_step(cfg: LanguageConfig, fields: tuple[str, ...]) -> Step:
     return step
 
 
-def build_steps(cfg: FiltersConfig, task: Task) -> list[tuple[str, Step]]:
-    """The enabled steps of ``clean.filters``, in the order params.yaml lists them."""
-    text, every = task.text_fields, task.fields
+def build_steps(cfg: FiltersConfig, task: Task, turns: tuple[str, ...] = ()) -> list[tuple[str, Step]]:
+    """The enabled steps of ``clean.filters``, in the order params.yaml lists them. A chat
+    task's steps run on ``turns``, the names its record's turns are given (each turn's content
+    a text field of its own: judged, scrubbed and measured like one)."""
+    text, every = (turns, turns) if task.chat else (task.text_fields, task.fields)
     builders: dict[str, Callable[[], Step]] = {
         "html": lambda: html_step(text),
         "unicode": lambda: unicode_step(cfg.unicode, every),

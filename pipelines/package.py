@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines import compare, evaluation
+from pipelines.conversations import FIELD as CONVERSATION
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl, sha256_file
 from pipelines.config import HUB_ID, BaseModelConfig, PackageConfig
 from pipelines.shards import TOKENIZER_FILES, read_manifest, tokenizer_fingerprint
@@ -199,6 +200,9 @@ def front_matter(task: Task, method: str, ref: BaseReference, metrics: dict, dat
 
 
 def _task_lines(task: Task) -> str:
+    if task.chat:
+        return (f"`{task.name}`, chat: conversations (`{CONVERSATION}`), the loss on every assistant turn, the final "
+                f"answer scored; primary metric {task.primary_metric}")
     inputs = task.input_fields
     if task.kind == "classification":
         labels = ", ".join(f"`{k}` → “{v}”" for k, v in task.labels.items())
@@ -257,6 +261,18 @@ def _base_section(ref: BaseReference, base_cfg: BaseModelConfig) -> list[str]:
 
 def _prompt_section(task: Task, manifest: dict, example: dict) -> list[str]:
     p = manifest.get("params", {})
+    if task.chat:
+        system = f" (system prompt where it has none: `{json.dumps(task.system)[1:-1]}`)" if task.system else ""
+        lines = ["## Prompt format", "",
+                 f"A conversation{system} in the base model's chat template (the tokenizer here carries it), "
+                 "ending with the assistant's turn header; the model answers and closes its turn. It was trained "
+                 "with the loss on every assistant turn; a conversation longer than "
+                 f"{manifest.get('max_length')} tokens lost its earliest exchanges, never the last. Template "
+                 f"sha256 `{manifest.get('template_sha256')}`.", "",
+                 f"A test conversation (`{example['id']}`) as the adapter saw it:", "", _fence(example["prompt"]), "",
+                 "Its answer:", "", _fence(example["prediction"]), "", "The reference:", "",
+                 _fence(example["references"][0]), ""]
+        return lines
     lines = ["## Prompt format", "",
              f"The input is the task's prompt template, rendered with the record's fields "
              f"(Jinja2): `{json.dumps(task.prompt)[1:-1]}`. The model continues with the target "
@@ -287,6 +303,8 @@ def _prompt_section(task: Task, manifest: dict, example: dict) -> list[str]:
 
 def references_per_input(task: Task, records: list[dict]) -> float:
     """Mean references per distinct input (E2E: per MR) of a split's records."""
+    if task.chat:  # per conversation so far (the final answer is the reference)
+        return len(records) / len({json.dumps(r[CONVERSATION][:-1], sort_keys=True) for r in records})
     inputs = task.input_fields
     return len(records) / len({tuple(r[f] for f in inputs) for r in records})
 
@@ -384,7 +402,9 @@ def _training_section(info: dict, train_rows: tuple[int, str]) -> list[str]:
 
 def _example_input(task: Task, record: dict) -> str:
     """The example row's input as `ptune generate` takes it: the one input field's text, or
-    each input field as ``--field name=value``."""
+    each input field as ``--field name=value``; a chat task's, its last user message."""
+    if task.chat:
+        return shlex.quote(record[CONVERSATION][-2]["content"][:200])
     inputs = [f for f in task.input_fields if record[f] or f not in task.optional_fields]
     if len(inputs) == 1:
         return shlex.quote(record[inputs[0]])

@@ -23,6 +23,7 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipelines import conversations
 from pipelines.common import StageError, sha256_text
 from pipelines.tasks import Task, label_key
 
@@ -168,10 +169,13 @@ class PromptFormat:
     """Source and target text of a record, per ``tokenize.chat_template`` and few-shot demos."""
 
     def __init__(self, task: Task, tokenizer=None, chat_template: bool = False):
+        if task.chat and not getattr(tokenizer, "chat_template", None):
+            raise StageError(f"task {task.name!r} is a chat task, but the base model's tokenizer has no chat "
+                             "template to render its conversations with; use an instruct/chat base model")
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise StageError("params.yaml: tokenize.chat_template is true, but the base model's tokenizer "
                              "has no chat template; set it to false")
-        self.task, self.tokenizer, self.chat = task, tokenizer, chat_template
+        self.task, self.tokenizer, self.chat = task, tokenizer, chat_template or task.chat
         # Only the variables a template reads key its cache: SST-2's target reads just the
         # verbalizer, so two renders serve 67k records.
         self._render_prompt = self._cached(task.prompt)
@@ -193,10 +197,23 @@ class PromptFormat:
                 return render(source, ctx, record_id)  # the same failure, reported with the record
         return render_record
 
+    def turns(self, record: dict) -> conversations.Messages:
+        """A chat task's conversation, with the task's system prompt where it brings none; a
+        StageError naming the record if it is not one."""
+        turns, problem = conversations.read(record.get(conversations.FIELD))
+        if problem:
+            raise StageError(f"record {record.get('id', '?')}: field {conversations.FIELD!r}: {problem.detail}; "
+                             "re-run the clean stage (`dvc repro clean`)")
+        return conversations.with_system(turns, self.task.system)
+
     def prompt(self, record: dict) -> str:
+        if self.task.chat:  # the conversation up to its last answer, and the cue for the answer
+            return conversations.prompt(self.tokenizer, self.turns(record)[:-1])
         return self._render_prompt(context(self.task, record), record.get("id", "?"))
 
     def target(self, record: dict) -> str:
+        if self.task.chat:
+            return self.turns(record)[-1]["content"]
         return self._chat_target(self._render_target(context(self.task, record), record.get("id", "?")))
 
     def _chat_target(self, text: str) -> str:
@@ -209,12 +226,16 @@ class PromptFormat:
         that are not non-empty strings, counted on what the templates read, not on the
         checked fields, so that a value ``context`` ever lets through shows up in the
         shards' validation (which requires 0) instead of as "None" in the training text."""
+        if self.task.chat:
+            return Example(self.prompt(record), self.target(record), 0)
         ctx, rid = context(self.task, record), record.get("id", "?")
         return Example(self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
                        sum(not (is_text(ctx[n]) or n in self.task.optional_fields and ctx[n] == "")
                            for n in self._substituted if n in ctx))
 
     def source(self, prompt: str, demos: Sequence[Demo] = ()) -> str:
+        if self.task.chat:  # the prompt is the rendered conversation already (no demonstrations)
+            return prompt
         if not self.chat:
             return _template(FEW_SHOT)[0].render(demonstrations=demos, prompt=prompt) if demos else prompt
         turns = []
@@ -237,4 +258,6 @@ class PromptFormat:
         """sha256 of everything that shapes the text: templates, verbalizers, demo layout, chat template."""
         parts = {"prompt": self.task.prompt, "target": self.task.target, "labels": self.task.labels,
                  "few_shot": FEW_SHOT, "chat_template": self.tokenizer.chat_template if self.chat else None}
+        if self.task.chat:
+            parts["system"] = self.task.system
         return sha256_text(json.dumps(parts, sort_keys=True))

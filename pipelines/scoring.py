@@ -33,6 +33,7 @@ import torch
 
 from pipelines.common import StageError
 from pipelines.config import EvaluateConfig
+from pipelines.conversations import FIELD as CONVERSATION
 from pipelines.tasks import METRICS, Task
 from serving.engine import Engine
 from serving.types import Decoding, Request
@@ -58,6 +59,13 @@ def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Tes
     """Generation: one row per distinct input with every reference; classification: one per record."""
     if task.kind == "classification":
         rows = [TestRow(r["id"], r, [r[task.target_field]]) for r in records]
+    elif task.chat:  # one row per distinct conversation so far; its final answers are the references
+        by_history: dict[str, TestRow] = {}
+        for r in records:
+            turns = r[CONVERSATION]
+            key = json.dumps(turns[:-1], sort_keys=True, ensure_ascii=False)
+            by_history.setdefault(key, TestRow(r["id"], r, [])).references.append(turns[-1]["content"])
+        rows = list(by_history.values())
     else:
         by_input: dict[tuple, TestRow] = {}
         inputs = task.input_fields
@@ -70,8 +78,10 @@ def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[Tes
     return rows[:max_rows] if max_rows else rows
 
 
-def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], int]:
-    """Decode ``prompts`` with the engine's served ``model`` -> (first lines, new tokens).
+def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig, whole: bool = False
+             ) -> tuple[list[str], int]:
+    """Decode ``prompts`` with the engine's served ``model`` -> (first lines, new tokens);
+    ``whole``: the whole answers, stripped (a chat turn is scored as the assistant says it).
 
     This is the path ``ptune serve`` and ``ptune generate`` answer with (serving/engine.py:
     continuous batching for greedy, transformers' beam search per adapter), so a served
@@ -85,7 +95,7 @@ def generate(engine: Engine, model: str, prompts: list[str], cfg: EvaluateConfig
     done = engine.generate([Request(model, ids[i], decoding) for i in order])
     out = [""] * len(prompts)
     for i, (choice,) in zip(order, done):
-        out[i] = first_line(choice.text)
+        out[i] = choice.text.strip() if whole else first_line(choice.text)
     return out, sum(choice.completion_tokens for (choice,) in done)
 
 
@@ -250,7 +260,7 @@ def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow]
         metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
         metrics = {k: v for k, v in metrics.items() if k in task.scored_metrics}
     else:
-        preds, tokens = generate(engine, model, prompts, cfg)
+        preds, tokens = generate(engine, model, prompts, cfg, whole=task.chat)
         seconds = time.perf_counter() - t0  # decoding only: the metrics' own time is not the model's
         metrics, per_rows, not_computed = generation_metrics(preds, [r.references for r in rows],
                                                              task.scored_metrics)

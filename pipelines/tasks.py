@@ -25,36 +25,43 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipelines.common import ConfigError
+from pipelines.conversations import FIELD as CONVERSATION
 
 TASKS_DIR = Path("tasks")  # beside params.yaml, in the project root
 NAME = re.compile(r"[a-z][a-z0-9_]*")  # also the registry's artifact name: <name>-adapter
 # What evaluate can score, per kind: the E2E challenge's five, chrF (sacrebleu) and exact match
 # for generation; accuracy and macro-F1 for classification. A task declares the ones it reports.
-METRICS = {"generation": ("bleu", "nist", "meteor", "rouge_l", "cider", "chrf", "exact_match"),
-           "classification": ("accuracy", "macro_f1")}
+_GENERATED = ("bleu", "nist", "meteor", "rouge_l", "cider", "chrf", "exact_match")
+METRICS = {"generation": _GENERATED, "chat": _GENERATED, "classification": ("accuracy", "macro_f1")}
 # The primary metric gates promotion and gets paired-bootstrap intervals over the test rows, so
 # it is one a resample of rows recomputes: BLEU from per-row n-gram statistics, the others as
 # the mean of per-row scores (NIST, CIDEr, chrF and macro-F1 are not), and one evaluate always
 # computes (METEOR needs a Java runtime).
-PRIMARY_METRICS = {"generation": ("bleu", "rouge_l", "exact_match"), "classification": ("accuracy",)}
+PRIMARY_METRICS = {"generation": ("bleu", "rouge_l", "exact_match"), "chat": ("bleu", "rouge_l", "exact_match"),
+                   "classification": ("accuracy",)}
 VERBALIZER = "verbalizer"  # the template variable holding a classification label's word
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: Literal["generation", "classification"]
+    kind: Literal["generation", "classification", "chat"]
     fields: tuple[str, ...]
     group_key: str  # records sharing this field always land in the same split
-    prompt: str  # Jinja2 template of the tuned model's input
-    target: str  # Jinja2 template of what the model learns to produce
-    zero_shot: str  # hand-written instruction for the untuned base model (chat template)
+    prompt: str  # Jinja2 template of the tuned model's input ("" for chat: the conversation is)
+    target: str  # Jinja2 template of what the model learns to produce ("" for chat: the assistant turns)
+    zero_shot: str  # hand-written instruction for the untuned base model ("" for chat: the conversation)
     target_field: str
     labels: dict[str, str] = field(default_factory=dict)  # label value -> verbalizer
     text_fields: tuple[str, ...] = ()  # fields the length filters apply to
     primary_metric: str = "bleu"
     optional_fields: tuple[str, ...] = ()  # may be absent or empty in a record: then ""
     metrics: tuple[str, ...] = ()  # what evaluate reports; () = every metric of the kind
+    system: str = ""  # chat: the system prompt of a conversation that brings none (training and serving)
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat"
 
     @property
     def scored_metrics(self) -> tuple[str, ...]:
@@ -86,22 +93,26 @@ class Declaration(BaseModel):
     against the keys above it."""
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["generation", "classification"]
+    kind: Literal["generation", "classification", "chat"]
     fields: tuple[str, ...] = Field(min_length=1, description="what collect's `columns` map onto")
     labels: dict[str, str] = Field(default_factory=dict, description="classification: label value -> word")
     group_key: str = Field(description="records sharing this field's value share a split")
     target_field: str
     text_fields: tuple[str, ...] = Field(default=(), description="what the length filters measure")
     optional_fields: tuple[str, ...] = Field(default=(), description="may be absent or empty (then \"\")")
-    prompt: str = Field(min_length=1)
-    target: str = Field(min_length=1)
-    zero_shot: str = Field(min_length=1)
+    system: str = Field(default="", description="chat: the system prompt of a conversation without one")
+    prompt: str = Field(default="", validate_default=True)  # required unless chat: the validator says so
+    target: str = Field(default="", validate_default=True)
+    zero_shot: str = Field(default="", validate_default=True)
     metrics: tuple[str, ...] = Field(default=(), description="what evaluate reports (default: all of the kind)")
     primary_metric: str
 
     @field_validator("fields")
     @classmethod
-    def _fields(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+    def _fields(cls, fields: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("kind") == "chat" and fields != (CONVERSATION,):
+            raise ValueError(f"a chat task has one field, [{CONVERSATION}]: the conversation (a source maps its "
+                             f"column onto it, or builds it from other columns with `turns`)")
         if bad := [f for f in fields if not f.isidentifier() or f == VERBALIZER]:
             raise ValueError(f"{bad}: a field is a template variable: letters, digits and _, "
                              f"not starting with a digit, and not {VERBALIZER!r}")
@@ -158,9 +169,23 @@ class Declaration(BaseModel):
                              "needs a group to be split by and an answer to learn)")
         return names
 
+    @field_validator("system")
+    @classmethod
+    def _system(cls, system: str, info: ValidationInfo) -> str:
+        if system and info.data.get("kind") != "chat":
+            raise ValueError("only a chat task has a system prompt (a template says what the model is told)")
+        return system
+
     @field_validator("prompt", "target", "zero_shot")
     @classmethod
     def _template(cls, source: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "chat":
+            if source:
+                raise ValueError("a chat task has no templates: the conversation, in the base model's chat "
+                                 "template, is the input, and its assistant turns are what is learned")
+            return source
+        if not source.strip():
+            raise ValueError("a template is required (Jinja2 over the fields)")
         fields = info.data.get("fields")
         if fields is None:
             return source

@@ -44,6 +44,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.base_model import load_config, load_tokenizer
+from pipelines import conversations
 from pipelines.common import SPLITS, StageError, atomic_dir, write_json
 from pipelines.config import TokenizeConfig
 from pipelines.prompts import Demo, PromptFormat, draw_demos
@@ -152,6 +153,8 @@ class Encoder:
         return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def __call__(self, job: tuple[str, str, int, list[str]]) -> Encoded:
+        if self.fmt.task.chat:
+            return self._conversations(job)
         split, path, first_line, lines = job
         records, prompts, targets, non_text = [], [], [], []
         for n, line in enumerate(lines, first_line):
@@ -201,6 +204,54 @@ class Encoder:
         labels = np.where(within < np.repeat(np.array(source_len, np.int64), lens), IGNORE, values)
         return Encoded(split, ids, values, labels.astype(np.int32), offs, np.array(source_len, np.int32),
                        np.array(kept_non_text, np.int32), dropped, truncated)
+
+    def _conversations(self, job: tuple[str, str, int, list[str]]) -> Encoded:
+        """A chat task's records: each conversation in the chat template, the loss on every
+        assistant turn (``conversations.render``) and nothing else. The template closes each
+        turn (ChatML's ``<|im_end|>``), so no EOS is appended. Too long: whole earliest
+        exchanges (a user turn and its answer) go first, the system prompt stays and the last
+        exchange, whose answer evaluate scores, is never cut; if that alone does not fit, the
+        conversation is dropped."""
+        split, path, first_line, lines = job
+        flat: list[int] = []
+        labels: list[int] = []
+        offsets, source_len, ids, dropped, truncated = [0], [], [], [], []
+        for n, line in enumerate(lines, first_line):
+            if not line.strip():
+                continue
+            record = rendered(self.fmt, path, n, line).record  # checks the record and its turns
+            turns = self.fmt.turns(record)
+            system, body = (turns[:1], turns[1:]) if turns[0]["role"] == "system" else ([], turns)
+            tokens, mask = self._render_masked(turns)
+            before, reason = len(tokens), None
+            while len(tokens) > self.cfg.max_length:
+                if self.cfg.truncation == "drop":
+                    tokens, reason = None, "too_long"
+                    break
+                if len(body) <= 2:  # only the scored exchange is left
+                    tokens, reason = None, "target_too_long"
+                    break
+                body, reason = body[2:], "turns"
+                tokens, mask = self._render_masked(system + body)
+            if tokens is None:
+                dropped.append({"id": record["id"], "split": split, "reason": reason, "record": record})
+                continue
+            if reason:
+                truncated.append({"id": record["id"], "split": split, "reason": reason, "tokens_before": before,
+                                  "tokens_after": len(tokens)})
+            flat += tokens
+            labels += [t if m else IGNORE for t, m in zip(tokens, mask)]
+            offsets.append(len(flat))
+            source_len.append(mask.index(True))
+            ids.append(str(record["id"]))
+        return Encoded(split, ids, np.array(flat, np.int32), np.array(labels, np.int32), np.array(offsets, np.int64),
+                       np.array(source_len, np.int32), np.zeros(len(ids), np.int32), dropped, truncated)
+
+    def _render_masked(self, turns: list[dict]) -> tuple[list[int], list[bool]]:
+        """A conversation's token ids, and for each whether it belongs to an assistant turn (where it starts)."""
+        text, spans = conversations.render(self.fmt.tokenizer, turns)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, [any(a <= start < b for a, b in spans) for start, _ in enc.offsets]
 
     def _fit(self, prompt: str, demos: list[Demo], room: int) -> tuple[list[int] | None, str]:
         """A shorter source that fits ``room`` tokens, and why; (None, reason) to drop."""
@@ -410,6 +461,9 @@ def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> 
     # vocabulary: a tokenizer paired with the wrong model is caught here, by validation.
     model_vocab = load_config(base).vocab_size
     fmt = PromptFormat(task, tok, cfg.chat_template)
+    if task.chat and cfg.few_shot:
+        raise StageError(f"params.yaml: tokenize.few_shot={cfg.few_shot}: task {task.name!r} is a chat task, whose "
+                         "conversations carry their own context; set few_shot to 0")
     pool, pool_non_text = demo_pool(fmt, sources["train"], cfg) if cfg.few_shot else ([], {})
     encoder = Encoder(fmt, tok, cfg, pool, pool_non_text)
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))

@@ -200,6 +200,10 @@ def prompt_format(task: Task, tok, manifest: dict, demos: list[Demo], example: d
     inputs = task.input_fields
     placeholder = {f: "{" + f + "}" for f in inputs}
     placeholder[task.target_field] = next(iter(task.labels), "{" + task.target_field + "}")
+    if task.chat:  # one user message; a longer conversation is rendered by the chat template the same way
+        inputs = ("message",)
+        placeholder = {task.target_field: [{"role": "user", "content": "{message}"},
+                                           {"role": "assistant", "content": "-"}]}
     fmt = {
         "task": task.name,
         "fields": list(inputs),

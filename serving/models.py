@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from pipelines import lineage, registry
+from pipelines import conversations, lineage, registry
 from pipelines.common import ConfigError, StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.evaluate import TunedPrompts, adapter_info
 from pipelines.prompts import _template
@@ -93,6 +93,8 @@ class Served:
         ``base``, ``text`` itself."""
         if self.prompts is None:
             return text
+        if self.task.chat:  # the text is the user's message
+            return self.format_chat([{"role": "user", "content": text}], self.prompts.fmt.tokenizer, param)
         required = [f for f in self.input_fields if f not in self.task.optional_fields]
         if len(required) != 1:
             raise BadRequest(param, f"{self.name} is an adapter for task {self.task.name}, whose input has the fields "
@@ -105,6 +107,9 @@ class Served:
         seed the few-shot demonstrations as ``evaluate`` drew them for that record)."""
         if self.prompts is None:
             raise BadRequest(param, f"{BASE} has no task template to fill; send the text itself")
+        if self.task.chat:
+            raise BadRequest(param, f"{self.name} is an adapter for chat task {self.task.name}: send its messages "
+                                    "to /v1/chat/completions (or the user's message as text)")
         allowed = (*self.input_fields, "id", "group")
         if unknown := [k for k in fields if k not in allowed]:
             raise BadRequest(param, f"{', '.join(map(repr, unknown))}: not an input field of task "
@@ -143,12 +148,25 @@ class Served:
             if not getattr(tokenizer, "chat_template", None):
                 raise BadRequest(param, f"the base model's tokenizer has no chat template; use /v1/completions")
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.task.chat:
+            return self._conversation(messages, param)
         if len(messages) != 1 or messages[0]["role"] != "user":
             wrap = "its template and the chat template are" if self.prompts.fmt.chat else "its template is"
             raise BadRequest(param, f"{self.name} is an adapter for task {self.task.name}, trained on single "
                                     f"prompts, not conversations: send one user message holding its input "
                                     f"({', '.join(self.input_fields)}); {wrap} applied here")
         return self.format_text(messages[0]["content"], f"{param}.0.content")
+
+    def _conversation(self, messages: list[dict], param: str) -> str:
+        """A chat adapter's prompt: the conversation (the task's system prompt where it brings
+        none) in the chat template with the generation prompt, as ``evaluate`` prompts a test
+        conversation for its final answer. It must end with the user's turn."""
+        turns, problem = conversations.read(list(messages) + [{"role": "assistant", "content": "-"}])
+        if problem:  # the placeholder answer is the last turn: a problem names a request's turn
+            raise BadRequest(param, problem.detail.replace(f"turn {len(messages)} is assistant's",
+                                                           "the last message is the assistant's"))
+        turns = conversations.with_system(turns[:-1], self.task.system)
+        return conversations.prompt(self.prompts.fmt.tokenizer, turns)
 
 
 @dataclass

@@ -258,8 +258,10 @@ def test_real_params_declare_sources_for_every_task():
     from pipelines.tasks import get_task, task_names
 
     cfg = CollectConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["collect"])
-    assert set(cfg.sources) == set(task_names(ROOT / "tasks")) == {"e2e", "sst2", "stackexchange_qa"}
-    assert all(cfg.source_problems(name, get_task(name, ROOT / "tasks").fields) == [] for name in cfg.sources)
+    assert set(cfg.sources) == set(task_names(ROOT / "tasks")) == {"e2e", "sst2", "stackexchange_qa",
+                                                                     "stackexchange_chat"}
+    assert all(cfg.source_problems(name, (t := get_task(name, ROOT / "tasks")).fields, t.chat) == []
+               for name in cfg.sources)
     assert [s.name for s in cfg.sources["stackexchange_qa"]] == ["coffee", "quantumcomputing"]
     assert all((ROOT / s.uri).is_file() for sources in cfg.sources.values() for s in sources)
 

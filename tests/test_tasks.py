@@ -36,13 +36,14 @@ def declare(root: Path, name: str, declaration: dict) -> Path:
 
 
 def test_the_shipped_tasks_are_declared_and_load():
-    assert task_names(TASKS) == ["e2e", "sst2", "stackexchange_qa"]
-    e2e, sst2, qa = (get_task(n, TASKS) for n in task_names(TASKS))
+    assert task_names(TASKS) == ["e2e", "sst2", "stackexchange_chat", "stackexchange_qa"]
+    e2e, sst2, chat, qa = (get_task(n, TASKS) for n in task_names(TASKS))
+    assert (chat.kind, chat.fields, chat.prompt) == ("chat", ("messages",), "") and chat.system
     assert (e2e.kind, e2e.group_key, e2e.primary_metric) == ("generation", "mr", "bleu")
     assert sst2.labels == {"0": "negative", "1": "positive"} and sst2.primary_metric == "accuracy"
     assert qa.fields == ("title", "question", "answer") and qa.primary_metric == "rouge_l"
     assert e2e.zero_shot.endswith("\nAttributes: {{ mr }}")  # a YAML block keeps the line break
-    for task in (e2e, sst2, qa):  # what the manifest carries reads back as the same task
+    for task in (e2e, sst2, chat, qa):  # what the manifest carries reads back as the same task
         assert from_declaration(task.name, json.loads(json.dumps(task.declaration())), "x") == task
 
 
@@ -53,7 +54,7 @@ def test_label_values_read_as_yaml_numbers_are_the_strings_label_key_matches(tmp
 
 @pytest.mark.parametrize("change, message", [
     ({"shape": "x"}, r"shape: Extra inputs are not permitted"),
-    ({"kind": "ranking"}, r"kind: Input should be 'generation' or 'classification'"),
+    ({"kind": "ranking"}, r"kind: Input should be 'generation', 'classification' or 'chat'"),
     ({"group_key": "brand"}, r"group_key: 'brand' is not one of the fields \['product', 'text', 'stars'\]"),
     ({"target_field": "score"}, r"target_field: 'score' is not one of the fields"),
     ({"text_fields": ["body"]}, r"text_fields: \['body'\]: not among the fields"),
@@ -67,7 +68,7 @@ def test_label_values_read_as_yaml_numbers_are_the_strings_label_key_matches(tmp
     ({"zero_shot": "{{ text }} ({{ stars }} stars)"}, r"zero_shot: reads \['stars'\]: the answer would be in"),
     ({"target": " {{ product }}"}, r"target: reads neither 'stars' nor 'verbalizer'"),
     ({"prompt": "Review: {{ text "}, r"prompt: not a valid Jinja2 template \(line 1: "),
-    ({"prompt": ""}, r"prompt: String should have at least 1 character"),
+    ({"prompt": ""}, r"prompt: a template is required"),
     ({"primary_metric": "bleu"}, r"primary_metric: 'bleu': a classification task's primary metric is one of "
                                  r"\['accuracy'\]"),
     ({"primary_metric": "macro_f1"}, r"primary_metric: 'macro_f1': .* \(it gates promotion, with intervals from "
@@ -103,7 +104,7 @@ def test_a_generation_task_has_no_labels_and_not_meteor_as_its_gate(tmp_path):
 
 def test_an_unknown_task_a_bad_name_and_a_file_that_is_no_declaration(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown task 'nope': no .*nope.yaml \(declared: e2e, sst2, "
-                                          r"stackexchange_qa\)"):
+                                          r"stackexchange_chat, stackexchange_qa\)"):
         get_task("nope", TASKS)
     with pytest.raises(ConfigError, match=r"task name 'My-Task': lowercase letters"):
         get_task("My-Task", declare(tmp_path, "My-Task", REVIEWS))
