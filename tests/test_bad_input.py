@@ -133,6 +133,51 @@ def test_task_fields_hold_text_and_labels_hold_labels(tmp_path):
         ("p:2", "bad_value", f"field 'label' is a number (7), {not_label}")]
 
 
+def test_bad_conversations_are_quarantined_with_their_reason_and_place(tmp_path):
+    """A chat task's rows: each kind of bad conversation, in JSONL and in Parquet (a list of
+    structs), quarantined with its reason; good ones in either layout kept as OpenAI turns."""
+    from tests.test_chat import TASK as CHAT
+
+    def u(text):
+        return {"role": "user", "content": text}
+
+    def a(text):
+        return {"role": "assistant", "content": text}
+
+    rows = [{"messages": [u("hi"), a("hello")]},
+            {"messages": [{"role": "moderator", "content": "x"}, a("y")]},
+            {"messages": [u({"text": "an object"}), a("y")]},
+            {"messages": [u("hi"), a(" \n ")]},
+            {"messages": [u("one"), u("two"), a("y")]},
+            {"messages": [{"role": "system", "content": "s"}, u("q")]},
+            {"messages": [u("q\u0000"), a("y")]},
+            {"messages": None},
+            {"conversation": [u("q"), a("y")]},
+            {"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "sharegpt"}]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"messages": [[u("q"), a("parquet")], [a("first")]]}), tmp_path / "c.parquet")
+    cfg = config(source("j", "c.jsonl", columns={"messages": "messages"}),
+                 source("p", "c.parquet", columns={"messages": "messages"}), task="support",
+                 max_quarantined_share=1.0)
+    collect.run(cfg, CHAT, tmp_path, tmp_path / "raw")
+    assert [(r["id"], r["messages"][-1]) for r in read_jsonl(tmp_path / "raw" / "records.jsonl")] == [
+        ("j:1", a("hello")), ("j:10", a("sharegpt")), ("p:0", a("parquet"))]
+    where = "field 'messages': "
+    assert [(q["id"], q["reason"], q["detail"]) for q in read_jsonl(tmp_path / "raw" / "quarantine.jsonl")] == [
+        ("j:2", "unknown_role", where + "turn 0: role 'moderator' is none of ['assistant', 'gpt', 'human', "
+                                        "'system', 'user']"),
+        ("j:3", "bad_content", where + "turn 0 (user): content is an object, not a string"),
+        ("j:4", "empty_content", where + "turn 1 (assistant): content is empty or only whitespace"),
+        ("j:5", "turn_order", where + "turn 1 is user's where assistant's was due (a system turn only first, then "
+                                      "user and assistant alternating from the user)"),
+        ("j:6", "no_assistant_turn", where + "2 turn(s), none of them the assistant's: nothing to learn"),
+        ("j:7", "nul_byte", "field 'messages[0]' holds a NUL byte at character 2"),
+        ("j:8", "bad_value", where + "null, not an array of turns ({role, content} or {from, value})"),
+        ("j:9", "missing_field", "no value for column 'messages'"),
+        ("p:1", "turn_order", where + "turn 0 is assistant's where user's was due (a system turn only first, then "
+                                      "user and assistant alternating from the user)")]
+
+
 SHIFTED_ROWS = (10, 4_289)  # rows as declared, rows that gained a column
 
 

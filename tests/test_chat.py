@@ -272,3 +272,56 @@ def test_a_chat_adapter_is_tuned_scored_on_the_final_answer_and_served_as_evalua
         served.format_fields({"messages": "q"})
     baselines_record = baselines.run(cfg, task, project / "data/clean", tiny_base, tmp_path / "baselines")
     assert set(baselines_record) == {"zero_shot", "few_shot"}
+
+
+def test_the_readmes_chat_declaration_is_the_one_tested_here():
+    import yaml
+
+    from tests.conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("# tasks/support.yaml\n"):]
+    assert yaml.safe_load(block[:block.index("```")]) == CHAT
+
+
+@pytest.fixture(scope="module")
+def chat_shards(tmp_path_factory):
+    """A tiny lively model and shards of conversations cut for it."""
+    from tests.conftest import build_tiny_model, liven
+
+    root = tmp_path_factory.mktemp("chat")
+    base = liven(build_tiny_model(root / "base"))
+    clean = root / "clean"
+    clean.mkdir()
+    for split, ids in (("train", range(12)), ("validation", range(12, 14)), ("test", range(14, 16))):
+        (clean / f"{split}.jsonl").write_text("".join(
+            json.dumps({"id": f"c{i}", "messages": conversation(i, 1 + i % 2, i % 3 == 0)}) + "\n" for i in ids))
+    tokenize.run(TokenizeConfig(max_length=128, shard_rows=100), TASK, clean, base, root / "shards")
+    return base, root / "shards"
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "lora", "full"])
+def test_every_method_tunes_on_conversations_and_decodes_a_conversation_as_trained(method, chat_shards, tmp_path):
+    """The soft prompt, prefix or LoRA weights sit where training put them: before the whole
+    rendered conversation. The engine that evaluate and the server share decodes a chat prompt
+    token for token as PEFT's training forward does."""
+    import torch
+
+    from pipelines import tune
+    from serving.engine import Engine
+    from tests.test_engine import alone, greedy, trained
+    from tests.test_tune import tune_cfg
+
+    base, shards = chat_shards
+    stats = tune.run(tune_cfg(method, epochs=1), shards, base, tmp_path / "adapter", tmp_path / "live")
+    assert stats.steps > 0 and stats.train_loss == stats.train_loss
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt = PromptFormat(TASK, tok).prompt({"id": "x", "messages": conversation(99, 2)})
+    assert prompt.endswith("Question 1 of conversation 99?<|im_end|>\n<|im_start|>assistant\n")
+    engine = Engine(base, max_batch=4, device="cpu", dtype=torch.float32)
+    try:
+        engine.add(method, tmp_path / "adapter")
+        ids = engine.encode(prompt)
+        assert list(alone(engine, greedy(method, ids))[0].token_ids) == trained(base, {method: tmp_path / "adapter"},
+                                                                                method, ids)
+    finally:
+        engine.close()
