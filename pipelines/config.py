@@ -281,11 +281,18 @@ class CleanConfig(_Section):
 
 class TokenizeConfig(_Section):
     max_length: int = Field(gt=8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "chat_template" in data:
+            raise ValueError("chat_template is the task's now: set `chat_template: true` in tasks/<name>.yaml "
+                             "(the declaration) and remove it here")
+        return data
     # source: drop demonstrations, then cut the prompt's start, so the target stays whole;
     # drop: remove the example. Both are counted and listed in the shards directory.
     truncation: Literal["source", "drop"] = "source"
     shard_rows: int = Field(gt=0)
-    chat_template: bool = False  # prompt as the user turn, target as the assistant turn
     few_shot: int = Field(default=0, ge=0, le=32)  # demonstrations from train; more never fit max_length
     seed: int = 0  # which demonstrations each example gets
     pack: bool = False  # several train examples per max_length row, attention kept per example

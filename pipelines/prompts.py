@@ -166,14 +166,14 @@ def draw_demos(pool: Sequence[Demo], record: dict, k: int, seed: int) -> list[De
 
 
 class PromptFormat:
-    """Source and target text of a record, per ``tokenize.chat_template`` and few-shot demos."""
+    """Source and target text of a record, per the task's ``chat_template`` and few-shot demos."""
 
     def __init__(self, task: Task, tokenizer=None, chat_template: bool = False):
         if task.chat and not getattr(tokenizer, "chat_template", None):
             raise StageError(f"task {task.name!r} is a chat task, but the base model's tokenizer has no chat "
                              "template to render its conversations with; use an instruct/chat base model")
         if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise StageError("params.yaml: tokenize.chat_template is true, but the base model's tokenizer "
+            raise StageError(f"tasks/{task.name}.yaml: chat_template is true, but the base model's tokenizer "
                              "has no chat template; set it to false")
         self.task, self.tokenizer, self.chat = task, tokenizer, chat_template or task.chat
         # Only the variables a template reads key its cache: SST-2's target reads just the

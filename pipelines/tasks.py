@@ -58,6 +58,7 @@ class Task:
     optional_fields: tuple[str, ...] = ()  # may be absent or empty in a record: then ""
     metrics: tuple[str, ...] = ()  # what evaluate reports; () = every metric of the kind
     system: str = ""  # chat: the system prompt of a conversation that brings none (training and serving)
+    chat_template: bool = False  # the prompt as the user turn, the target as the assistant's (chat: always)
 
     @property
     def chat(self) -> bool:
@@ -104,6 +105,8 @@ class Declaration(BaseModel):
     prompt: str = Field(default="", validate_default=True)  # required unless chat: the validator says so
     target: str = Field(default="", validate_default=True)
     zero_shot: str = Field(default="", validate_default=True)
+    chat_template: bool = Field(default=False, description="the prompt as the user turn of the base model's chat "
+                                                           "template, the target as the assistant's")
     metrics: tuple[str, ...] = Field(default=(), description="what evaluate reports (default: all of the kind)")
     primary_metric: str
 

@@ -60,7 +60,7 @@ CHUNK = 1000  # records per worker task: amortizes a task's IPC; 2 x num_proc in
 DEMO_POOL = 256  # train records kept as candidate demonstrations: variety at bounded memory
 OPEN_ROWS = 32  # packed rows open at once: rows end up near full, memory stays bounded
 # Output shaped by these params; num_proc changes only the speed, so it stays out of the manifest.
-OUTPUT_PARAMS = ("max_length", "truncation", "shard_rows", "chat_template", "few_shot", "seed", "pack")
+OUTPUT_PARAMS = ("max_length", "truncation", "shard_rows", "few_shot", "seed", "pack")
 
 
 @dataclass
@@ -460,7 +460,7 @@ def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> 
     # Token ids must index the model's embedding matrix, not merely the tokenizer's
     # vocabulary: a tokenizer paired with the wrong model is caught here, by validation.
     model_vocab = load_config(base).vocab_size
-    fmt = PromptFormat(task, tok, cfg.chat_template)
+    fmt = PromptFormat(task, tok, task.chat_template)
     if task.chat and cfg.few_shot:
         raise StageError(f"params.yaml: tokenize.few_shot={cfg.few_shot}: task {task.name!r} is a chat task, whose "
                          "conversations carry their own context; set few_shot to 0")
@@ -499,7 +499,8 @@ def run(cfg: TokenizeConfig, task: Task, clean: Path, base: Path, out: Path) -> 
             "template_sha256": fmt.hash,
             "max_length": cfg.max_length,
             "packed": cfg.pack,
-            "params": {k: getattr(cfg, k) for k in OUTPUT_PARAMS},
+            # chat_template: the declaration's switch, where evaluate and the server read how the text was shaped
+            "params": {**{k: getattr(cfg, k) for k in OUTPUT_PARAMS}, "chat_template": fmt.chat},
             "splits": info,
             "stats": {"truncated": dict(sorted(truncated.items())), "dropped": dict(sorted(dropped.items()))},
             "files": {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file()},

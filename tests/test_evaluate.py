@@ -1,5 +1,6 @@
 """evaluate: the tuned model's prompts are the ones it was trained on; the metrics use
 every reference and stay in range; the baselines score the same rows; the report."""
+import dataclasses
 import json
 
 import pytest
@@ -20,9 +21,11 @@ TEST = [{"mr": f"name[{n}], food[Italian]", "ref": f"{n} serves Italian food."} 
                                   {}])
 def test_tuned_prompt_is_the_source_tokenize_wrote(opts, tmp_path, tiny_base, tok):
     clean = write_clean(tmp_path / "clean", {**MANY, "test": TEST})
+    opts = dict(opts)
+    task = dataclasses.replace(E2E, chat_template=opts.pop("chat_template", False))  # the declaration's switch
     cfg = TokenizeConfig(max_length=512, shard_rows=10, num_proc=1, **opts)
-    tokenize.run(cfg, E2E, clean, tiny_base, tmp_path / "shards")
-    prompts = evaluate.TunedPrompts.from_dir(E2E, tok, tmp_path / "shards", tiny_base)
+    tokenize.run(cfg, task, clean, tiny_base, tmp_path / "shards")
+    prompts = evaluate.TunedPrompts.from_dir(task, tok, tmp_path / "shards", tiny_base)
     records = {r["id"]: r for r in map(json.loads, (clean / "test.jsonl").read_text().splitlines())}
     written = load_split(tmp_path / "shards", "test")
     assert len(written) == len(TEST)

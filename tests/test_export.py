@@ -1,6 +1,7 @@
 """export: a merged LoRA (or full) checkpoint loads as a plain model with the PEFT model's
 logits; a soft prompt fed as inputs_embeds gives PEFT's training-forward logits; prefix
 tuning and bad input are refused in one line, with nothing written."""
+import dataclasses
 import json
 import shutil
 
@@ -239,11 +240,12 @@ def test_a_chat_few_shot_prompt_format_keeps_the_markup_and_the_demonstrations(t
     from pipelines.config import TokenizeConfig
     from tests.test_tokenize import MANY, write_clean
 
-    tokenize.run(TokenizeConfig(max_length=512, shard_rows=10, num_proc=1, chat_template=True, few_shot=2), E2E,
+    chat = dataclasses.replace(E2E, chat_template=True)
+    tokenize.run(TokenizeConfig(max_length=512, shard_rows=10, num_proc=1, few_shot=2), chat,
                  write_clean(tmp_path / "clean", MANY), tiny_base, tmp_path / "shards")
     tok = AutoTokenizer.from_pretrained(tiny_base)
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    fmt = export.prompt_format(E2E, tok, manifest, export._demos(tmp_path / "shards"),
+    fmt = export.prompt_format(chat, tok, manifest, export._demos(tmp_path / "shards"),
                                {"id": "x", "source": "s", "target": "t"})
     assert fmt["chat_template"] is True and fmt["few_shot"] == 2 and "demonstrations" in fmt["note"]
     assert fmt["template"].count("<|im_start|>user\n") == 3  # two demonstrations, then the prompt

@@ -162,7 +162,9 @@ def test_few_shot_needs_enough_train_groups(tmp_path, tiny_base):
 
 def test_chat_template_wraps_the_prompt_as_user_turn_and_target_as_answer(tmp_path, tiny_base, tok):
     clean = write_clean(tmp_path / "clean", ROWS)
-    tokenize.run(cfg(chat_template=True), E2E, clean, tiny_base, tmp_path / "chat")
+    chat = dataclasses.replace(E2E, chat_template=True)  # the declaration's switch
+    tokenize.run(cfg(), chat, clean, tiny_base, tmp_path / "chat")
+    assert read_manifest(tmp_path / "chat")["params"]["chat_template"] is True
     row, rec = load_split(tmp_path / "chat", "train")[0], ROWS["train"][0]
     source, target = parts(row)
     prompt = f"Attributes: {rec['mr']}\nDescription:"
@@ -173,7 +175,7 @@ def test_chat_template_wraps_the_prompt_as_user_turn_and_target_as_answer(tmp_pa
     assert read_manifest(tmp_path / "chat")["template_sha256"] != read_manifest(tmp_path / "plain")["template_sha256"]
     # Truncated in chat mode: the markup survives, the prompt loses its start.
     long = write_clean(tmp_path / "long", {"train": [{"mr": "name[Aromi], " * 40, "ref": "Aromi."}]})
-    stats = tokenize.run(cfg(chat_template=True, max_length=40), E2E, long, tiny_base, tmp_path / "cut")
+    stats = tokenize.run(cfg(max_length=40), chat, long, tiny_base, tmp_path / "cut")
     assert stats.truncated == {"source": 1}
     source, _ = parts(load_split(tmp_path / "cut", "train")[0])
     text = tok.decode(source)
@@ -184,8 +186,10 @@ def test_chat_template_option_needs_a_chat_template():
     class Bare:
         chat_template = None
 
-    with pytest.raises(StageError, match="no chat template"):
+    with pytest.raises(StageError, match="tasks/e2e.yaml: chat_template is true, but .* no chat template"):
         PromptFormat(E2E, Bare(), chat_template=True)
+    with pytest.raises(ValueError, match="chat_template is the task's now: set `chat_template: true` in tasks/"):
+        cfg(chat_template=True)  # where it was before: a param
 
 
 def test_a_missing_field_is_a_clear_error(tmp_path, tiny_base):
