@@ -325,3 +325,55 @@ def test_every_method_tunes_on_conversations_and_decodes_a_conversation_as_train
                                                                                 method, ids)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_the_shipped_chat_task_runs_registers_and_is_served_as_evaluate_scored(tmp_path):
+    """`stackexchange_chat` end to end on a tiny model: the real dumps built into conversations by
+    `turns`, `dvc repro`, `ptune register`, then `ptune serve`'s app driven by the `openai`
+    client: a test conversation sent as chat messages, and its question as plain text, get the
+    answer evaluate scored for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.engine import Engine
+    from serving.models import Models
+    from serving.server import create_app
+    from tests.conftest import build_tiny_model, liven
+    from tests.pipeline_project import make_project, run
+    from tests.test_pipeline import TINY
+    from tests.test_serve import client, running
+
+    base = liven(build_tiny_model(tmp_path / "tiny_base", context=2048))  # SE posts in a 400-token vocabulary
+    project = make_project(tmp_path, {
+        **TINY, "task.name": "stackexchange_chat", "base_model.source": str(base), "collect.max_records_per_source": 120,
+        "tokenize.max_length": 2048, "evaluate.few_shot_k": 0, "evaluate.min_nonempty_fraction": 0.01,
+        "register.min_margin_over_zero_shot": 0.0, "register.prod_tolerance": 100.0})
+    run(project, "dvc", "repro")
+    assert "registered stackexchange_chat-adapter v0.0.1" in run(project, "ptune", "register").stdout
+    test = {r["id"]: r for r in map(json.loads, (project / "data/clean/test.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in (project / "data/eval/predictions.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["system"] == "tuned"]
+    assert tuned and all(test[r["id"]]["messages"][-1]["content"] in r["references"] for r in tuned)
+    engine = Engine(project / "data/models/base", max_batch=8).start()
+    try:
+        models = Models(engine, project, project / "data/models/base")
+        assert models.refresh() == []
+        with running(create_app(models, poll_seconds=None)) as url:
+            api = client(url)
+            listed = {m.id: m for m in api.models.list().data}
+            assert listed["stackexchange_chat-adapter"].ptune["task"] == "stackexchange_chat"
+
+            def ask(row):
+                messages = test[row["id"]]["messages"][:-1]  # the conversation so far, as a client sends it
+                chat = api.chat.completions.create(model="stackexchange_chat-adapter", messages=messages,
+                                                   max_tokens=TINY["evaluate.max_new_tokens"], temperature=0)
+                text = api.completions.create(model="stackexchange_chat-adapter", prompt=messages[-1]["content"],
+                                              max_tokens=TINY["evaluate.max_new_tokens"], temperature=0)
+                return chat.choices[0].message.content, text.choices[0].text
+
+            with ThreadPoolExecutor(len(tuned)) as pool:
+                answers = list(pool.map(ask, tuned))
+            assert [a.strip() for a, _ in answers] == [r["prediction"] for r in tuned]
+            assert [t.strip() for _, t in answers] == [r["prediction"] for r in tuned]  # no system turn in `turns`
+    finally:
+        engine.close()
