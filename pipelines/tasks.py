@@ -139,7 +139,7 @@ class Declaration(BaseModel):
         kind = info.data.get("kind")
         if kind == "classification" and len(labels) < 2:
             raise ValueError("a classification task names at least two labels (label value: word)")
-        if kind == "generation" and labels:
+        if kind in ("generation", "chat") and labels:
             raise ValueError("only a classification task has labels")
         if empty := [k for k, v in labels.items() if not v.strip()]:
             raise ValueError(f"label(s) {empty}: the word is empty")

@@ -77,6 +77,7 @@ def test_sharegpt_turns_and_json_cells_read_as_openai_turns():
     ({"kind": "generation", "prompt": "{{ messages }}", "target": "x", "zero_shot": "y"},
      "system: only a chat task has a system prompt"),
     ({"kind": "generation", "system": "", "target": "x", "zero_shot": "y"}, "prompt: a template is required"),
+    ({"labels": {"0": "no", "1": "yes"}}, "labels: only a classification task has labels"),
 ])
 def test_a_bad_chat_declaration_names_its_key(change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
