@@ -186,7 +186,8 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, task: Task) -> 
         turns, problem = conversations.read(values[column])
         if problem:
             return Fields(None, 0, (problem.reason, f"field {conversations.FIELD!r}: {problem.detail}"))
-        return _checked({conversations.FIELD: turns}, [t["content"] for t in turns], max_bytes, ())
+        contents = {f"{conversations.FIELD}[{i}]": t["content"] for i, t in enumerate(turns)}
+        return _checked({conversations.FIELD: turns}, contents, max_bytes, ())
     fields = {}
     for column, name in src.columns.items():
         optional = name in task.optional_fields
@@ -207,26 +208,26 @@ def task_fields(src: SourceConfig, values: dict, max_bytes: int, task: Task) -> 
     for name in task.optional_fields:
         fields.setdefault(name, "")
     if task.chat:  # flat columns, built into a conversation by the source's turns
-        checked = _checked(fields, list(fields.values()), max_bytes, tuple(fields))
+        checked = _checked(fields, fields, max_bytes, tuple(fields))
         if checked.problem:
             return checked
         turns = [{"role": t.role, "content": render(t.content, fields, f"turns.{i}")} for i, t in enumerate(src.turns)]
         if empty := [i for i, t in enumerate(turns) if not t["content"].strip()]:
             return Fields(None, checked.size, ("empty_content", f"turn(s) {empty} of `turns` render empty"))
         return Fields({conversations.FIELD: turns}, checked.size, None)
-    return _checked(fields, list(fields.values()), max_bytes, task.required_fields)
+    return _checked(fields, fields, max_bytes, task.required_fields)
 
 
-def _checked(fields: dict, texts: list[str], max_bytes: int, required: tuple[str, ...]) -> Fields:
-    """``fields`` as a record's, or why not: each of ``texts`` decodable and free of NUL bytes, all of
-    them within ``max_bytes``, the ``required`` fields not blank."""
-    names = list(fields) if len(texts) == len(fields) else [f"{conversations.FIELD}[{i}]" for i in range(len(texts))]
-    for name, text in zip(names, texts):
+def _checked(fields: dict, texts: dict[str, str], max_bytes: int, required: tuple[str, ...]) -> Fields:
+    """``fields`` as a record's, or why not: each of ``texts`` (name -> text: the fields, or a
+    conversation's turns) decodable and free of NUL bytes, all of them within ``max_bytes``, the
+    ``required`` fields not blank."""
+    for name, text in texts.items():
         if bad := sources.undecodable(text):
             return Fields(None, 0, ("invalid_utf8", f"field {name!r}: {bad}"))
         if (nul := text.find("\x00")) >= 0:
             return Fields(None, 0, ("nul_byte", f"field {name!r} holds a NUL byte at character {nul + 1}"))
-    size = sum(len(t.encode("utf-8")) for t in texts)
+    size = sum(len(t.encode("utf-8")) for t in texts.values())
     if size > max_bytes:
         return Fields(None, size,
                       ("too_large", f"{size:,} bytes, over collect.max_record_bytes ({max_bytes:,})"))

@@ -122,15 +122,21 @@ class Rendered(NamedTuple):
     non_text: int
 
 
-def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> Rendered:
-    """The record, prompt, target and non-text count of JSONL line ``n`` of ``path``; any fault in it is
-    a StageError naming the file and line (and, from ``prompts``, the record and field)."""
+def _record(path: str, n: int, line: str) -> dict:
+    """JSONL line ``n`` of ``path`` as a record with an id; a StageError naming the file and line if not."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise StageError(f"{path}:{n}: not a JSON record ({exc}); re-run the clean stage") from None
     if not isinstance(record, dict) or "id" not in record:
         raise StageError(f"{path}:{n}: not a record with an id ({line[:60].strip()!r}); re-run the clean stage")
+    return record
+
+
+def rendered(fmt: PromptFormat, path: str, n: int, line: str) -> Rendered:
+    """The record, prompt, target and non-text count of JSONL line ``n`` of ``path``; any fault in it is
+    a StageError naming the file and line (and, from ``prompts``, the record and field)."""
+    record = _record(path, n, line)
     try:
         return Rendered(record, *fmt.example(record))
     except StageError as exc:
@@ -219,8 +225,11 @@ class Encoder:
         for n, line in enumerate(lines, first_line):
             if not line.strip():
                 continue
-            record = rendered(self.fmt, path, n, line).record  # checks the record and its turns
-            turns = self.fmt.turns(record)
+            record = _record(path, n, line)
+            try:
+                turns = self.fmt.turns(record)  # checked, with the task's system prompt where it has none
+            except StageError as exc:
+                raise StageError(f"{path}:{n}: {exc}") from None
             system, body = (turns[:1], turns[1:]) if turns[0]["role"] == "system" else ([], turns)
             tokens, mask = self._render_masked(turns)
             before, reason = len(tokens), None

@@ -161,10 +161,13 @@ class Served:
         """A chat adapter's prompt: the conversation (the task's system prompt where it brings
         none) in the chat template with the generation prompt, as ``evaluate`` prompts a test
         conversation for its final answer. It must end with the user's turn."""
+        if messages and messages[-1].get("role") == "assistant":
+            raise BadRequest(param, "the last message is the assistant's: a chat adapter answers the user's last "
+                                    "message")
+        # checked as a conversation with the answer still to come (a placeholder, dropped below)
         turns, problem = conversations.read(list(messages) + [{"role": "assistant", "content": "-"}])
-        if problem:  # the placeholder answer is the last turn: a problem names a request's turn
-            raise BadRequest(param, problem.detail.replace(f"turn {len(messages)} is assistant's",
-                                                           "the last message is the assistant's"))
+        if problem:
+            raise BadRequest(param, problem.detail)
         turns = conversations.with_system(turns[:-1], self.task.system)
         return conversations.prompt(self.prompts.fmt.tokenizer, turns)
 

@@ -265,7 +265,7 @@ def test_a_chat_adapter_is_tuned_scored_on_the_final_answer_and_served_as_evalua
         engine.close()
     assert served.format_text("Question 0 of conversation 5?") == conversations.prompt(
         tok, [{"role": "system", "content": CHAT["system"]}, {"role": "user", "content": "Question 0 of conversation 5?"}])
-    with pytest.raises(BadRequest, match="the last message is the assistant's"):
+    with pytest.raises(BadRequest, match="the last message is the assistant.s: a chat adapter answers"):
         served.format_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tok)
     with pytest.raises(BadRequest, match="role 'robot' is none of"):
         served.format_chat([{"role": "robot", "content": "q"}], tok)
