@@ -226,8 +226,9 @@ class PromptFormat:
         that are not non-empty strings, counted on what the templates read, not on the
         checked fields, so that a value ``context`` ever lets through shows up in the
         shards' validation (which requires 0) instead of as "None" in the training text."""
-        if self.task.chat:
-            return Example(self.prompt(record), self.target(record), 0)
+        if self.task.chat:  # one read of the conversation for both
+            turns = self.turns(record)
+            return Example(conversations.prompt(self.tokenizer, turns[:-1]), turns[-1]["content"], 0)
         ctx, rid = context(self.task, record), record.get("id", "?")
         return Example(self._render_prompt(ctx, rid), self._chat_target(self._render_target(ctx, rid)),
                        sum(not (is_text(ctx[n]) or n in self.task.optional_fields and ctx[n] == "")
