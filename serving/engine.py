@@ -25,8 +25,8 @@ Written here by hand, and why: transformers' continuous batching
 into one ``[1, tokens]`` sequence over its own paged cache (so PEFT's per-row
 ``adapter_names`` has no rows to split, and a prefix has no cache to be written into), and
 samples with one generator for the whole batch (no per-request seed). So the loop here
-keeps a left-padded ``DynamicCache`` per group instead. What is not written here: the model
-forward and its caches, the LoRA mixing (PEFT), the logits warpers and beam search
+keeps a left-padded, preallocated cache per group instead (``serving.batch``). What is not
+written here: the model forward and its caches, the LoRA mixing (PEFT), the logits warpers and beam search
 (transformers).
 
 Threads: ``start()`` runs steps on a background thread; without it, ``generate`` runs them
@@ -393,8 +393,7 @@ class Engine:
                             logits_to_keep=1, **inputs)
         counts = [h.request.decoding.n for h in handles]
         batch = Batch([new_choice(h, i, self.tokenizer, self.device) for h in handles for i in range(h.request.decoding.n)],
-                      out.cache, mask)
-        batch.repeat(counts)
+                      out.cache, mask, repeat=counts, max_rows=self.max_batch)
         logits = out.logits[:, -1].repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
         keep = self._advance(batch.choices, pick_all(batch.choices, logits))
         if keep:  # every row may end at its first token (max_tokens=1, an EOS, a stop)
