@@ -126,6 +126,23 @@ def test_a_mixed_batch_of_every_method_answers_each_row_as_alone(engine):
     assert len({c.token_ids for (c,) in mixed}) > len(PROMPTS)  # the methods answer differently
 
 
+def test_prefill_forwards_are_bounded_by_padded_tokens_and_answer_as_one(engine, monkeypatch):
+    """Rows of like length prefill together up to ``prefill_tokens``, a longer row alone; the
+    parts join one running batch and every row answers as it does alone."""
+    ids = [engine.encode(p) for p in PROMPTS]
+    widths = sorted(map(len, ids))
+    requests = [greedy(m, p) for m in ("lora", BASE) for p in ids]
+    parts: list[list[int]] = []
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda group, handles: (
+        parts.append([len(h.request.prompt_ids) for h in handles]), prefill(group, handles))[1])
+    monkeypatch.setattr(engine, "prefill_tokens", 2 * widths[1])
+    bounded = engine.generate(requests)
+    # shortest first, two rows while two of the wider fit, the widest alone
+    assert parts == [[widths[0], widths[0]], [widths[1], widths[1]], [widths[2]], [widths[2]]]
+    assert [c.token_ids for (c,) in bounded] == [alone(engine, r)[0].token_ids for r in requests]
+
+
 def test_requests_joining_mid_flight_answer_as_alone(engine):
     """A prefix row, then soft-prompt, LoRA and base rows of other lengths join a running batch
     step by step (the cache grows on either side), and a full fine-tune steps beside them."""
