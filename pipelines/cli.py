@@ -155,7 +155,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     repo = Path(args.repo)
     server.serve(repo, Path(args.base) if args.base else repo / "data/models/base", args.host, args.port,
-                 max_batch=args.max_batch, max_queue=args.max_queue,
+                 max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
                  limits=server.Limits(max_tokens=args.max_tokens_limit), max_versions=args.max_versions,
                  poll_seconds=args.poll)
 
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=16, help="rows (choices) decoding together")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--prefill-tokens", type=int, default=None,
+                    help="padded tokens one prefill forward takes at most (default: 2048 on CPU, 8192 on CUDA)")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     sv.add_argument("--max-versions", type=int, default=8,
                     help="versions kept loaded besides the prod ones (least recently used go first)")

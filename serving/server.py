@@ -584,13 +584,13 @@ def api_key_for(host: str) -> str | None:
 
 
 def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_queue: int, limits: Limits,
-          max_versions: int, poll_seconds: float) -> None:
+          max_versions: int, poll_seconds: float, prefill_tokens: int | None = None) -> None:
     """Load the base model and every prod version, then serve until Ctrl-C."""
     import uvicorn
 
     key = api_key_for(host)
     _check_port(host, port)
-    engine = Engine(base, max_batch=max_batch, max_queue=max_queue).start()
+    engine = Engine(base, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens).start()
     models = Models(engine, repo, base, max_versions=max_versions)
     try:
         for failure in models.refresh():
