@@ -16,8 +16,8 @@ out, with room to spare, so each of those costs O(1) per step amortized. Written
 taken from transformers: its ``DynamicCache`` grows by ``torch.cat`` at every step (a copy
 of the whole cache per layer, a fresh allocation each time) and selects rows by copying
 it all, and its ``StaticCache`` fixes one length for every row and attends over all of it.
-Measured on SmolLM2-135M, 2 CPU cores, 16 rows over 1,000 entries: a decode step 172 ms
-with ``DynamicCache``, 118 ms here (benchmarks/RESULTS.md).
+Measured on SmolLM2-135M, 2 CPU cores, 16 rows over ~1,100 entries: a decode step 326 ms
+with ``DynamicCache``, 226 ms here (benchmarks/RESULTS.md, "Long prompts").
 """
 from __future__ import annotations
 
