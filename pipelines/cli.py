@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=16, help="rows (choices) decoding together")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     sv.add_argument("--prefill-tokens", type=int, default=None,
-                    help="padded tokens one prefill forward takes at most (default: 2048 on CPU, 8192 on CUDA)")
+                    help="padded tokens a step prefills at most, in one forward or several; a longer prompt "
+                         "goes alone (default: 2048 on CPU, 8192 on CUDA)")
     sv.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     sv.add_argument("--max-versions", type=int, default=8,
                     help="versions kept loaded besides the prod ones (least recently used go first)")

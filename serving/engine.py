@@ -9,9 +9,14 @@ alone (20 of 20), and per method 32-48 E2E rows matched the fixed-batch ``genera
 decoding evaluate used before (all of them). In bf16 on a GPU rounding is coarser and a
 near-tie can flip (not measured); tests/test_engine.py checks equality on a tiny model.
 
-A step (``Engine.step``): cancelled rows leave; waiting requests are prefilled (their
-virtual tokens placed, the first token picked) and join their weight group's batch; then
-one forward per group decodes every running row by one token; finished rows leave at once.
+A step (``Engine.step``): cancelled rows leave; waiting requests are admitted while their
+rows fit in ``max_batch``; admitted requests are prefilled (their virtual tokens placed,
+the first token picked), oldest first, up to ``prefill_tokens`` padded tokens a step, and
+join their weight group's batch; then one forward per group decodes every running row by
+one token; finished rows leave at once. What is admitted but not yet prefilled waits for
+a later step, so a burst of long prompts delays the running rows by one bounded prefill a
+step instead of by all of them (vLLM's ``max_num_batched_tokens`` budget, at the grain of
+whole rows: see ``_prefill_some``).
 Rows of every method share the base group's forward: a soft prompt or a prefix matters
 only at prefill (serving.batch), LoRA rows pick their adapter with PEFT's ``adapter_names``.
 A fully fine-tuned version is other weights and steps as a group of its own.
@@ -69,7 +74,7 @@ Event = Token | Finished
 
 @dataclass(frozen=True)
 class Stats:
-    waiting: int  # requests not yet admitted
+    waiting: int  # requests without their first token yet (queued, or admitted and waiting to prefill)
     running: int  # rows (choices) in the running batches
     tokens_generated: int  # since start
     requests_finished: int
@@ -95,8 +100,9 @@ class Engine:
                  prefill_tokens: int | None = None):
         """Load the base model at ``base`` once. ``max_batch``: rows (choices) decoding at once;
         ``max_queue``: requests waiting beyond them before ``submit`` raises QueueFull.
-        ``prefill_tokens``: padded tokens one prefill forward takes at most (a longer row goes
-        alone); None: 2048 on CPU, 8192 on CUDA (see ``_prefill_parts``).
+        ``prefill_tokens``: padded tokens a step prefills at most, a forward or several (a
+        longer row goes alone); None: 2048 on CPU, 8192 on CUDA (``_prefill_parts``,
+        ``_prefill_some``).
         Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32.
         ``bounded_context``: a row (virtual tokens, prompt, answer) stays within the model's
         ``max_position_embeddings``; False lets it run past, rotary positions extrapolating,
@@ -122,6 +128,7 @@ class Engine:
         self._served: dict[str, Adapter] = {BASE: Adapter(BASE, "base", self._base)}
         self._retired: list[Adapter] = []
         self._waiting: deque[Handle] = deque()
+        self._prefilling: list[Handle] = []  # admitted (their rows counted), not yet prefilled
         self._batches: dict[Group, Batch] = {}
         self._lock = threading.Lock()  # the queue, the served names, the counters: held briefly
         self._step_lock = threading.Lock()  # one step at a time, whoever runs it
@@ -231,7 +238,7 @@ class Engine:
 
     def stats(self) -> Stats:
         with self._lock:
-            return Stats(len(self._waiting), self._running, self._tokens, self._finished, len(self._served))
+            return Stats(len(self._waiting) + len(self._prefilling), self._running, self._tokens, self._finished, len(self._served))
 
     def generate(self, requests: Iterable[Request]) -> list[list[Finished]]:
         """Decode ``requests`` to the end -> for each, its choices in index order. Steps in the
@@ -303,7 +310,7 @@ class Engine:
         self._run_jobs()  # handed over too late for the loop: run here, no one waits forever
         with self._step_lock, torch.inference_mode():  # the batches' tensors were made in inference mode
             with self._lock:
-                for h in [*self._waiting, *(c.handle for b in self._batches.values() for c in b.choices)]:
+                for h in [*self._waiting, *self._prefilling, *(c.handle for b in self._batches.values() for c in b.choices)]:
                     h.cancelled = True
             self._sweep()
 
@@ -326,18 +333,20 @@ class Engine:
         with self._step_lock:
             self._sweep()
             admitted = self._admit()
+            prefilled = self._prefill_some()
             for group, batch in list(self._batches.items()):
                 self._run(group, batch.choices, lambda: self._decode(group, batch))
             with self._lock:
                 self._running = sum(len(b) for b in self._batches.values())
             self._free_retired()
-            return bool(admitted or self._batches)
+            return bool(admitted or prefilled or self._batches or self._prefilling)
 
     def _sweep(self) -> None:
-        """Cancelled requests leave the queue and the batches."""
+        """Cancelled requests leave the queue, the admitted and the batches."""
         with self._lock:
-            gone = [h for h in self._waiting if h.cancelled]
+            gone = [h for h in (*self._waiting, *self._prefilling) if h.cancelled]
             self._waiting = deque(h for h in self._waiting if not h.cancelled)
+            self._prefilling = [h for h in self._prefilling if not h.cancelled]
         for h in gone:
             for index in range(h.request.decoding.n):
                 self._finish_unstarted(h, index, "cancelled")
@@ -350,10 +359,12 @@ class Engine:
                 self._keep(group, batch, keep)
 
     def _admit(self) -> list[Handle]:
-        """Waiting requests, first come first served, while their choices fit in ``max_batch``;
-        beam requests (which do not stay in the batch) up to ``max_batch`` per step."""
+        """Waiting requests, first come first served, while their choices fit in ``max_batch``
+        (they prefill in this step or a later one); beam requests (which do not stay in the
+        batch) up to ``max_batch`` per step, run now."""
         with self._lock:
-            room = self.max_batch - sum(len(b) for b in self._batches.values())
+            room = (self.max_batch - sum(len(b) for b in self._batches.values())
+                    - sum(h.request.decoding.n for h in self._prefilling))
             loop, beam = [], []
             while self._waiting:
                 h = self._waiting[0]
@@ -365,16 +376,44 @@ class Engine:
                 else:
                     break
                 self._waiting.popleft()
-        for group in dict.fromkeys(h.adapter.group for h in loop):
-            mine = [h for h in loop if h.adapter.group is group]
+            self._prefilling += loop
+        self._beams(beam)
+        return loop + beam
+
+    def _prefill_some(self) -> list[Handle]:
+        """Prefill admitted requests, oldest first, in forwards of like rows, while the step's
+        padded tokens stay within ``prefill_tokens`` (the first forward always runs). -> those
+        prefilled.
+
+        Why a budget per step: decode rows wait while a prefill runs. Prefilling everything
+        admitted in one step made a running row wait for all of it: 16 k-shot prompts of
+        ~1,100 tokens held every running row ~36 s on 2 CPU cores (benchmarks/RESULTS.md).
+        Why whole rows, not slices of a long row across steps (vLLM's chunked prefill): on CPU
+        a 5,775-token row took 22.3 s in slices of 2048 against 19.2 s in one forward, and more
+        memory, so a row longer than the budget still prefills in one step, alone. Oldest
+        first, not shortest first, so short prompts arriving all the time cannot starve a long one."""
+        with self._lock:
+            pending = list(self._prefilling)
+        parts = []
+        for group in dict.fromkeys(h.adapter.group for h in pending):
+            mine = [h for h in pending if h.adapter.group is group]
             # A soft prompt enters as embeddings; other rows as ids, as generate feeds them
             # (a LoRA on the embedding layer acts on ids only).
             for kind in ([h for h in mine if h.adapter.soft_prompt is None],
                          [h for h in mine if h.adapter.soft_prompt is not None]):
-                for part in self._prefill_parts(kind):
-                    self._run(group, part, lambda: self._prefill(group, part))
-        self._beams(beam)
-        return loop + beam
+                parts += [(group, part) for part in self._prefill_parts(kind)]
+        parts.sort(key=lambda gp: min(h.id for h in gp[1]))
+        done, budget = [], self.prefill_tokens
+        for group, part in parts:
+            cost = len(part) * max(map(_width, part))
+            if done and cost > budget:
+                break
+            budget -= cost
+            with self._lock:
+                self._prefilling = [h for h in self._prefilling if h not in part]
+            self._run(group, part, lambda: self._prefill(group, part))
+            done += part
+        return done
 
     def _prefill_parts(self, handles: list[Handle]) -> list[list[Handle]]:
         """``handles`` in prefill forwards of at most ``prefill_tokens`` padded tokens each, rows
@@ -387,14 +426,10 @@ class Engine:
         rows, the whole prefill): 55 s as one forward, 52 s in forwards of 8 rows, 42 s of 4,
         38 s of 2 or of 1; short prompts (E2E's ~40 tokens) still go in one forward of up to
         50 rows. The CUDA default is a guess at where a GPU's prefill is compute-bound, not a
-        measurement. Rows of one part join the running batch one part after another."""
-        def width(h: Handle) -> int:
-            soft = h.adapter.soft_prompt
-            return len(h.request.prompt_ids) + (soft.shape[0] if soft is not None else 0)
-
+        measurement. ``_prefill_some`` picks which parts run in a step."""
         parts: list[list[Handle]] = []
-        for h in sorted(handles, key=width):
-            if parts and (len(parts[-1]) + 1) * width(h) <= self.prefill_tokens:
+        for h in sorted(handles, key=_width):
+            if parts and (len(parts[-1]) + 1) * _width(h) <= self.prefill_tokens:
                 parts[-1].append(h)
             else:
                 parts.append([h])
@@ -561,6 +596,12 @@ class Engine:
         except Exception:  # the receiver is gone: stop decoding for it
             log.warning("engine: request %d's event handler failed; cancelling it", h.id, exc_info=True)
             h.cancelled = True
+
+
+def _width(h: Handle) -> int:
+    """A request's row in a prefill forward: its prompt and its soft prompt."""
+    soft = h.adapter.soft_prompt
+    return len(h.request.prompt_ids) + (soft.shape[0] if soft is not None else 0)
 
 
 def _prefix_layer(prefix: list, layer: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

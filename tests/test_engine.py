@@ -126,21 +126,32 @@ def test_a_mixed_batch_of_every_method_answers_each_row_as_alone(engine):
     assert len({c.token_ids for (c,) in mixed}) > len(PROMPTS)  # the methods answer differently
 
 
-def test_prefill_forwards_are_bounded_by_padded_tokens_and_answer_as_one(engine, monkeypatch):
-    """Rows of like length prefill together up to ``prefill_tokens``, a longer row alone; the
-    parts join one running batch and every row answers as it does alone."""
+def test_prefills_are_bounded_per_forward_and_per_step_oldest_first(engine, monkeypatch):
+    """Rows of like length prefill together up to ``prefill_tokens``, a longer row alone; a step
+    prefills the oldest parts while its padded tokens stay within the bound, so rows already
+    running decode between the parts; every row answers as it does alone."""
     ids = [engine.encode(p) for p in PROMPTS]
-    widths = sorted(map(len, ids))
-    requests = [greedy(m, p) for m in ("lora", BASE) for p in ids]
-    parts: list[list[int]] = []
+    a, b, c = map(len, ids)
+    assert c < a < b  # the premise of the parts below
+    requests = [greedy(m, p) for m in ("lora", BASE) for p in ids]  # ids 0-2 lora, 3-5 base
+    steps: list[list[list[int]]] = []
     prefill = engine._prefill
     monkeypatch.setattr(engine, "_prefill", lambda group, handles: (
-        parts.append([len(h.request.prompt_ids) for h in handles]), prefill(group, handles))[1])
-    monkeypatch.setattr(engine, "prefill_tokens", 2 * widths[1])
-    bounded = engine.generate(requests)
-    # shortest first, two rows while two of the wider fit, the widest alone
-    assert parts == [[widths[0], widths[0]], [widths[1], widths[1]], [widths[2]], [widths[2]]]
-    assert [c.token_ids for (c,) in bounded] == [alone(engine, r)[0].token_ids for r in requests]
+        steps[-1].append([len(h.request.prompt_ids) for h in handles]), prefill(group, handles))[1])
+    monkeypatch.setattr(engine, "prefill_tokens", 2 * a)
+    got: dict[int, list] = {i: [] for i in range(len(requests))}
+    tokens_by_step = []
+    for i, r in enumerate(requests):
+        engine.submit(r, lambda e, i=i: got[i].append(e.token_id) if isinstance(e, Token) else None)
+    while True:
+        steps.append([])
+        if not engine.step():
+            break
+        tokens_by_step.append(len(got[0]))
+    # parts: [c c] [a a] [b] [b] (shortest first), run in the order of their oldest request, one a step here
+    assert steps[:4] == [[[a, a]], [[b]], [[c, c]], [[b]]] and not any(steps[4:])
+    assert tokens_by_step[:4] == [2, 3, 4, 5]  # the first row decodes while the rest prefill
+    assert [got[i] for i in range(len(requests))] == [list(alone(engine, r)[0].token_ids) for r in requests]
 
 
 def test_requests_joining_mid_flight_answer_as_alone(engine):
@@ -283,6 +294,26 @@ def test_cancel_frees_the_slot_at_the_next_step(lively_base):
     assert [e.reason for e in events if isinstance(e, Finished)] == ["cancelled", "length"]
     assert eng.stats().tokens_generated == sum(isinstance(e, Token) for e in events)
     assert eng.stats().requests_finished == 2 and eng.stats().running == 0
+
+
+def test_an_admitted_request_cancelled_before_its_prefill_is_never_run(lively_base, monkeypatch):
+    eng = Engine(lively_base, max_batch=4, device="cpu", dtype=torch.float32, prefill_tokens=1)
+    prefilled: list[int] = []
+    prefill = eng._prefill
+    monkeypatch.setattr(eng, "_prefill", lambda group, handles: (
+        prefilled.extend(h.id for h in handles), prefill(group, handles))[1])
+    events: list = []
+    first = eng.submit(greedy(BASE, eng.encode(PROMPTS[0])), events.append)
+    second = eng.submit(greedy(BASE, eng.encode(PROMPTS[1]), n=2), events.append)
+    eng.step()  # both admitted (3 rows of 4), one forward's worth prefilled: the first
+    assert prefilled == [first.id] and (eng.stats().running, eng.stats().waiting) == (1, 1)
+    eng.cancel(second)
+    third = eng.submit(greedy(BASE, eng.encode(PROMPTS[2]), n=3), events.append)
+    eng.step()  # the cancelled one's rows are free again: the third is admitted and prefilled
+    assert second.done.is_set() and [e.reason for e in events if isinstance(e, Finished)] == ["cancelled"] * 2
+    while eng.step():
+        pass
+    assert prefilled == [first.id, third.id] and first.done.is_set() and third.done.is_set()
 
 
 def test_a_receiver_that_fails_is_cancelled_and_a_failed_step_ends_only_its_rows(lively_base):
