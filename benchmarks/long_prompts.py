@@ -11,7 +11,9 @@ first, left-padded, over transformers' ``DynamicCache``; the engine admits the s
 into one continuous batch of the same size. Generated tokens are counted as ids (an EOS
 included) and compared token for token; CPU time is split into user and system time (memory
 allocation shows up as system time: page faults on fresh buffers). Decoding is timed per step
-apart from the first (the prefill): the engine's steps, marked in this thread, and
+apart from the first (the prefill; the engine prefills every row in its first step here,
+``AllAtOnce``, as it did before its per-step prefill budget, which
+``benchmarks/prefill_burst.py`` measures): the engine's steps, marked in this thread, and
 ``generate``'s forwards, marked by a logits processor; with one batch of rows that do not stop
 early (k-shot prompts run on to ``--max-new-tokens``), every step decodes every row. Each side
 runs twice, alternating; the second run of each is reported.
@@ -37,6 +39,18 @@ from pipelines.prompts import render_prompt
 from pipelines.tasks import get_task
 from serving.engine import BASE, Engine
 from serving.types import Decoding, Finished, Request
+
+
+class AllAtOnce(Engine):
+    """The engine, every admitted request prefilled in the step that admits it (in forwards of
+    at most ``prefill_tokens``), as before the per-step prefill budget: here so that the first
+    step is the whole prefill and every later step decodes every row."""
+
+    def _prefill_some(self):
+        done = []
+        while self._prefilling:
+            done += super()._prefill_some()
+        return done
 
 
 def prompts(path: str, rows: int, shots: int) -> list[str]:
@@ -74,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-    engine = Engine(Path(args.model), max_batch=args.batch, device="cpu", dtype=torch.float32)
+    engine = AllAtOnce(Path(args.model), max_batch=args.batch, device="cpu", dtype=torch.float32)
     tok, model = engine.tokenizer, engine._base.model
     texts = prompts(args.csv, args.rows, args.shots)
     ids = [engine.encode(t) for t in texts]
