@@ -95,9 +95,9 @@ def old_generation_inputs(model, ids, mask, pad_id):
     if not isinstance(model, PeftModel) or not model.active_peft_config.is_prompt_learning:
         return model, {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
     n, b = model.active_peft_config.num_virtual_tokens, ids.shape[0]
-    ones = torch.ones((b, n), dtype=mask.dtype)
+    ones = torch.ones((b, n), dtype=mask.dtype, device=mask.device)
     if model.active_peft_config.peft_type.value == "PREFIX_TUNING":
-        lead = torch.full((b, n), pad_id, dtype=ids.dtype)
+        lead = torch.full((b, n), pad_id, dtype=ids.dtype, device=ids.device)
         return model.get_base_model(), {"input_ids": torch.cat([lead, ids], 1),
                                         "attention_mask": torch.cat([ones, mask], 1),
                                         "cache": model.get_prompt(b)}, n + ids.shape[1]
@@ -113,7 +113,7 @@ def old_generation_inputs(model, ids, mask, pad_id):
 @torch.inference_mode()
 def old_decode(model, tok, prompts: list[str], max_tokens: int, eos: list[int]) -> list[tuple[str, int]]:
     """One left-padded ``generate`` over ``prompts`` -> (text, generated tokens) each."""
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     runner, inputs, n_input = old_generation_inputs(model, enc["input_ids"], enc["attention_mask"], tok.pad_token_id)
     out = runner.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, num_beams=1,
                           pad_token_id=tok.pad_token_id, eos_token_id=eos)
@@ -125,7 +125,8 @@ def old_decode(model, tok, prompts: list[str], max_tokens: int, eos: list[int]) 
     return answers
 
 
-def load_models(base: Path, adapters: dict[str, Path]) -> tuple[dict, object, list[int]]:
+def load_models(base: Path, adapters: dict[str, Path], dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> tuple[dict, object, list[int]]:
     """One model per served name (each adapter over its own copy of the base, as a user
     loading them one by one with PEFT would have)."""
     from peft import PeftModel
@@ -137,7 +138,7 @@ def load_models(base: Path, adapters: dict[str, Path]) -> tuple[dict, object, li
         tok.pad_token = tok.eos_token
 
     def fresh():
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
 
     models = {"base": fresh()}
     for name, path in adapters.items():

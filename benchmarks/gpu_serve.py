@@ -1,0 +1,211 @@
+"""The serving engine on a GPU (or wherever it is run): generated tokens/s of 16 concurrent
+clients over adapters of four methods plus the base, against (a) one request at a time,
+one ``PeftModel`` per adapter, and (b) the requests grouped per adapter and batched per group,
+both through the decoding ``evaluate`` used before the engine (``serve_throughput.old_decode``).
+
+This is issue 19's measurement (``benchmarks/serve_throughput.py``) without the HTTP server
+and the registry, so that it runs in one call on a lent GPU machine where neither the
+trained checkpoint (it does not travel) nor the server's packages are: the engine is driven
+in-process by one thread per client, each sending its requests one after another and
+waiting for each answer, as the `openai` clients do against `ptune serve`. The base model
+has random weights from ``CONFIG_DIR``'s config.json (seeded; throughput does not depend on
+the values) and the adapters are untrained, built by the tune stage's factory with random
+LoRA B, so every name answers differently. Greedy answers are compared request by request:
+in bf16 a batch's shape can flip a near-tie (random weights make near-ties common), so the
+counts are reported, not asserted.
+
+usage: python benchmarks/gpu_serve.py CONFIG_DIR [--clients 16] [--per-client 8] [--max-tokens 64]
+           [--max-batch 16] [--device cuda] [--dtype bfloat16] [--out gpu_serve.json]
+CONFIG_DIR holds a causal LM's config.json and tokenizer files (data/models/base has them).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from serve_setup import E2E_CSV, PREFIX_TEXTS, PROMPT_TEXTS, ROOT
+from serve_throughput import load_models, old_decode, percentile
+
+METHODS = ["lora", "prompt", "ptuning", "prefix"]
+
+
+def build(config_dir: Path, out: Path, dtype: torch.dtype) -> dict[str, Path]:
+    """A random-weight base in ``out/base`` and one untrained adapter per method -> name -> dir."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.config import load_params
+    from pipelines.methods import build_peft_config, init_prefix_from_text
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(config_dir)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=dtype).save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    tune = load_params(ROOT / "params.yaml").tune
+    adapters = {}
+    for i, method in enumerate(METHODS):
+        updates = {"method": method}
+        if method == "prompt":
+            updates["prompt"] = tune.prompt.model_copy(update={"init": "text", "init_text": PROMPT_TEXTS[0]})
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        model = get_peft_model(base, build_peft_config(tune.model_copy(update=updates), out / "base"))
+        if method == "prefix":
+            init_prefix_from_text(model, tok, PREFIX_TEXTS[0])
+        if method == "lora":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.02)
+        model.save_pretrained(out / method)
+        adapters[method] = out / method
+    return adapters
+
+
+def inputs(n: int) -> list[str]:
+    """``n`` E2E prompts, as the adapters were trained on (the e2e task's template)."""
+    from pipelines.prompts import render_prompt
+    from pipelines.tasks import get_task
+
+    task, seen = get_task("e2e"), {}
+    with open(ROOT / E2E_CSV, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            seen.setdefault(row["mr"], row)  # the prompt renders the MR only; the reference rides along
+            if len(seen) == n:
+                break
+    return [render_prompt(task, row) for row in seen.values()]
+
+
+def drive(engine, jobs: list[list[tuple[str, str]]], max_tokens: int) -> tuple[list[dict], float]:
+    """One thread per client, each request submitted after the last one answered."""
+    from serving.types import Decoding, Finished, Token
+
+    results, lock = [], threading.Lock()
+
+    def client(mine):
+        for name, prompt in mine:
+            first, done = [], {}
+            start = time.perf_counter()
+
+            def on_event(e, first=first, done=done):
+                if isinstance(e, Token) and not first:
+                    first.append(time.perf_counter())
+                elif isinstance(e, Finished):
+                    done["f"] = e
+
+            from serving.types import Request
+
+            h = engine.submit(Request(name, engine.encode(prompt), Decoding(max_tokens=max_tokens)), on_event)
+            h.done.wait()
+            end = time.perf_counter()
+            f = done["f"]
+            if f.reason not in ("stop", "length"):
+                raise SystemExit(f"{name}: finished {f.reason}: {f.error}")
+            with lock:
+                results.append({"model": name, "prompt": prompt, "text": f.text, "tokens": f.completion_tokens,
+                                "latency": end - start, "ttft": (first[0] if first else end) - start})
+
+    threads = [threading.Thread(target=client, args=(j,)) for j in jobs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config_dir", type=Path)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--out", type=Path, default=Path("gpu_serve.json"))
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    from serving.engine import BASE, Engine
+
+    with tempfile.TemporaryDirectory(prefix="ptune-gpu-serve-") as tmp:
+        tmp = Path(tmp)
+        adapters = build(args.config_dir, tmp, dtype)
+        engine = Engine(tmp / "base", max_batch=args.max_batch, device=args.device, dtype=dtype).start()
+        for name, path in adapters.items():
+            engine.add(name, path)
+        names = [*adapters, BASE]
+        texts = inputs(args.clients * args.per_client)
+        jobs = [[(names[(c * args.per_client + j) % len(names)], texts[c * args.per_client + j])
+                 for j in range(args.per_client)] for c in range(args.clients)]
+        drive(engine, [[(n, texts[0])] for n in names], 4)  # off the clock: first calls, allocations
+        served, wall = drive(engine, jobs, args.max_tokens)
+        engine.close()
+        del engine
+        s_tokens = sum(r["tokens"] for r in served)
+        print(f"engine: {s_tokens} tokens in {wall:.1f} s = {s_tokens / wall:.1f} tok/s", flush=True)
+
+        models, tok, eos = load_models(tmp / "base", adapters, dtype, args.device)
+        if dtype != torch.float32:  # a prompt encoder loads in float32 over a bf16 base: one dtype for generate
+            models = {n: m.to(dtype) for n, m in models.items()}
+        models[BASE] = models.pop("base")
+        work = [job for client in jobs for job in client]
+        for n in names:
+            old_decode(models[n], tok, [texts[0]], 2, eos)
+
+        def sync():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        t0 = time.perf_counter()
+        alone = {(n, p): old_decode(models[n], tok, [p], args.max_tokens, eos)[0] for n, p in work}
+        sync()
+        a_wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grouped = {}
+        for n in names:
+            mine = sorted((p for m, p in work if m == n), key=lambda p: -len(p))
+            for i in range(0, len(mine), args.max_batch):
+                chunk = mine[i:i + args.max_batch]
+                grouped.update({(n, p): a for p, a in zip(chunk, old_decode(models[n], tok, chunk, args.max_tokens, eos))})
+        sync()
+        b_wall = time.perf_counter() - t0
+    a_tokens = sum(t for _, t in alone.values())
+    b_tokens = sum(t for _, t in grouped.values())
+    latency = [1000 * r["latency"] for r in served]
+    ttft = [1000 * r["ttft"] for r in served]
+    record = {
+        "date": date.today().isoformat(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+        else "cpu", "dtype": args.dtype, "config": str(args.config_dir), "weights": "random (seeded)",
+        "clients": args.clients, "requests": len(served), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+        "adapters": {n: n for n in adapters} | {BASE: "base"},
+        "tokens": s_tokens, "tokens_per_s": round(s_tokens / wall, 1),
+        "one_at_a_time_tokens_per_s": round(a_tokens / a_wall, 1),
+        "per_adapter_batching_tokens_per_s": round(b_tokens / b_wall, 1),
+        "ratio_vs_one_at_a_time": round((s_tokens / wall) / (a_tokens / a_wall), 2),
+        "ratio_vs_per_adapter_batching": round((s_tokens / wall) / (b_tokens / b_wall), 2),
+        "p50_ms": round(percentile(latency, 50)), "p99_ms": round(percentile(latency, 99)),
+        "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
+        "mean_latency_ms": round(statistics.mean(latency)),
+        "identical_to_one_at_a_time": f"{sum(r['text'] == alone[(r['model'], r['prompt'])][0] for r in served)}"
+                                      f"/{len(served)}",
+        "identical_to_per_adapter_batching": f"{sum(r['text'] == grouped[(r['model'], r['prompt'])][0] for r in served)}"
+                                             f"/{len(served)}",
+    }
+    if args.device.startswith("cuda"):
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(record, indent=2))
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
