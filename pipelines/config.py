@@ -398,6 +398,9 @@ class TuneConfig(_Section):
     early_stopping_patience: int = Field(default=0, ge=0)  # > 0: stop after that many evaluations without a new best
     checkpoint_dir: str = ".ptune/checkpoints"  # <dir>/<run key>: outside DVC outputs, deleted after success
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    # the dtype a step computes in (autocast; master weights fp32): auto = bf16 on a GPU and on a CPU
+    # with hardware bf16 (AVX512-BF16, AMX), else fp32; float32 for exact fp32 math
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     num_threads: int | None = Field(default=None, gt=0)
     prompt: PromptMethodConfig = PromptMethodConfig()
     prefix: PrefixMethodConfig = PrefixMethodConfig()

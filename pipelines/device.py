@@ -1,5 +1,6 @@
 """Where the model runs and in which dtype: CUDA with bf16 (fp16 where the GPU lacks bf16)
-when a GPU is present, else CPU with fp32.
+when a GPU is present, else CPU with fp32; and which dtype training computes in
+(``training_dtype``).
 
 Its own module so that evaluate and serving share the choice with tune without
 importing tune (an edit to tune would otherwise rerun evaluate in DVC).
@@ -13,3 +14,35 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return "cpu", torch.float32
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), not by emulation.
+
+    Measured on the 2-core AMD EPYC development machine (AVX512-BF16): a LoRA training step of
+    the embedded 135M model, batch 8 x 32 tokens, took 880-904 ms in fp32 and 449-502 ms under
+    bf16 autocast. Without hardware support oneDNN emulates bf16, slower than fp32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    try:  # private probes of torch (2.1+): absent or failing means no
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except Exception:
+        return False
+
+
+def training_dtype(precision: str, device: str) -> torch.dtype:
+    """The dtype a training step computes in, under autocast (master weights stay fp32).
+
+    ``auto``: bf16 on a GPU that has it (else fp16) and on a CPU that computes it in hardware,
+    else fp32. ``float32``: no autocast. ``bfloat16``: bf16 wherever asked (a CPU without
+    hardware support emulates it, slowly).
+    """
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("tune.precision: bfloat16, but this GPU lacks bf16; use auto (fp16) or float32")
+        return torch.bfloat16
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_computes_bf16() else torch.float32

@@ -1,6 +1,7 @@
-"""The tune stage's training loop: transformers' Trainer (CUDA with bf16 autocast when
-present, CPU otherwise; gradient accumulation; DDP under ``torchrun``; resumable
-safetensors checkpoints), with two changes that keep the math and cut the work:
+"""The tune stage's training loop: transformers' Trainer (bf16 autocast on a GPU and on a
+CPU with hardware bf16, else fp32: ``tune.precision``; gradient accumulation; DDP under
+``torchrun``; resumable safetensors checkpoints), with two changes that keep the math and
+cut the work:
 
 - the LM head and the loss only at label positions (``LabelHeadTrainer``), not over the
   whole vocabulary at every position;
@@ -27,7 +28,8 @@ from pipelines.shards import IGNORE, PackedCollator
 
 def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eval: bool,
                        device: str, dtype: torch.dtype):
-    """The Trainer's arguments for ``cfg``: bf16 autocast on CUDA (fp32 master weights), fp32 on CPU.
+    """The Trainer's arguments for ``cfg``: autocast to ``dtype`` (bf16 or fp16; fp32 master
+    weights) or none (fp32), on ``device`` (``pipelines.device.training_dtype`` chooses).
 
     With ``cfg.save_steps`` the Trainer writes a resumable checkpoint (adapter in
     safetensors, optimizer, scheduler and RNG state, all read back with
@@ -63,7 +65,7 @@ def training_arguments(cfg: TuneConfig, output_dir: str, est_steps: int, has_eva
         greater_is_better=False if cfg.load_best else None,
         report_to=[],
         seed=cfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16,  # on CPU too: the Trainer autocasts there as well
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "cpu" and rank_and_world()[1] > 1 else None,
@@ -191,8 +193,11 @@ class LabelHeadTrainer:
         keep = F.pad(targets != IGNORE, (0 if shared is not None else self._prepend, 1), value=False)
         self._keep = keep  # position t predicts label t+1
         try:
-            outputs = _forward_shared_prompt(model, shared, inputs) if shared is not None else \
-                model(**inputs, use_cache=False)
+            if shared is None:
+                outputs = model(**inputs, use_cache=False)
+            else:  # the base model's own forward, which the Trainer's autocast wrapper does not cover
+                with self.accelerator.autocast():
+                    outputs = _forward_shared_prompt(model, shared, inputs)
         finally:
             self._keep = None
         loss = F.cross_entropy(outputs.logits.float(), targets[targets != IGNORE], reduction="sum")

@@ -25,7 +25,7 @@ import torch
 from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
-from pipelines.device import device_and_dtype
+from pipelines.device import device_and_dtype, training_dtype
 from pipelines.methods import (apply_peft, build_peft_config, init_from_labels, init_prefix_from_text,
                                saved_parameters, trainable_parameters)
 from pipelines.shards import load_split, read_manifest
@@ -83,7 +83,8 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         torch.set_num_threads(cfg.num_threads)
     rank, world = rank_and_world()
     set_seed(cfg.seed)
-    device, dtype = device_and_dtype()
+    device, _ = device_and_dtype()
+    dtype = training_dtype(cfg.precision, device)
     manifest = read_manifest(shards)
     if manifest["packed"] and cfg.method in ("prompt", "prefix", "ptuning"):
         raise StageError(f"{shards}: packed shards (tokenize.pack: true) need tune.method lora or full: PEFT's "
