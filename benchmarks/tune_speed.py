@@ -8,9 +8,11 @@ same way twice, in this process:
 - ``same batches``: the peer's sampler, so every batch is the peer's batch. Only the LM
   head / loss change (logits at label positions only), so each logged loss must equal
   the peer's within float tolerance: this checks that the math is equal.
-- ``ptune``: the stage's defaults, i.e. also length-grouped batches. Each step sees
-  other examples than the peer's, so per-step losses differ; with N = steps x batch
-  both see every example exactly once, and the mean loss over that epoch is compared.
+- ``ptune``: the stage's defaults, i.e. also length-grouped batches and the stage's
+  precision (``--precision``, as ``tune.precision``: auto = bf16 autocast on a CPU with
+  hardware bf16). Each step sees other examples than the peer's, so per-step losses
+  differ; with N = steps x batch both see every example exactly once, and the mean loss
+  over that epoch is compared. The same-batches run stays fp32, as the peer does on CPU.
 
 Tokens/s counts real (non-pad, non-virtual) tokens over the wall time of
 ``trainer.train()``, as the peer does. On a shared CPU wall time measures the neighbours
@@ -21,7 +23,7 @@ steps 2..N (the batches are the same-batches run's). The first step, which carri
 warm-up costs, is thus charged to ptune only.
 
 usage: python benchmarks/tune_speed.py MODEL_DIR SST2_TSV [--methods prompt,prefix,lora] [--steps 30]
-           [--repeats 2] [--peer ../shared/peers/peft_trainer_recipe.py]
+           [--repeats 2] [--peer ../shared/peers/peft_trainer_recipe.py] [--precision auto]
 """
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ def peer_peft_config(method: str):
             "lora": lambda: LoraConfig(task_type=causal, r=8)}[method]()
 
 
-def run_ptune(model_dir: Path, rows: list[dict], method: str, steps: int, grouped: bool) -> dict:
+def run_ptune(model_dir: Path, rows: list[dict], method: str, steps: int, grouped: bool,
+              dtype: torch.dtype = torch.float32) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -109,6 +112,7 @@ def run_ptune(model_dir: Path, rows: list[dict], method: str, steps: int, groupe
         args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=BATCH, max_steps=steps,
                                  learning_rate=LR, logging_steps=LOG_EVERY, save_strategy="no", report_to=[],
                                  use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                                 bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                                  disable_tqdm=True, remove_unused_columns=False, prediction_loss_only=True)
         lengths = [len(r["input_ids"]) for r in rows] if grouped else None
         collator = ShapeRecorder(PadCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id))
@@ -145,7 +149,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the fastest of each is kept")
     ap.add_argument("--peer", type=Path, default=PEER)
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="ptune's (length-grouped) run, as tune.precision")
     args = ap.parse_args()
+    from pipelines.device import training_dtype
+
+    dtype = training_dtype(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     if not args.peer.is_file():
         ap.error(f"--peer {args.peer}: no such file; the peer recipe is peft_trainer_recipe.py in the shared "
                  f"peers folder (by default ../shared/peers beside the repository): pass its path with --peer")
@@ -156,7 +165,7 @@ def main() -> None:
     rows = encode_rows(tok, args.tsv, n)
     tokens = sum(len(r["input_ids"]) for r in rows)
     print(f"{n} SST-2 rows, {tokens} real tokens, batch {BATCH}, {args.steps} steps, lr {LR}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads; ptune computes in {str(dtype).removeprefix('torch.')}", flush=True)
     table = []
     for method in args.methods.split(","):
         # Interleaved repeats; each side keeps its fastest run (the least disturbed by neighbours).
@@ -164,7 +173,7 @@ def main() -> None:
         for _ in range(args.repeats):
             peers.append(run_peer(args.peer, args.model_dir, args.tsv, method, n, args.steps))
             sames.append(run_ptune(args.model_dir, rows, method, args.steps, grouped=False))
-            fasts.append(run_ptune(args.model_dir, rows, method, args.steps, grouped=True))
+            fasts.append(run_ptune(args.model_dir, rows, method, args.steps, grouped=True, dtype=dtype))
         peer = min(peers, key=lambda r: r["cpu_seconds_after_step_1"])
         same = min(sames, key=lambda r: r["cpu_seconds"])
         fast = min(fasts, key=lambda r: r["cpu_seconds"])
