@@ -79,9 +79,10 @@ def engine(lively_base, adapter_dirs) -> Engine:
 
 
 def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...], steps: int = STEPS) -> list[int]:
-    """Greedy decoding by full forward passes of the model as trained (PEFT's training forward, no cache)."""
+    """Greedy decoding by full forward passes of the model as trained (PEFT's training forward, no cache),
+    to an end-of-sequence token (kept, as the engine keeps it) or ``steps`` tokens."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if method == BASE:
         model = AutoModelForCausalLM.from_pretrained(base)
@@ -89,12 +90,16 @@ def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...]
         model = AutoModelForCausalLM.from_pretrained(adapter_dirs["full"])
     else:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dirs[method])
+    ends = model.generation_config.eos_token_id
+    eos = {AutoTokenizer.from_pretrained(base).eos_token_id, *(ends if isinstance(ends, list) else [ends])}
     seq, out = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
             token = int(model.eval()(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
             out.append(token)
             seq.append(token)
+            if token in eos:
+                break
     return out
 
 
