@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from serve_setup import E2E_CSV, PREFIX_TEXTS, PROMPT_TEXTS, ROOT
-from serve_throughput import load_models, old_decode, percentile
+from serve_throughput import figures, load_models, old_decode
 
 METHODS = ["lora", "prompt", "ptuning", "prefix"]
 
@@ -112,7 +111,7 @@ def drive(engine, jobs: list[list[tuple[str, str]]], max_tokens: int) -> tuple[l
                 raise SystemExit(f"{name}: finished {f.reason}: {f.error}")
             with lock:
                 results.append({"model": name, "prompt": prompt, "text": f.text, "tokens": f.completion_tokens,
-                                "latency": end - start, "ttft": (first[0] if first else end) - start})
+                                "start": start, "end": end, "ttft": (first[0] if first else end) - start})
 
     threads = [threading.Thread(target=client, args=(j,)) for j in jobs]
     t0 = time.perf_counter()
@@ -181,25 +180,14 @@ def main() -> None:
         b_wall = time.perf_counter() - t0
     a_tokens = sum(t for _, t in alone.values())
     b_tokens = sum(t for _, t in grouped.values())
-    latency = [1000 * r["latency"] for r in served]
-    ttft = [1000 * r["ttft"] for r in served]
+    same_a = sum(r["text"] == alone[(r["model"], r["prompt"])][0] for r in served)
+    same_b = sum(r["text"] == grouped[(r["model"], r["prompt"])][0] for r in served)
     record = {
         "date": date.today().isoformat(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
         else "cpu", "dtype": args.dtype, "config": str(args.config_dir), "weights": "random (seeded)",
         "clients": args.clients, "requests": len(served), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
         "adapters": {n: n for n in adapters} | {BASE: "base"},
-        "tokens": s_tokens, "tokens_per_s": round(s_tokens / wall, 1),
-        "one_at_a_time_tokens_per_s": round(a_tokens / a_wall, 1),
-        "per_adapter_batching_tokens_per_s": round(b_tokens / b_wall, 1),
-        "ratio_vs_one_at_a_time": round((s_tokens / wall) / (a_tokens / a_wall), 2),
-        "ratio_vs_per_adapter_batching": round((s_tokens / wall) / (b_tokens / b_wall), 2),
-        "p50_ms": round(percentile(latency, 50)), "p99_ms": round(percentile(latency, 99)),
-        "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
-        "mean_latency_ms": round(statistics.mean(latency)),
-        "identical_to_one_at_a_time": f"{sum(r['text'] == alone[(r['model'], r['prompt'])][0] for r in served)}"
-                                      f"/{len(served)}",
-        "identical_to_per_adapter_batching": f"{sum(r['text'] == grouped[(r['model'], r['prompt'])][0] for r in served)}"
-                                             f"/{len(served)}",
+        **figures(served, wall, (a_tokens, a_wall, same_a), (b_tokens, b_wall, same_b)),
     }
     if args.device.startswith("cuda"):
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

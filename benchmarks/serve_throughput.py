@@ -41,6 +41,26 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+def figures(served: list[dict], wall: float, alone: tuple[int, float, int], grouped: tuple[int, float, int]) -> dict:
+    """The record's throughput, latency and equality figures: the served side (one dict per
+    request: tokens, start, end, ttft in seconds) against (a) and (b), each given as
+    (tokens, wall seconds, answers identical to the served ones)."""
+    tokens = sum(r["tokens"] for r in served)
+    latency = [1000 * (r["end"] - r["start"]) for r in served]
+    ttft = [1000 * r["ttft"] for r in served]
+    rate, a_rate, b_rate = tokens / wall, alone[0] / alone[1], grouped[0] / grouped[1]
+    return {
+        "tokens": tokens, "tokens_per_s": round(rate, 1),
+        "one_at_a_time_tokens_per_s": round(a_rate, 1), "per_adapter_batching_tokens_per_s": round(b_rate, 1),
+        "ratio_vs_one_at_a_time": round(rate / a_rate, 2), "ratio_vs_per_adapter_batching": round(rate / b_rate, 2),
+        "p50_ms": round(percentile(latency, 50)), "p99_ms": round(percentile(latency, 99)),
+        "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
+        "mean_latency_ms": round(statistics.mean(latency)),
+        "identical_to_one_at_a_time": f"{alone[2]}/{len(served)}",
+        "identical_to_per_adapter_batching": f"{grouped[2]}/{len(served)}",
+    }
+
+
 def drive(url: str, jobs: list[list[tuple[str, str, str]]], max_tokens: int) -> tuple[list[dict], float]:
     """Each client (a thread) sends its (model, prompt, MR) jobs one after another, streamed.
     -> one record per job, and the wall time from the first request to the last answer."""
@@ -222,23 +242,12 @@ def main() -> None:
 
     same_a = sum(r["text"] == alone[(r["model"], r["mr"])][0] for r in served)
     same_b = sum(r["text"] == grouped[(r["model"], r["mr"])][0] for r in served)
-    latency = [1000 * (r["end"] - r["start"]) for r in served]
-    ttft = [1000 * r["ttft"] for r in served]
     record = {
         "date": date.today().isoformat(), "device": "cpu", "torch_threads": torch.get_num_threads(),
         "load_average_before": load, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "clients": args.clients, "requests": len(served), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
         "adapters": {n: m for n, m in zip(adapters, METHODS)} | {"base": "base"},
-        "tokens": s_tokens, "tokens_per_s": round(s_tokens / wall, 1),
-        "one_at_a_time_tokens_per_s": round(a_tokens / a_wall, 1),
-        "per_adapter_batching_tokens_per_s": round(b_tokens / b_wall, 1),
-        "ratio_vs_one_at_a_time": round((s_tokens / wall) / (a_tokens / a_wall), 2),
-        "ratio_vs_per_adapter_batching": round((s_tokens / wall) / (b_tokens / b_wall), 2),
-        "p50_ms": round(percentile(latency, 50)), "p99_ms": round(percentile(latency, 99)),
-        "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
-        "mean_latency_ms": round(statistics.mean(latency)),
-        "identical_to_one_at_a_time": f"{same_a}/{len(served)}",
-        "identical_to_per_adapter_batching": f"{same_b}/{len(served)}",
+        **figures(served, wall, (a_tokens, a_wall, same_a), (b_tokens, b_wall, same_b)),
         "tokens_equal": s_tokens == a_tokens == b_tokens,
     }
     print(json.dumps(record, indent=2))
