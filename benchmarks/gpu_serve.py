@@ -179,7 +179,8 @@ def main() -> None:
             mine = sorted((p for m, p in work if m == n), key=lambda p: -len(p))
             for i in range(0, len(mine), args.max_batch):
                 chunk = mine[i:i + args.max_batch]
-                grouped.update({(n, p): a for p, a in zip(chunk, old_decode(models[n], tok, chunk, args.max_tokens, eos))})
+                answers = old_decode(models[n], tok, chunk, args.max_tokens, eos)
+                grouped.update({(n, p): a for p, a in zip(chunk, answers)})
         sync()
         b_wall = time.perf_counter() - t0
     a_tokens = sum(t for _, t in alone.values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.common import StageError
+
 
 def device_and_dtype() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
@@ -41,7 +43,7 @@ def training_dtype(precision: str, device: str) -> torch.dtype:
         return torch.float32
     if precision == "bfloat16":
         if device == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("tune.precision: bfloat16, but this GPU lacks bf16; use auto (fp16) or float32")
+            raise StageError("tune.precision: bfloat16, but this GPU lacks bf16; use auto (fp16) or float32")
         return torch.bfloat16
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -238,7 +238,8 @@ class Engine:
 
     def stats(self) -> Stats:
         with self._lock:
-            return Stats(len(self._waiting) + len(self._prefilling), self._running, self._tokens, self._finished, len(self._served))
+            return Stats(len(self._waiting) + len(self._prefilling), self._running, self._tokens, self._finished,
+                         len(self._served))
 
     def generate(self, requests: Iterable[Request]) -> list[list[Finished]]:
         """Decode ``requests`` to the end -> for each, its choices in index order. Steps in the
@@ -310,7 +311,8 @@ class Engine:
         self._run_jobs()  # handed over too late for the loop: run here, no one waits forever
         with self._step_lock, torch.inference_mode():  # the batches' tensors were made in inference mode
             with self._lock:
-                for h in [*self._waiting, *self._prefilling, *(c.handle for b in self._batches.values() for c in b.choices)]:
+                running = (c.handle for b in self._batches.values() for c in b.choices)
+                for h in [*self._waiting, *self._prefilling, *running]:
                     h.cancelled = True
             self._sweep()
 
