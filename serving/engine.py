@@ -103,7 +103,8 @@ class Engine:
         ``prefill_tokens``: padded tokens a step prefills at most, a forward or several (a
         longer row goes alone); None: 2048 on CPU, 8192 on CUDA (``_prefill_parts``,
         ``_prefill_some``).
-        Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32.
+        Device and dtype: CUDA and bf16 where there is a GPU, else CPU and fp32 (as ``evaluate``
+        decodes); a ``dtype`` given alone applies on the device chosen.
         ``bounded_context``: a row (virtual tokens, prompt, answer) stays within the model's
         ``max_position_embeddings``; False lets it run past, rotary positions extrapolating,
         as transformers' ``generate`` does (evaluate scores every row, as it always has)."""
@@ -112,12 +113,13 @@ class Engine:
         if device is None:
             from pipelines.device import device_and_dtype
 
-            device, dtype = device_and_dtype()
+            device, default = device_and_dtype()
+            dtype = dtype or default
         self.tokenizer = load_tokenizer(base)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = load_model(base, dtype or torch.float32).to(device).eval().requires_grad_(False)
-        self.device = model.device
+        self.device, self.dtype = model.device, model.dtype
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_tokens = prefill_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.context = model.config.max_position_embeddings if bounded_context else None

@@ -584,13 +584,16 @@ def api_key_for(host: str) -> str | None:
 
 
 def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_queue: int, limits: Limits,
-          max_versions: int, poll_seconds: float, prefill_tokens: int | None = None) -> None:
+          max_versions: int, poll_seconds: float, prefill_tokens: int | None = None,
+          dtype: str | None = None) -> None:
     """Load the base model and every prod version, then serve until Ctrl-C."""
+    import torch
     import uvicorn
 
     key = api_key_for(host)
     _check_port(host, port)
-    engine = Engine(base, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens).start()
+    engine = Engine(base, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens,
+                    dtype=getattr(torch, dtype) if dtype else None).start()
     models = Models(engine, repo, base, max_versions=max_versions)
     try:
         for failure in models.refresh():
@@ -598,7 +601,8 @@ def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_q
         served = [m["id"] for m in models.served() if m["loaded"]]
         where = f"[{host}]" if ":" in host else host
         print(f"ptune serve: http://{where}:{port}/v1 serving {', '.join(served)} from {models.repo} "
-              f"(any registered <artifact>@<version> on request; the registry is re-read every {poll_seconds:g} s)")
+              f"(any registered <artifact>@<version> on request; the registry is re-read every {poll_seconds:g} s); "
+              f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}")
         print("ptune serve: " + (f"API key required (Authorization: Bearer ${API_KEY_ENV})" if key else
                                  "no API key (loopback only; set PTUNE_API_KEY to require one)"), flush=True)
         app = create_app(models, api_key=key, limits=limits, poll_seconds=poll_seconds)

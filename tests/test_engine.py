@@ -346,6 +346,17 @@ def test_a_receiver_that_fails_is_cancelled_and_a_failed_step_ends_only_its_rows
     assert alone(eng, greedy(BASE, ids))[0].reason == "length"  # the engine goes on
 
 
+def test_a_dtype_given_alone_applies_on_the_chosen_device(lively_base, adapter_dirs):
+    """``ptune serve --dtype bfloat16`` on CPU: the weights in bf16, and every method decodes over them."""
+    eng = Engine(lively_base, max_batch=8, dtype=torch.bfloat16)
+    assert eng.dtype == eng._base.model.dtype == torch.bfloat16
+    assert eng.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for method, path in adapter_dirs.items():
+        eng.add(method, path)
+    answers = eng.generate([greedy(m, eng.encode(PROMPTS[0])) for m in METHODS])
+    assert [(c.reason, c.completion_tokens) for (c,) in answers] == [("length", STEPS)] * len(METHODS)
+
+
 def test_the_queue_is_bounded_and_requests_are_checked(lively_base):
     eng = Engine(lively_base, max_batch=2, max_queue=2, device="cpu", dtype=torch.float32)
     ids = eng.encode(PROMPTS[0])
