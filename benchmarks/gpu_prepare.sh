@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Here, before a lent GPU call: stage in .gpu/ (git-ignored; it travels as carry) what the
-# one call needs and the device image lacks (see /work/.library/device/KINDS.md): wheels of
+# one call needs and the device image lacks (the device tool's KINDS.md lists its packages): wheels of
 # the versions tested here for its Python 3.12, the base model's config and tokenizer (no
 # weights: the benchmarks build random ones), and the two peer recipes from ../shared.
 # Then, one call: run(command="bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=590).
