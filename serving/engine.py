@@ -43,7 +43,14 @@ between two steps. On CPU this is a matter of speed, not only of order: with tor
 OpenMP, a second thread that enters parallel regions makes a second thread team, and the
 two teams slow each other down for the rest of the process (measured on 2 cores: a
 576x1536 linear of 16 rows took 280 us on one thread, 390-435 us on either of two; the
-served throughput fell by a third when adapters were loaded on the poll thread).
+served throughput fell by a third when adapters were loaded on the poll thread). Why: once
+libgomp manages more threads than there are CPUs it cuts its workers' spinning to ~100
+iterations, so every parallel region wakes them through the kernel (as under
+``OMP_WAIT_POLICY=PASSIVE``). The same holds for torch work the embedding process did on
+its own threads before ``start()``: one 2000x2000 matmul on the main thread took a started
+engine from 110.6 to 67.2 tokens/s (16 clients, 2 cores). A process that steps on a
+started engine should leave its torch work to it (``benchmarks/gpu_serve.py`` builds its
+models in a child process).
 """
 from __future__ import annotations
 
