@@ -1,7 +1,10 @@
 """The serving engine on a GPU (or wherever it is run): generated tokens/s of 16 concurrent
 clients over adapters of four methods plus the base, against (a) one request at a time,
 one ``PeftModel`` per adapter, and (b) the requests grouped per adapter and batched per group,
-both through the decoding ``evaluate`` used before the engine (``serve_throughput.old_decode``).
+both through the decoding ``evaluate`` used before the engine (``serve_throughput.old_decode``);
+and evaluate's own case, one adapter over all rows at once (``Engine.generate``, stepped in
+the caller's thread as ``evaluate`` steps it) at one or more ``max_batch`` sizes, against the
+pre-engine decoding in batches of 16 (``evaluate.batch_size``), the same rows.
 
 This is issue 19's measurement (``benchmarks/serve_throughput.py``) without the HTTP server
 and the registry, so that it runs in one call on a lent GPU machine where neither the
@@ -14,8 +17,15 @@ LoRA B, so every name answers differently. Greedy answers are compared request b
 in bf16 a batch's shape can flip a near-tie (random weights make near-ties common), so the
 counts are reported, not asserted.
 
+Phases run in the order of what they tell (served; evaluate's case; (b); (a)), and the JSON
+is rewritten after each (``"phases"`` says which ran), so a time limit keeps what was
+measured. (a) runs on the first ``--alone`` requests only where asked (one request at a
+time is the slow side: 128 requests of 64 tokens would take minutes on any device), and its
+tokens/s and identical answers count those.
+
 usage: python benchmarks/gpu_serve.py CONFIG_DIR [--clients 16] [--per-client 8] [--max-tokens 64]
-           [--max-batch 16] [--device cuda] [--dtype bfloat16] [--out gpu_serve.json]
+           [--max-batch 16] [--alone N] [--generate-adapter prefix] [--generate-batches 16,64]
+           [--device cuda] [--dtype bfloat16] [--out gpu_serve.json]
 CONFIG_DIR holds a causal LM's config.json and tokenizer files (data/models/base has them).
 """
 from __future__ import annotations
@@ -148,46 +158,95 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--alone", type=int, default=0, help="(a) on the first N requests only (0: all)")
+    ap.add_argument("--generate-adapter", default="prefix", choices=METHODS)
+    ap.add_argument("--generate-batches", default="16,64", help="evaluate's case: the engine's max_batch sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--out", type=Path, default=Path("gpu_serve.json"))
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     from serving.engine import BASE, Engine
+    from serving.types import Decoding, Request
+
+    record = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name()
+              if args.device.startswith("cuda") else "cpu", "dtype": args.dtype, "config": str(args.config_dir),
+              "weights": "random (seeded)", "clients": args.clients, "max_tokens": args.max_tokens,
+              "max_batch": args.max_batch, "phases": []}
+
+    def done(phase: str, **fields) -> None:
+        record.update(fields)
+        record["phases"].append(phase)
+        if args.device.startswith("cuda"):
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{phase}: {json.dumps(fields)}", flush=True)
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory(prefix="ptune-gpu-serve-") as tmp:
         tmp = Path(tmp)
         adapters = build_in_child(args.config_dir, tmp, dtype)
-        engine = Engine(tmp / "base", max_batch=args.max_batch, device=args.device, dtype=dtype).start()
-        for name, path in adapters.items():
-            engine.add(name, path)
         names = [*adapters, BASE]
         texts = inputs(args.clients * args.per_client)
         jobs = [[(names[(c * args.per_client + j) % len(names)], texts[c * args.per_client + j])
                  for j in range(args.per_client)] for c in range(args.clients)]
+        work = [job for client in jobs for job in client]
+
+        engine = Engine(tmp / "base", max_batch=args.max_batch, device=args.device, dtype=dtype).start()
+        for name, path in adapters.items():
+            engine.add(name, path)
         drive(engine, [[(n, texts[0])] for n in names], 4)  # off the clock: first calls, allocations
         served, wall = drive(engine, jobs, args.max_tokens)
         engine.close()
         del engine
         s_tokens = sum(r["tokens"] for r in served)
-        print(f"engine: {s_tokens} tokens in {wall:.1f} s = {s_tokens / wall:.1f} tok/s", flush=True)
+        done("served", requests=len(served), adapters={n: n for n in adapters} | {BASE: "base"}, served={
+            "tokens": s_tokens, "wall_s": round(wall, 2), "tokens_per_s": round(s_tokens / wall, 1)})
+
+        # evaluate's case: one adapter, every row submitted at once, stepped in this thread
+        gen_name, engine_runs = args.generate_adapter, []
+        for size in [int(x) for x in args.generate_batches.split(",")]:
+            engine = Engine(tmp / "base", max_batch=size, device=args.device, dtype=dtype)
+            engine.add(gen_name, adapters[gen_name])
+            requests = [Request(gen_name, engine.encode(p), Decoding(max_tokens=args.max_tokens)) for p in texts]
+            engine.generate(requests[:2])  # off the clock
+            t0 = time.perf_counter()
+            outs = engine.generate(requests)
+            g_wall = time.perf_counter() - t0
+            engine.close()
+            del engine
+            engine_runs.append({"max_batch": size, "tokens": sum(o[0].completion_tokens for o in outs),
+                                "wall_s": round(g_wall, 2), "texts": [o[0].text for o in outs]})
 
         models, tok, eos = load_models(tmp / "base", adapters, dtype, args.device)
         if dtype != torch.float32:  # a prompt encoder loads in float32 over a bf16 base: one dtype for generate
             models = {n: m.to(dtype) for n, m in models.items()}
         models[BASE] = models.pop("base")
-        work = [job for client in jobs for job in client]
         for n in names:
             old_decode(models[n], tok, [texts[0]], 2, eos)
 
-        def sync():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-
         t0 = time.perf_counter()
-        alone = {(n, p): old_decode(models[n], tok, [p], args.max_tokens, eos)[0] for n, p in work}
+        old = []
+        order = sorted(texts, key=lambda p: -len(p))  # longest first, as evaluate batched before the engine
+        for i in range(0, len(order), 16):
+            old += old_decode(models[gen_name], tok, order[i:i + 16], args.max_tokens, eos)
         sync()
-        a_wall = time.perf_counter() - t0
+        o_wall = time.perf_counter() - t0
+        old_text = dict(zip(order, (t for t, _ in old)))
+        o_tokens = sum(k for _, k in old)
+        done("evaluate", generate={
+            "adapter": gen_name, "rows": len(texts),
+            "before_engine": {"batch": 16, "tokens": o_tokens, "wall_s": round(o_wall, 2),
+                              "tokens_per_s": round(o_tokens / o_wall, 1)},
+            "engine": [{"max_batch": r["max_batch"], "tokens": r["tokens"], "wall_s": r["wall_s"],
+                        "tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
+                        "ratio_vs_before_engine": round(r["tokens"] / r["wall_s"] / (o_tokens / o_wall), 2),
+                        "identical": f"{sum(t == old_text[p] for p, t in zip(texts, r['texts']))}/{len(texts)}"}
+                       for r in engine_runs]})
+
         t0 = time.perf_counter()
         grouped = {}
         for n in names:
@@ -198,21 +257,21 @@ def main() -> None:
                 grouped.update({(n, p): a for p, a in zip(chunk, answers)})
         sync()
         b_wall = time.perf_counter() - t0
+        b_tokens = sum(t for _, t in grouped.values())
+        same_b = sum(r["text"] == grouped[(r["model"], r["prompt"])][0] for r in served)
+        done("per_adapter_batching", per_adapter_batching={
+            "tokens": b_tokens, "wall_s": round(b_wall, 2), "tokens_per_s": round(b_tokens / b_wall, 1)})
+
+        subset = work[:args.alone] if args.alone else work
+        t0 = time.perf_counter()
+        alone = {(n, p): old_decode(models[n], tok, [p], args.max_tokens, eos)[0] for n, p in subset}
+        sync()
+        a_wall = time.perf_counter() - t0
     a_tokens = sum(t for _, t in alone.values())
-    b_tokens = sum(t for _, t in grouped.values())
-    same_a = sum(r["text"] == alone[(r["model"], r["prompt"])][0] for r in served)
-    same_b = sum(r["text"] == grouped[(r["model"], r["prompt"])][0] for r in served)
-    record = {
-        "date": date.today().isoformat(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
-        else "cpu", "dtype": args.dtype, "config": str(args.config_dir), "weights": "random (seeded)",
-        "clients": args.clients, "requests": len(served), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-        "adapters": {n: n for n in adapters} | {BASE: "base"},
-        **figures(served, wall, (a_tokens, a_wall, same_a), (b_tokens, b_wall, same_b)),
-    }
-    if args.device.startswith("cuda"):
-        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    same_a = sum(r["text"] == alone[(r["model"], r["prompt"])][0] for r in served if (r["model"], r["prompt"]) in alone)
+    done("one_at_a_time", one_at_a_time_requests=len(alone),
+         **figures(served, wall, (a_tokens, a_wall, same_a), (b_tokens, b_wall, same_b), len(alone)))
     print(json.dumps(record, indent=2))
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def figures(served: list[dict], wall: float, alone: tuple[int, float, int], grouped: tuple[int, float, int]) -> dict:
+def figures(served: list[dict], wall: float, alone: tuple[int, float, int], grouped: tuple[int, float, int],
+            alone_compared: int | None = None) -> dict:
     """The record's throughput, latency and equality figures: the served side (one dict per
     request: tokens, start, end, ttft in seconds) against (a) and (b), each given as
-    (tokens, wall seconds, answers identical to the served ones)."""
+    (tokens, wall seconds, answers identical to the served ones); ``alone_compared``: the
+    requests (a) answered, where it ran on a subset (default: all)."""
     tokens = sum(r["tokens"] for r in served)
     latency = [1000 * (r["end"] - r["start"]) for r in served]
     ttft = [1000 * r["ttft"] for r in served]
@@ -56,7 +58,7 @@ def figures(served: list[dict], wall: float, alone: tuple[int, float, int], grou
         "p50_ms": round(percentile(latency, 50)), "p99_ms": round(percentile(latency, 99)),
         "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
         "mean_latency_ms": round(statistics.mean(latency)),
-        "identical_to_one_at_a_time": f"{alone[2]}/{len(served)}",
+        "identical_to_one_at_a_time": f"{alone[2]}/{alone_compared or len(served)}",
         "identical_to_per_adapter_batching": f"{grouped[2]}/{len(served)}",
     }
 
