@@ -7,7 +7,8 @@ The rows are the peers' own: the first N SST-2 train rows as `Review: ...\\nSent
 learning rate 3e-3, the peers' PEFT configs. Every run trains the same rows:
 
 - ``ptune``: ``pipelines.training.make_trainer`` (label-only LM head, length-grouped
-  batches) with the stage's GPU precision: fp32 master weights, bf16 autocast.
+  batches) with the stage's GPU precision: fp32 master weights, bf16 autocast, and
+  (since 2026-12-06) the frozen base's weights in bf16 for every method but full fine-tuning.
 - ``ptune, same batches``: the same loop on the peer's sampler (135M only): its
   per-step losses against the plain peer's, which runs in fp32 (so the difference is
   bf16 rounding plus whatever the math changes; the CPU suite checks the math exactly).
@@ -111,16 +112,17 @@ def save_random(cfg, out: Path, tok, device: str) -> None:
     del model
 
 
-def load_model(source, device: str):
-    """fp32 weights, as the stage loads a base model: from a saved directory, or random from a config
-    (built on the device: a 7B model is initialized there in seconds instead of written to disk)."""
+def load_model(source, device: str, dtype: torch.dtype = torch.float32):
+    """Weights in ``dtype``, as the stage loads a base model (``device.frozen_weights_dtype``):
+    from a saved directory, or random from a config (built on the device: a 7B model is
+    initialized there in seconds instead of written to disk)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     if isinstance(source, Path):
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(source, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(source, dtype=dtype)
 
 
 def run_ptune(source, rows: list[dict], tok, method: str, steps: int, grouped: bool, device: str) -> dict:
@@ -133,15 +135,20 @@ def run_ptune(source, rows: list[dict], tok, method: str, steps: int, grouped: b
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(source, device)
+    from pipelines.device import frozen_weights_dtype
+    from pipelines.methods import trainable_in_fp32
+
+    compute = torch.bfloat16 if device == "cuda" else torch.float32  # the Trainer's bf16 switch below
+    model = load_model(source, device, frozen_weights_dtype(method, compute))
     body, head = matmul_weights(model)
     if method != "full":
         model = get_peft_model(model, peer_peft_config(method))
+        trainable_in_fp32(model)
     with tempfile.TemporaryDirectory(prefix="ptune-gpu-") as scratch:
         args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=BATCH, max_steps=steps,
                                  learning_rate=FULL_LR if method == "full" else LR, logging_steps=10,
                                  save_strategy="no", report_to=[], use_cpu=device == "cpu",
-                                 bf16=device == "cuda", dataloader_num_workers=0, disable_tqdm=True,
+                                 bf16=compute == torch.bfloat16, dataloader_num_workers=0, disable_tqdm=True,
                                  remove_unused_columns=False, prediction_loss_only=True)
         collator = ShapeRecorder(PadCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id))
         lengths = [len(r["input_ids"]) for r in rows] if grouped else None

@@ -104,10 +104,14 @@ def run_ptune(model_dir: Path, rows: list[dict], method: str, steps: int, groupe
 
     from pipelines.training import PadCollator, _prepended_tokens, make_trainer
 
+    from pipelines.device import frozen_weights_dtype
+    from pipelines.methods import trainable_in_fp32
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # as the peer, before the PEFT weights are initialized
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           peer_peft_config(method))
+    weights = frozen_weights_dtype(method, dtype)  # as the tune stage loads the base: bf16 when frozen under bf16
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights), peer_peft_config(method))
+    trainable_in_fp32(model)
     with tempfile.TemporaryDirectory(prefix="ptune-bench-") as scratch:
         args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=BATCH, max_steps=steps,
                                  learning_rate=LR, logging_steps=LOG_EVERY, save_strategy="no", report_to=[],

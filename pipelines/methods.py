@@ -143,6 +143,19 @@ def saved_parameters(model) -> int:
     return sum(t.numel() for t in get_peft_model_state_dict(model).values())
 
 
+def trainable_in_fp32(model) -> int:
+    """Cast any trainable parameter that is not fp32 to fp32 (the optimizer's master weights
+    over a bf16 base, ``device.frozen_weights_dtype``) -> how many were cast. PEFT makes its
+    adapters fp32 over a bf16 base already (``autocast_adapter_dtype``); this holds the
+    invariant whatever a method or a PEFT version does."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters. With prefix projection the MLP trains but is not
     saved: PEFT stores its output (the prefix itself), so that is what the adapter holds."""

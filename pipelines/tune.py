@@ -25,9 +25,9 @@ import torch
 from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, atomic_dir, read_json, sha256_file, write_json
 from pipelines.config import TuneConfig
-from pipelines.device import device_and_dtype, training_dtype
+from pipelines.device import device_and_dtype, frozen_weights_dtype, training_dtype
 from pipelines.methods import (apply_peft, build_peft_config, init_from_labels, init_prefix_from_text,
-                               saved_parameters, trainable_parameters)
+                               saved_parameters, trainable_in_fp32, trainable_parameters)
 from pipelines.shards import load_split, read_manifest
 from pipelines.tasks import manifest_task
 from pipelines.training import (CountingPackedCollator, PadCollator, make_trainer, rank_and_world, run_key,
@@ -53,6 +53,7 @@ class TuneStats:
     train_seconds: float
     train_tokens_per_s: float
     world_size: int = 1
+    base_dtype: str = "float32"  # the frozen base weights' (device.frozen_weights_dtype)
     best_step: int | None = None  # load_best: the step whose weights were kept (lowest eval loss)
 
 
@@ -101,10 +102,12 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         raise StageError(f"{shards}: the train split is empty; nothing to tune on")
 
     tok = load_tokenizer(base)
-    model = load_model(base, torch.float32)
+    weights = frozen_weights_dtype(cfg.method, dtype)
+    model = load_model(base, weights)
     peft_config = build_peft_config(cfg, base)
     if peft_config is not None:
         model = apply_peft(model, peft_config, cfg)
+        trainable_in_fp32(model)
     if cfg.method == "prompt" and cfg.prompt.init == "labels":
         init_from_labels(model, tok, list(manifest_task(manifest, str(shards)).labels.values()))
     prefix_init = None
@@ -115,9 +118,9 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
                      prefix_init["tokens"], prefix_init["relative_error"])
     trainable, total = trainable_parameters(model)
     if rank == 0:
-        log.info("tune: %s on %s (%s, %d process%s): %s trainable of %s parameters (%.4f%%); recipe %s",
-                 cfg.method, device,
-                 str(dtype).removeprefix("torch."), world, "es" if world > 1 else "", f"{trainable:,}",
+        log.info("tune: %s on %s (%s, base weights %s, %d process%s): %s trainable of %s parameters (%.4f%%); "
+                 "recipe %s", cfg.method, device, str(dtype).removeprefix("torch."),
+                 str(weights).removeprefix("torch."), world, "es" if world > 1 else "", f"{trainable:,}",
                  f"{total:,}", 100 * trainable / total, cfg.recipe.model_dump())
 
     lengths = [len(x) for x in train["input_ids"]]
@@ -154,6 +157,7 @@ def run(cfg: TuneConfig, shards: Path, base: Path, out: Path, live_dir: Path) ->
         raise StageError(f"tune: training loss is {result.training_loss}; lower tune.learning_rate")
     stats = TuneStats(
         method=cfg.method, device=device, dtype=str(dtype).removeprefix("torch."),
+        base_dtype=str(weights).removeprefix("torch."),
         trainable_parameters=trainable, total_parameters=total,
         trainable_share=trainable / total, adapter_parameters=saved_parameters(model),
         train_examples=len(train), steps=result.global_step,

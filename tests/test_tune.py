@@ -219,30 +219,39 @@ def test_label_only_loss_and_gradients_equal_the_full_logits_ones(method, tiny_b
     assert "labels" in batch  # the caller's batch is not consumed
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])  # prompt: its shared-prompt forward bypasses the wrapper
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "auto"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "ptuning", "full"])  # prompt: its shared-prompt
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "auto"])  # forward bypasses the Trainer's wrapper
 def test_precision_is_the_dtype_each_training_step_computes_in(precision, method, shards, tiny_base, tmp_path,
                                                                 monkeypatch):
     """Autocast on CPU too: bf16 matmuls where asked, or under auto where the CPU has them in
-    hardware (decided here both ways); master weights and the saved adapter stay fp32."""
+    hardware (decided here both ways). Then a frozen base holds bf16 weights (no cast per
+    forward, half the memory); what trains, the optimizer's master weights and the saved
+    adapter stay fp32, and full fine-tuning keeps every weight fp32."""
     from pipelines import device
 
     hardware = precision == "auto" and device.cpu_computes_bf16()
     want = torch.bfloat16 if precision == "bfloat16" or hardware else torch.float32
+    frozen = torch.bfloat16 if want == torch.bfloat16 and method != "full" else torch.float32
     seen: set[torch.dtype] = set()
+    weights: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
     make = tune.make_trainer
 
     def watching(model, *args, **kw):
         q = next(m for n, m in model.named_modules() if n.endswith("self_attn.q_proj"))
         q.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled() else None)
+        for p in model.parameters():
+            weights[p.requires_grad].add(p.dtype)
         return make(model, *args, **kw)
 
     monkeypatch.setattr(tune, "make_trainer", watching)
     stats = tune.run(tune_cfg(method, precision=precision, checkpoint_dir=str(tmp_path / "ckpt")),
                      shards / "shards", tiny_base, tmp_path / "adapter", tmp_path / "live")
     assert seen == {want} and stats.dtype == str(want).removeprefix("torch.")
+    assert weights[True] == {torch.float32} and stats.base_dtype == str(frozen).removeprefix("torch.")
+    assert weights[False] == ({frozen} if method != "full" else set())
     from safetensors.torch import load_file
-    assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
+    saved = "adapter_model.safetensors" if method != "full" else "model.safetensors"
+    assert {t.dtype for t in load_file(tmp_path / "adapter" / saved).values()} == {torch.float32}
     monkeypatch.setattr(device, "cpu_computes_bf16", lambda: not hardware)  # the other kind of CPU
     assert device.training_dtype("auto", "cpu") == (torch.float32 if hardware else torch.bfloat16)
 
