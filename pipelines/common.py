@@ -39,10 +39,19 @@ def sha256_text(text: str) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` whole or not at all: through a scratch file beside it (hidden,
+    with the PID, so two writers never share one and a killed writer's is swept next time)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+    remove_stale_scratch(path)
+    tmp = path.with_name(f"{scratch_prefix(path)}tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -101,16 +110,21 @@ def scratch_prefix(out: Path) -> str:
 
 
 def remove_stale_scratch(out: Path) -> None:
-    """Remove the scratch directories beside ``out`` of runs that are gone (SIGKILL skips
-    every cleanup), and those named before they carried a PID; a running stage's stay."""
+    """Remove the scratch directories and files beside ``out`` of runs that are gone (SIGKILL
+    skips every cleanup), and directories named before they carried a PID; a running run's stay."""
     out = Path(out)
     # `.<name>.<pid>.*`; before the PID, `.<name>.<random>` (mkdtemp) and clean's `.<name>.index-<random>`
     name = re.compile(rf"\.{re.escape(out.name)}\.(?:(\d+)\..+|[^.]+)", re.S)
     for path in out.parent.iterdir() if out.parent.is_dir() else ():
         m = name.fullmatch(path.name)
-        if m and path.is_dir() and not (m[1] and _running(int(m[1]))):
+        if not m or (m[1] and _running(int(m[1]))):
+            continue
+        if path.is_dir():
             log.info("removing %s, left behind by a killed run", path)
             shutil.rmtree(path, ignore_errors=True)
+        elif m[1] and path.is_file():  # write_json's `.<name>.<pid>.tmp`
+            log.info("removing %s, left behind by a killed run", path)
+            path.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
