@@ -145,7 +145,12 @@ def _nist(hyps: list[str], refs: list[list[str]]) -> float:
     hyp_tokens = _tokens(hyps)
     if not any(hyp_tokens):
         return 0.0
-    return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=5)
+    # mteval-v13a divides each order's information by max(hypothesis n-grams, 1), so an order no
+    # hypothesis is long enough for adds 0; NLTK divides by the count itself, and raised
+    # ZeroDivisionError on a corpus whose answers were all under 5 tokens. Orders up to the
+    # longest answer's length give mteval's sum (an order's weights and the length penalty do
+    # not depend on the highest order counted).
+    return corpus_nist([_tokens(r) for r in refs], hyp_tokens, n=min(5, max(map(len, hyp_tokens))))
 
 
 def _coco(hyps: list[str], refs: list[list[str]], wanted: tuple[str, ...], not_computed: dict

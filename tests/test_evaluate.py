@@ -83,6 +83,19 @@ def test_generation_metrics_of_empty_answers_are_zero_not_errors():
     assert m["chrf"] == 0 and m["exact_match"] == 0
 
 
+def test_nist_of_answers_shorter_than_five_tokens_is_mtevals(monkeypatch):
+    """mteval-v13a adds 0 for an order no answer is long enough for (it divides by max(count, 1));
+    NLTK alone raised ZeroDivisionError when every answer had fewer than 5 tokens. By hand for
+    `a b` against `a b c`: Info(a) = Info(b) = log2(3/1), Info(a b) = log2(1/1) = 0, so the
+    orders sum to (2 log2 3) / 2 + 0 / 1; the length penalty at 2/3 of the reference is 0.5."""
+    import math
+
+    assert scoring._nist(["a b"], [["a b c"]]) == pytest.approx(math.log2(3) / 2)
+    monkeypatch.setattr(scoring.shutil, "which", lambda name: None)  # no METEOR jar: not what is tested
+    m, _, _ = scoring.generation_metrics(["the eagle", "."], [["The Eagle is a coffee shop."], ["Aromi serves food."]])
+    assert m["nist"] > 0 and m["rouge_l"] > 0
+
+
 def test_rouge_l_is_the_e2e_challenges(monkeypatch):
     """pycocoevalcap's ROUGE-L on lower-cased 13a tokens: F = (1 + b^2) P R / (R + b^2 P),
     b = 1.2, with P and R each the best over the row's references; the mean over rows."""
