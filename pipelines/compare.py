@@ -149,7 +149,7 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
                   best_step=_tune_stat(repo, ref, "train_best_step", "best_step"))]
     baselines = [_row(_label(m, s), ref.source, s, m, predictions=ref_predictions)
                  for s in m.get("systems", ["tuned", "zero_shot"]) if s != "tuned"]
-    excluded, seen = [], {json.dumps(m["tuned"], sort_keys=True) + m.get("method", "")}
+    excluded, seen = [], {_run_key(repo, ref)}
     for entry in [*(extra or []), *candidates(repo)]:
         other = entry.metrics
         reason = None
@@ -164,7 +164,7 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
         if reason:
             excluded.append({"source": entry.source, "method": other.get("method"), "reason": reason})
             continue
-        key = json.dumps(other["tuned"], sort_keys=True) + other.get("method", "")
+        key = _run_key(repo, entry)
         if key in seen:  # the same run reached through several refs (a registered experiment)
             continue
         seen.add(key)
@@ -174,6 +174,24 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
                           best_step=_tune_stat(repo, entry, "train_best_step", "best_step")))
     return Comparison(ref, tuned + baselines, excluded)
 
+
+
+def _run_key(repo: Path, entry: Entry) -> str:
+    """What makes two entries the same run: the same scores of the same method, from an evaluate
+    stage with the same inputs and params in dvc.lock (the commit's; the workspace's for the
+    workspace). Scores alone would merge two runs that happen to score alike (a sweep whose
+    points tie, two collapsed adapters), hiding one of them."""
+    import yaml
+
+    m = entry.metrics
+    if entry.commit is None:
+        lock = (repo / "dvc.lock").read_text() if entry.source == "workspace" and (repo / "dvc.lock").is_file() else None
+    else:
+        shown = _git(repo, "show", f"{entry.commit}:dvc.lock")
+        lock = shown.stdout if shown.returncode == 0 else None
+    stage = ((yaml.safe_load(lock) or {}).get("stages") or {}).get("evaluate") if lock else None
+    inputs = {"deps": stage.get("deps"), "params": stage.get("params")} if isinstance(stage, dict) else None
+    return json.dumps([m["tuned"], m.get("method", ""), inputs], sort_keys=True)
 
 
 def _read_predictions(repo: Path, row: dict) -> tuple[list[dict] | None, str | None]:

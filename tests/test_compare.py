@@ -69,6 +69,24 @@ def test_the_same_run_reached_twice_is_listed_once(repo):
     assert "exp same-as-workspace" not in {r["source"] for r in compare.compare(repo).rows}
 
 
+def test_runs_that_score_alike_are_both_listed_the_same_run_once(repo):
+    """Equal scores are not the same run: dvc.lock's evaluate inputs tell them apart."""
+    def lock(adapter_md5):
+        return ("schema: '2.0'\nstages:\n  evaluate:\n    cmd: ptune stage evaluate\n    deps:\n"
+                f"    - path: data/models/tuned\n      md5: {adapter_md5}.dir\n")
+
+    (repo / "dvc.lock").write_text(lock("1" * 32))
+    base = commit_metrics(repo, metrics("lora", 30.0), "lora run, lr 1e-3")
+    git(repo, "checkout", "-q", "--detach", base)
+    (repo / "dvc.lock").write_text(lock("2" * 32))
+    exp = commit_metrics(repo, metrics("lora", 30.0), "lr-sweep-2")  # the same scores, another adapter
+    git(repo, "update-ref", f"refs/exps/ef/{base[2:]}/lr-sweep-2", exp)
+    git(repo, "update-ref", f"refs/exps/ef/{base[2:]}/the-workspace-run", base)
+    git(repo, "checkout", "-q", "main")
+    sources = [r["source"] for r in compare.compare(repo).rows if r["label"] == "lora (tuned)"]
+    assert sources == ["workspace", "exp lr-sweep-2"]  # the other adapter listed; the same one once
+
+
 def test_metrics_without_a_rows_hash_are_refused_as_reference(repo):
     m = metrics("lora", 30.0)
     del m["rows_sha256"]
