@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -101,6 +102,8 @@ class TunedPrompts:
         return {k: v.lstrip() for k, v in texts.items()} if self.fmt.chat else texts
 
 
+NOT_SCORED = "not_scored.jsonl"  # ptune evaluate --file: the file's records collect or clean left out
+
 
 def adapter_info(adapter: Path) -> dict:
     path = Path(adapter) / "ptune_adapter.json"
@@ -126,6 +129,14 @@ def report(metrics: dict) -> str:
               "(generation) or scored (classification) tokens per second of model time."]
     for key, why in metrics.get("not_computed", {}).items():
         lines.append(f"- {key}: not computed ({why})")
+    if left := metrics.get("not_scored"):  # ptune evaluate --file: what of the file was not scored, and why
+        if left["records"]:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in left["reasons"].items())
+            lines.append(f"- {left['records']} of {left['records'] + left['kept']} records of {left['file']} not "
+                         f"scored ({reasons}): each with its reason in {NOT_SCORED}")
+        if left["test_rows"] > metrics["rows"]:
+            lines.append(f"- the first {metrics['rows']} of {left['test_rows']} test rows scored "
+                         "(evaluate.max_rows; `--max-rows` to change)")
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +297,50 @@ def evaluate_file(params, task: Task, adapter: str, file: Path, base: Path, shar
             adapter_dir = Path(adapter)
         else:
             raise StageError(f"{adapter}: neither an adapter directory nor <artifact>@<version>")
-        test_file = collect_and_clean_file(params, task, file, work, fmt)
-        return run(params.evaluate, task, Path("data/clean"), base, adapter_dir, out, shards=shards,
-                   test_file=test_file, check_shards=check)
+        try:
+            test_file = collect_and_clean_file(params, task, file, work, fmt)
+        except StageError as exc:
+            raise StageError(_keep_failure_reports(str(exc), work, Path(out))) from None
+        left, kept = not_scored(work), read_jsonl(test_file)
+        if not kept:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            _write_not_scored(Path(out), left)
+            reasons = dict(Counter(r["reason"] for r in left).most_common())
+            raise StageError(f"{file}: no record left to score: collect and clean left out all {len(left)} "
+                             f"({reasons}); each with its reason in {Path(out) / NOT_SCORED}")
+        record = run(params.evaluate, task, Path("data/clean"), base, adapter_dir, out, shards=shards,
+                     test_file=test_file, check_shards=check)
+    _write_not_scored(Path(out), left)  # written even if empty: nothing was left out
+    record["not_scored"] = {"file": str(file), "records": len(left), "kept": len(kept),
+                            "test_rows": len(test_rows(task, kept, None)),
+                            "reasons": dict(Counter(r["reason"] for r in left).most_common())}
+    (Path(out) / "report.md").write_text(report(record), encoding="utf-8")
+    return record
+
+
+def _keep_failure_reports(message: str, work: Path, out: Path) -> str:
+    """``message`` with the failure reports collect or clean left in the scratch directory
+    (``raw.quarantine-failed.jsonl``, ``clean.validation-failed.json``) moved to ``out``: the
+    scratch directory goes when ``ptune evaluate`` ends, and the error points at them."""
+    import shutil
+
+    for report_file in sorted(work.glob("*-failed.json*")):
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.move(report_file, out / report_file.name)
+        message = message.replace(str(report_file), str(out / report_file.name))
+    return message
+
+
+def _write_not_scored(out: Path, left: list[dict]) -> None:
+    with open(out / NOT_SCORED, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in left)
+
+
+def not_scored(work: Path) -> list[dict]:
+    """The records of a file ``ptune evaluate`` scores that collect quarantined or clean removed,
+    each with the stage and its reason (the test split holds the rest): a user's row is never
+    dropped without a word."""
+    left = [{"stage": "collect", **r} for r in read_jsonl(work / "raw" / "quarantine.jsonl")]
+    for path in sorted((work / "clean" / "removed").glob("*.jsonl")):
+        left += [{"stage": "clean", **r} for r in read_jsonl(path)]
+    return left

@@ -168,7 +168,9 @@ def test_a_registered_version_scores_any_file(registered, tmp_path):
     project = registered
     rows = (project / "data/sources/e2e/devel-fixed.no-ol.csv").read_text().splitlines()
     outside = tmp_path / "independent.csv"
-    outside.write_text("\n".join([rows[0], *rows[-5:]]) + "\n")  # MRs the tiny project never collected
+    # MRs the tiny project never collected, one row twice and one without a reference: those two
+    # are not scored, and said so, with their reasons
+    outside.write_text("\n".join([rows[0], *rows[-5:], rows[-1], '"name[Nowhere], eatType[pub]",,0,']) + "\n")
     shutil.rmtree(project / "data/models/adapter")  # fetched from the DVC cache at the version's commit
     try:
         proc = run(project, "ptune", "evaluate", "--adapter", SPEC, "--file", str(outside),
@@ -179,7 +181,18 @@ def test_a_registered_version_scores_any_file(registered, tmp_path):
     assert metrics["test_file"].endswith("test.jsonl") and 1 <= metrics["rows"] <= 5
     assert metrics["systems"] == ["tuned", "zero_shot", "few_shot"]
     assert "| lora (tuned) |" in proc.stdout
+    assert f"- 2 of 7 records of {outside} not scored (" in proc.stdout and "not_scored.jsonl" in proc.stdout
+    left = [json.loads(line) for line in (tmp_path / "eval/not_scored.jsonl").read_text().splitlines()]
+    assert sorted((r["stage"], r["reason"], r["location"]) for r in left) == [
+        ("clean", "duplicate", f"{outside}:7"), ("collect", "empty_field", f"{outside}:8")]
     assert run(project, "dvc", "status").stdout.strip().endswith("up to date.")  # the pipeline is untouched
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(rows[0] + '\n"name[Nowhere]",,0,\n')
+    failed = run(project, "ptune", "evaluate", "--adapter", "data/models/adapter", "--file", str(bad),
+                 "--out", str(tmp_path / "bad-eval"), check=False)
+    kept = tmp_path / "bad-eval" / "raw.quarantine-failed.jsonl"  # outlives ptune evaluate's scratch directory
+    assert failed.returncode == 1 and f"The quarantined rows are in {kept}" in failed.stderr and kept.is_file()
 
 
 @pytest.mark.slow
