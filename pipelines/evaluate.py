@@ -332,7 +332,8 @@ def _keep_failure_reports(message: str, work: Path, out: Path) -> str:
 
 
 def _write_not_scored(out: Path, left: list[dict]) -> None:
-    with open(out / NOT_SCORED, "w", encoding="utf-8") as f:
+    # A quarantined row's undecodable bytes come back as surrogates: written escaped, as collect writes them.
+    with open(out / NOT_SCORED, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in left)
 
 

@@ -265,3 +265,13 @@ def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_pa
         evaluate.run(cfg.model_copy(update={"max_rows": 2}), E2E, shards / "clean", tiny_base,
                      tmp_path / "adapter", tmp_path / "eval3", shards=shards / "shards",
                      scored_baselines=tmp_path / "baselines")
+
+
+def test_not_scored_records_keep_undecodable_bytes_escaped(tmp_path):
+    """A row collect quarantined for bytes that are not UTF-8 holds them as surrogates; the
+    list of what `ptune evaluate --file` did not score writes them escaped, as collect does."""
+    from pipelines.common import read_jsonl
+
+    row = {"stage": "collect", "reason": "invalid_utf8", "raw": "Caf\udce9 Aromi"}
+    evaluate._write_not_scored(tmp_path, [row])
+    assert read_jsonl(tmp_path / evaluate.NOT_SCORED) == [row]
