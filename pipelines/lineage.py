@@ -264,7 +264,9 @@ def format_lineage(info: dict) -> str:
     lines = [f"{info['artifact']}@{info['version']}  commit {info['commit']}  stages: "
              f"{', '.join(info['stages']) or '-'}"]
     p = info["params"]
-    lines.append(f"  task {(p.get('task') or {}).get('name')}, base model {(p.get('base_model') or {}).get('source')}, "
+    base = p.get("base_model") or {}
+    at = f" at commit {base['revision']}" if base.get("revision") else ""
+    lines.append(f"  task {(p.get('task') or {}).get('name')}, base model {base.get('source')}{at}, "
                  f"tune.method {(p.get('tune') or {}).get('method')}")
     lines.append("  data (dvc.lock):")
     for name, outs in info["data"].items():

