@@ -215,7 +215,8 @@ def _compare(args: argparse.Namespace) -> None:
     text = compare.markdown(c)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
-    print(json.dumps({"rows": c.rows, "excluded": c.excluded, "significance": c.significance}, indent=2)
+    print(json.dumps({"rows": c.rows, "excluded": c.excluded, "significance": c.significance}, indent=2,
+                     default=str)  # a params.yaml value YAML reads as a date
           if args.json else text, end="")
 
 

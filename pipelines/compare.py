@@ -172,14 +172,55 @@ def compare(repo: Path, reference: Path | None = None, extra: list[Entry] | None
                           _tune_stat(repo, entry, "train_seconds", "train_seconds"),
                           _tune_stat(repo, entry, "train_steps", "steps"), commit=entry.commit,
                           best_step=_tune_stat(repo, entry, "train_best_step", "best_step")))
+    reference_params = _params_at(repo, ref)
+    for row in tuned[1:]:
+        at = _params_at(repo, Entry(row["source"], row["commit"], {}))
+        row["params_changed"] = param_changes(reference_params, at) if reference_params and at else None
     return Comparison(ref, tuned + baselines, excluded)
+
+
+# Sections that say where and how a run was scheduled, not what was trained or scored.
+_NOT_A_RUN_SETTING = ("prefect.",)
+PARAMS_SHOWN = 6  # differing params listed per run; more are counted
+
+
+def _params_at(repo: Path, entry: Entry) -> dict | None:
+    """params.yaml of a run: at its commit, or the workspace's for the workspace."""
+    import yaml
+
+    if entry.commit:
+        shown = _git(repo, "show", f"{entry.commit}:params.yaml")
+        text = shown.stdout if shown.returncode == 0 else None
+    elif entry.source == "workspace" and (repo / "params.yaml").is_file():
+        text = (repo / "params.yaml").read_text()
+    else:
+        text = None
+    loaded = yaml.safe_load(text) if text else None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def param_changes(reference: dict, other: dict) -> list[dict]:
+    """The dotted params.yaml keys whose values differ between two runs: {key, value, reference}."""
+    a, b = _flat(reference), _flat(other)
+    return [{"key": k, "value": b.get(k), "reference": a.get(k)} for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.startswith(_NOT_A_RUN_SETTING)]
 
 
 
 def _run_key(repo: Path, entry: Entry) -> str:
     """What makes two entries the same run: the same scores of the same method, from an evaluate
-    stage with the same inputs and params in dvc.lock (the commit's; the workspace's for the
-    workspace). Scores alone would merge two runs that happen to score alike (a sweep whose
+    stage with the same inputs and params in dvc.lock, under the same params.yaml (the commit's;
+    the workspace's for the workspace). Scores alone would merge two runs that happen to score alike (a sweep whose
     points tie, two collapsed adapters), hiding one of them."""
     import yaml
 
@@ -191,7 +232,7 @@ def _run_key(repo: Path, entry: Entry) -> str:
         lock = shown.stdout if shown.returncode == 0 else None
     stage = ((yaml.safe_load(lock) or {}).get("stages") or {}).get("evaluate") if lock else None
     inputs = {"deps": stage.get("deps"), "params": stage.get("params")} if isinstance(stage, dict) else None
-    return json.dumps([m["tuned"], m.get("method", ""), inputs], sort_keys=True)
+    return json.dumps([m["tuned"], m.get("method", ""), inputs, _params_at(repo, entry)], sort_keys=True, default=str)
 
 
 def _read_predictions(repo: Path, row: dict) -> tuple[list[dict] | None, str | None]:
@@ -309,6 +350,11 @@ def significance(repo: Path, c: Comparison, samples: int = BOOTSTRAP_SAMPLES, se
     return result
 
 
+def _yaml_value(v) -> str:
+    text = json.dumps(v) if v is None or isinstance(v, (bool, dict, list)) else str(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def markdown(c: Comparison) -> str:
     m = c.reference.metrics
     keys = list(dict.fromkeys(k for r in c.rows for k in r["metrics"]))
@@ -349,6 +395,16 @@ def markdown(c: Comparison) -> str:
                   "test set cannot tell the two apart."]
     for miss in (sig or {}).get("missing", []):
         lines.append(f"- no interval for {miss['label']} ({miss['source']}): {miss['reason']}")
+    changed = [r for r in c.rows if r.get("params_changed") is not None]
+    if changed:
+        lines += ["", f"Params that differ from the reference run's ({c.reference.source}; params.yaml at each "
+                  "run's commit):"]
+        for r in changed:
+            diffs = r["params_changed"]
+            shown = ", ".join(f"`{d['key']}` {_yaml_value(d['value'])} (reference {_yaml_value(d['reference'])})"
+                              for d in diffs[:PARAMS_SHOWN])
+            more = f", and {len(diffs) - PARAMS_SHOWN} more" if len(diffs) > PARAMS_SHOWN else ""
+            lines.append(f"- {r['source']}: {shown + more if diffs else 'none (the same params)'}")
     if c.excluded:
         lines += ["", "Not comparable, left out:"]
         lines += [f"- {e['source']} ({e['method']}): {e['reason']}" for e in c.excluded]

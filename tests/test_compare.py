@@ -87,6 +87,30 @@ def test_runs_that_score_alike_are_both_listed_the_same_run_once(repo):
     assert sources == ["workspace", "exp lr-sweep-2"]  # the other adapter listed; the same one once
 
 
+def test_each_run_says_which_params_differ_from_the_reference_runs(repo):
+    import yaml
+
+    def params(method, lr, cron):
+        return yaml.safe_dump({"tune": {"method": method, "learning_rate": lr, "prompt": {"num_virtual_tokens": 20}},
+                               "prefect": {"schedule": {"cron": cron}}})
+
+    (repo / "params.yaml").write_text(params("lora", None, "0 3 * * *"))
+    base = commit_metrics(repo, metrics("lora", 30.0), "lora run")
+    git(repo, "checkout", "-q", "--detach", base)
+    (repo / "params.yaml").write_text(params("prefix", 0.01, "0 4 * * *"))  # the schedule is not a run setting
+    exp = commit_metrics(repo, metrics("prefix", 28.5), "prefix run")
+    git(repo, "update-ref", f"refs/exps/ef/{base[2:]}/prefix-lr", exp)
+    git(repo, "checkout", "-q", "main")
+    c = compare.compare(repo)
+    row = next(r for r in c.rows if r["source"] == "exp prefix-lr")
+    assert row["params_changed"] == [{"key": "tune.learning_rate", "value": 0.01, "reference": None},
+                                     {"key": "tune.method", "value": "prefix", "reference": "lora"}]
+    text = compare.markdown(c)
+    assert ("- exp prefix-lr: `tune.learning_rate` 0.01 (reference null), `tune.method` prefix (reference lora)"
+            in text)
+    assert "exp prefix-run:" not in text  # committed without a params.yaml: nothing to compare
+
+
 def test_metrics_without_a_rows_hash_are_refused_as_reference(repo):
     m = metrics("lora", 30.0)
     del m["rows_sha256"]
