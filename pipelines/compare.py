@@ -216,12 +216,11 @@ def param_changes(reference: dict, other: dict) -> list[dict]:
             if a.get(k) != b.get(k) and not k.startswith(_NOT_A_RUN_SETTING)]
 
 
-
 def _run_key(repo: Path, entry: Entry) -> str:
     """What makes two entries the same run: the same scores of the same method, from an evaluate
     stage with the same inputs and params in dvc.lock, under the same params.yaml (the commit's;
-    the workspace's for the workspace). Scores alone would merge two runs that happen to score alike (a sweep whose
-    points tie, two collapsed adapters), hiding one of them."""
+    the workspace's for the workspace). Scores alone would merge two runs that happen to score
+    alike (a sweep whose points tie, two collapsed adapters), hiding one of them."""
     import yaml
 
     m = entry.metrics
