@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.types import Decoding
+from serving.types import Decoding, Logprob
 
 GOLDEN = 0x9E3779B97F4A7C15  # spreads choice indexes over the seed space (Fibonacci hashing)
 
@@ -144,3 +144,27 @@ def pick_all(choices: list[Choice], logits: torch.Tensor) -> list[int]:
         if not c.greedy or c.no_repeat is not None:
             picked[i] = c.pick(logits[i:i + 1])[0]
     return picked.tolist()
+
+
+def logprobs_of(logits: torch.Tensor, chosen: list[int], top: list[int]) -> list[Logprob]:
+    """Row i of ``logits`` ([rows, vocab]) -> token ``chosen[i]``'s Logprob with the row's
+    ``top[i]`` most likely tokens: the model's log-softmax in float32, before any warper."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None])[:, 0].tolist()
+    k = max(top, default=0)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [Logprob(t, p, tuple(zip(ids[i][:top[i]], values[i][:top[i]]))) for i, (t, p) in enumerate(zip(chosen, picked))]
+
+
+def scored(choices: list[Choice], logits: torch.Tensor, tokens: list[int]) -> list[Logprob | None]:
+    """The picked ``tokens``' Logprobs for the rows whose request asked for them, else None."""
+    want = [i for i, c in enumerate(choices) if c.decoding.logprobs is not None]
+    out: list[Logprob | None] = [None] * len(choices)
+    if want:
+        index = torch.tensor(want, device=logits.device)
+        found = logprobs_of(logits.index_select(0, index), [tokens[i] for i in want],
+                            [choices[i].decoding.logprobs for i in want])
+        for i, lp in zip(want, found):
+            out[i] = lp
+    return out

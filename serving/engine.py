@@ -17,6 +17,10 @@ one token; finished rows leave at once. What is admitted but not yet prefilled w
 a later step, so a burst of long prompts delays the running rows by one bounded prefill a
 step instead of by all of them (vLLM's ``max_num_batched_tokens`` budget, at the grain of
 whole rows: see ``_prefill_some``).
+A request that asks for log-probabilities gets each picked token's (and its top
+alternatives') from the logits the pick was made from; one that asks for its prompt scored
+(``prompt_logprobs``: completions' ``echo``) prefills keeping every position's logits, in
+forwards of its own bounded by ``SCORE_LOGITS_BYTES``, and gets a Prompt event first.
 Rows of every method share the base group's forward: a soft prompt or a prefix matters
 only at prefill (serving.batch), LoRA rows pick their adapter with PEFT's ``adapter_names``.
 A fully fine-tuned version is other weights and steps as a group of its own.
@@ -70,13 +74,18 @@ from pipelines.base_model import load_model, load_tokenizer
 from serving import adapters, beams
 from serving.adapters import Adapter, Group
 from serving.batch import Batch
-from serving.decoding import Choice, new_choice, pick_all
-from serving.types import Finished, QueueFull, Request, Token, UnknownModel
+from serving.decoding import Choice, logprobs_of, new_choice, pick_all, scored
+from serving.types import MAX_LOGPROBS, Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # the served name of the bare base model
-Event = Token | Finished
+Event = Token | Finished | Prompt
+# A prompt scored in full (``prompt_logprobs``) needs the logits at every position, not at the
+# last only: [rows, width, vocab] floats. Such rows prefill in forwards of at most this many
+# bytes of logits (1,365 padded tokens for SmolLM2's 49,152-token vocabulary in float32); a
+# longer row goes alone.
+SCORE_LOGITS_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.context = model.config.max_position_embeddings if bounded_context else None
         self.vocab = model.get_input_embeddings().num_embeddings
+        self._score_tokens = max(1, SCORE_LOGITS_BYTES // (model.config.vocab_size * 4))
         eos = model.generation_config.eos_token_id
         self.eos = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
         self._base = Group(model)
@@ -296,7 +306,10 @@ class Engine:
                  ("num_beams", d.num_beams >= 1, "must be at least 1"),
                  ("n", d.num_beams == 1 or d.n <= d.num_beams, "must not exceed num_beams"),
                  ("temperature", d.num_beams == 1 or d.temperature == 0, "beam search is not sampled: set 0"),
-                 ("no_repeat_ngram_size", d.no_repeat_ngram_size >= 0, "must not be negative")]
+                 ("no_repeat_ngram_size", d.no_repeat_ngram_size >= 0, "must not be negative"),
+                 ("logprobs", d.logprobs is None or 0 <= d.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+                 ("logprobs", d.num_beams == 1 or (d.logprobs is None and not d.prompt_logprobs),
+                  "not with beam search (num_beams > 1)")]
         for name, ok, why in rules:
             if not ok:
                 raise ValueError(f"{name}: {why}")
@@ -409,25 +422,29 @@ class Engine:
         for group in dict.fromkeys(h.adapter.group for h in pending):
             mine = [h for h in pending if h.adapter.group is group]
             # A soft prompt enters as embeddings; other rows as ids, as generate feeds them
-            # (a LoRA on the embedding layer acts on ids only).
-            for kind in ([h for h in mine if h.adapter.soft_prompt is None],
-                         [h for h in mine if h.adapter.soft_prompt is not None]):
-                parts += [(group, part) for part in self._prefill_parts(kind)]
+            # (a LoRA on the embedding layer acts on ids only). A prompt to be scored keeps
+            # the logits of every position: those rows go in forwards of their own, bounded.
+            for soft in (False, True):
+                for score in (False, True):
+                    kind = [h for h in mine if (h.adapter.soft_prompt is not None) == soft
+                            and h.request.decoding.prompt_logprobs == score]
+                    bound = min(self.prefill_tokens, self._score_tokens) if score else self.prefill_tokens
+                    parts += [(group, part, score) for part in self._prefill_parts(kind, bound)]
         parts.sort(key=lambda gp: min(h.id for h in gp[1]))
         done, budget = [], self.prefill_tokens
-        for group, part in parts:
+        for group, part, score in parts:
             cost = len(part) * max(map(_width, part))
             if done and cost > budget:
                 break
             budget -= cost
             with self._lock:
                 self._prefilling = [h for h in self._prefilling if h not in part]
-            self._run(group, part, lambda: self._prefill(group, part))
+            self._run(group, part, lambda: self._prefill(group, part, score))
             done += part
         return done
 
-    def _prefill_parts(self, handles: list[Handle]) -> list[list[Handle]]:
-        """``handles`` in prefill forwards of at most ``prefill_tokens`` padded tokens each, rows
+    def _prefill_parts(self, handles: list[Handle], bound: int) -> list[list[Handle]]:
+        """``handles`` in prefill forwards of at most ``bound`` padded tokens each, rows
         of like length together (shortest first), a row longer than the bound alone.
 
         Why bound a prefill: attention over a left-padded batch is computed at the padded
@@ -440,7 +457,7 @@ class Engine:
         measurement. ``_prefill_some`` picks which parts run in a step."""
         parts: list[list[Handle]] = []
         for h in sorted(handles, key=_width):
-            if parts and (len(parts[-1]) + 1) * _width(h) <= self.prefill_tokens:
+            if parts and (len(parts[-1]) + 1) * _width(h) <= bound:
                 parts[-1].append(h)
             else:
                 parts.append([h])
@@ -463,15 +480,26 @@ class Engine:
             if batch is not None and any(isinstance(r, Choice) for r in rows):
                 self._keep(group, batch, [i for i, c in enumerate(batch.choices) if c not in rows])
 
-    def _prefill(self, group: Group, handles: list[Handle]) -> None:
+    def _prefill(self, group: Group, handles: list[Handle], score: bool = False) -> None:
+        """Prefill ``handles`` and pick each choice's first token; with ``score``, emit each
+        request's Prompt first (its logits at every position: logits_to_keep=0)."""
         inputs, mask = self._prefill_inputs(group, handles)
         out = group.forward([h.adapter.lora for h in handles], attention_mask=mask, use_cache=True,
-                            logits_to_keep=1, **inputs)
+                            logits_to_keep=0 if score else 1, **inputs)
+        if score:
+            width = out.logits.shape[1]
+            for i, h in enumerate(handles):
+                ids = list(h.request.prompt_ids)
+                # Position j's logits predict token j + 1; the prompt ends the row.
+                rows = out.logits[i, width - len(ids):width - 1]
+                found = logprobs_of(rows, ids[1:], [h.request.decoding.logprobs or 0] * (len(ids) - 1)) if rows.numel() else []
+                self._emit(h, Prompt((None, *found)))
         counts = [h.request.decoding.n for h in handles]
         batch = Batch([new_choice(h, i, self.tokenizer, self.device) for h in handles for i in range(h.request.decoding.n)],
                       out.cache, mask, repeat=counts, max_rows=self.max_batch)
         logits = out.logits[:, -1].repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
-        keep = self._advance(batch.choices, pick_all(batch.choices, logits))
+        picked = pick_all(batch.choices, logits)
+        keep = self._advance(batch.choices, picked, scored(batch.choices, logits, picked))
         if keep:  # every row may end at its first token (max_tokens=1, an EOS, a stop)
             batch.keep(keep)
             if group in self._batches:
@@ -520,7 +548,9 @@ class Engine:
         positions = batch.positions()
         out = group.forward([c.handle.adapter.lora for c in batch.choices], input_ids=ids, position_ids=positions,
                             attention_mask=batch.grow(), cache=batch.cache, use_cache=True)
-        self._keep(group, batch, self._advance(batch.choices, pick_all(batch.choices, out.logits[:, -1])))
+        logits = out.logits[:, -1]
+        picked = pick_all(batch.choices, logits)
+        self._keep(group, batch, self._advance(batch.choices, picked, scored(batch.choices, logits, picked)))
 
     def _keep(self, group: Group, batch: Batch, rows: list[int]) -> None:
         if rows:
@@ -552,14 +582,14 @@ class Engine:
                     choice.stream.flush()
                     self._finish(choice, "length", len(choice.stream.text))
 
-    def _advance(self, choices: list[Choice], tokens: list[int]) -> list[int]:
+    def _advance(self, choices: list[Choice], tokens: list[int], logprobs: list[Logprob | None] | None = None) -> list[int]:
         """Append each row's token, stream it, finish the rows that end. -> the rows that go on."""
         keep = []
         for i, (c, token) in enumerate(zip(choices, tokens)):
             c.ids.append(token)
             c.last = token
             end, reason = self._ends(c, token)
-            self._emit(c.handle, Token(c.index, token, c.stream.release(end)))
+            self._emit(c.handle, Token(c.index, token, c.stream.release(end), logprobs[i] if logprobs else None))
             if reason:
                 self._finish(c, reason, end)
             else:
@@ -600,7 +630,7 @@ class Engine:
             h.done.set()
 
     def _emit(self, h: Handle, event: Event) -> None:
-        if h.cancelled and isinstance(event, Token):
+        if h.cancelled and not isinstance(event, Finished):
             return
         try:
             h.on_event(event)

@@ -8,10 +8,15 @@ engine's (serving.engine), the path ``evaluate`` scored with.
 What a request may say beyond OpenAI's parameters (extensions, top level as vLLM takes
 them): ``top_k``, ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``, and for
 completions ``raw_prompt`` (the prompt is sent to the model as it is, no template). A
-completion's ``prompt`` may be an object of the task's input fields. ``temperature``
-defaults to 0 (greedy, what ``evaluate`` scored), not OpenAI's 1. OpenAI parameters ptune
-does not implement (logprobs, penalties, logit_bias, echo, best_of, suffix, tools) are
-refused by name unless they hold their neutral value, never silently ignored.
+completion's ``prompt`` may be an object of the task's input fields, token ids (sent as they
+are, no template), or a batch (a list of texts or of token id lists; its choices come prompt
+by prompt, ``n`` each, all from one version). ``temperature`` defaults to 0 (greedy, what
+``evaluate`` scored), not OpenAI's 1. ``logprobs`` (completions: how many alternatives;
+chat: ``logprobs`` and ``top_logprobs``) are the model's own log-softmax, before sampling's
+warpers; completions' ``echo`` with ``logprobs`` scores the prompt too, as
+lm-evaluation-harness' ``local-completions`` asks for log-likelihoods. OpenAI parameters
+ptune does not implement (penalties, logit_bias, best_of, suffix, tools) are refused by name
+unless they hold their neutral value, never silently ignored.
 
 Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): 400
 naming the field, 401 without the API key, 404 for a name that is not served (listing
@@ -31,7 +36,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.common import StageError
 from serving.engine import Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
-from serving.types import Decoding, Finished, QueueFull, Token, UnknownModel
+from serving.types import MAX_LOGPROBS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
 
 log = logging.getLogger("ptune.serve")
 
@@ -99,13 +104,14 @@ class _Body(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
 
 
 class CompletionBody(_Body):
-    prompt: str | dict[str, str | int]
+    # One prompt (text, the task's fields, or token ids) or a batch of them (texts or token id lists).
+    prompt: str | dict[str, str | int] | list[int] | list[str] | list[list[int]]
     raw_prompt: bool = False  # extension: the prompt is the model's input as it is
-    echo: bool | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI allows 5; vLLM, as here, 20
     best_of: int | None = None
     suffix: str | None = None
 
@@ -126,15 +132,15 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 
 
 NEUTRAL = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-           "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
-           "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+           "best_of": (None, 1), "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
            "response_format": (None, {"type": "text"})}
 
 
@@ -200,9 +206,27 @@ def decoding(body: _Body, limits: Limits, engine: Engine) -> Decoding:
         raise ApiError(400, f"n: {body.n} is more than the {engine.max_batch} rows a batch holds", "n")
     if body.num_beams > limits.max_beams:
         raise ApiError(400, f"num_beams: {body.num_beams} is more than this server's {limits.max_beams}", "num_beams")
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs: only with logprobs: true", "top_logprobs")
+        logprobs, scored = (body.top_logprobs or 0) if body.logprobs else None, False
+    else:
+        logprobs, scored = body.logprobs, body.echo and body.logprobs is not None
     return Decoding(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     seed=body.seed, stop=stop, n=body.n, num_beams=body.num_beams,
-                    length_penalty=body.length_penalty, no_repeat_ngram_size=body.no_repeat_ngram_size)
+                    length_penalty=body.length_penalty, no_repeat_ngram_size=body.no_repeat_ngram_size,
+                    logprobs=logprobs, prompt_logprobs=scored)
+
+
+def prompts(body: _Body) -> list:
+    """A completion's prompts (a batch, or the one prompt); a chat's one conversation."""
+    if isinstance(body, ChatBody):
+        return [body.messages]
+    if body.prompt == []:
+        raise ApiError(400, "prompt: empty; send text, the task's fields, token ids, or a list of texts or of "
+                            "token id lists", "prompt")
+    batch = isinstance(body.prompt, list) and isinstance(body.prompt[0], (str, list))
+    return body.prompt if batch else [body.prompt]
 
 
 def _text(content) -> str:
@@ -262,21 +286,101 @@ class Metrics:
 # -- the app ------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Part:
+    """One prompt of a request: its engine request and what came back for it."""
+
+    handle: object
+    prompt_ids: tuple[int, ...]
+    finished: dict[int, Finished] = field(default_factory=dict)
+    scored: Prompt | None = None  # the prompt's log-probabilities (echo with logprobs)
+    logprobs: dict[int, list[Logprob]] = field(default_factory=dict)  # each choice's, token by token
+
+
 class _Job:
-    """One request in the engine: its events, delivered from the engine's thread to the loop."""
+    """One HTTP request in the engine (an engine request per prompt): its events, delivered
+    from the engine's thread to the loop as (prompt index, event)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, started: float):
         self.loop, self.started = loop, started
         self.events: asyncio.Queue = asyncio.Queue()
         self.served: Served | None = None
-        self.handle = None
-        self.prompt_tokens = 0
+        self.parts: list[_Part] = []
         self.first_token: float | None = None
-        self.finished: dict[int, Finished] = {}
 
-    def on_event(self, event) -> None:
-        # Raises once the loop is gone (server stopping): the engine then cancels the request.
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def listener(self, part: int):
+        def on_event(event) -> None:
+            # Raises once the loop is gone (server stopping): the engine then cancels the request.
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (part, event))
+        return on_event
+
+    @property
+    def n(self) -> int:
+        return self.parts[0].handle.request.decoding.n
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.parts[0].handle.request.decoding.logprobs is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.prompt_ids) for p in self.parts)
+
+    def open(self) -> bool:
+        return any(len(p.finished) < self.n for p in self.parts)
+
+    def finished(self) -> list[Finished]:
+        return [f for p in self.parts for f in p.finished.values()]
+
+    def cancel(self, engine: Engine) -> None:
+        for p in self.parts:
+            if len(p.finished) < self.n:
+                engine.cancel(p.handle)
+
+    def take(self, part: int, event) -> None:
+        """Keep what a response is made of: the prompt's scores, token logprobs, each choice's end."""
+        p = self.parts[part]
+        if isinstance(event, Prompt):
+            p.scored = event
+        elif isinstance(event, Token):
+            if event.logprob is not None:
+                p.logprobs.setdefault(event.index, []).append(event.logprob)
+        else:
+            p.finished[event.index] = event
+
+
+class _Logprobs:
+    """Log-probabilities in OpenAI's two shapes, with each token as its text (vLLM's way: the
+    token decoded alone, ``bytes`` its UTF-8, a partial character as U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self._text = tokenizer, {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._text:  # bounded by the vocabulary
+            self._text[token_id] = self.tokenizer.decode([token_id])
+        return self._text[token_id]
+
+    def completion(self, entries: list[tuple[int, Logprob | None]], offset: int = 0) -> dict:
+        """Completions' ``logprobs``: parallel lists; ``text_offset`` counts from ``offset``."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, lp in entries:
+            text = self.text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob if lp else None)
+            out["top_logprobs"].append({self.text(t): v for t, v in lp.top} if lp else None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat(self, logprobs: list[Logprob]) -> dict:
+        """Chat's ``logprobs``: a ``content`` entry per generated token."""
+        def entry(token_id: int, value: float) -> dict:
+            text = self.text(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in logprobs], "refusal": None}
 
 
 class _EventStream(StreamingResponse):
@@ -300,6 +404,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     how often the registry is re-read (None: never, for tests that refresh by hand)."""
     engine = models.engine
     metrics = Metrics(engine, models)
+    logprobs = _Logprobs(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -347,39 +452,62 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
 
     async def start(request: HttpRequest, body: _Body, endpoint: str) -> _Job:
         dec = decoding(body, limits, engine)
+        inputs = prompts(body)
+        if len(inputs) > engine.max_queue:
+            raise ApiError(400, f"prompt: {len(inputs)} prompts are more than this server queues ({engine.max_queue})",
+                           "prompt")
         job = _Job(asyncio.get_running_loop(), time.monotonic())
         chat = endpoint == "chat"
 
-        def build(served: Served):
-            if chat:
-                messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-                text = served.format_chat(messages, engine.tokenizer)
-            elif isinstance(body.prompt, dict):
-                text = served.format_fields(body.prompt)
-            elif body.raw_prompt:
-                text = body.prompt
-            else:
-                text = served.format_text(body.prompt)
-            return engine.encode(text), dec
+        def build(prompt):
+            def build(served: Served):
+                if chat:
+                    messages = [{"role": m.role, "content": _text(m.content)} for m in prompt]
+                    text = served.format_chat(messages, engine.tokenizer)
+                elif isinstance(prompt, list):  # token ids: the model's input as it is
+                    return tuple(prompt), dec
+                elif isinstance(prompt, dict):
+                    text = served.format_fields(prompt)
+                elif body.raw_prompt:
+                    text = prompt
+                else:
+                    text = served.format_text(prompt)
+                return engine.encode(text), dec
+            return build
+
+        def param(name: str, index: int) -> str:  # a batch's prompt is named by its place: prompt.3
+            if len(inputs) > 1 and name.split(".")[0] == "prompt":
+                return f"prompt.{index}" + name[len("prompt"):]
+            return name
 
         try:
-            job.served, request_, job.handle = await anyio.to_thread.run_sync(
-                models.submit, body.model, build, job.on_event)
+            for i, prompt in enumerate(inputs):
+                # A batch's later prompts go to the exact version the first resolved to,
+                # so a promotion in between cannot split one request over two versions.
+                name = job.served.name if job.served else body.model
+                try:
+                    served, request_, handle = await anyio.to_thread.run_sync(
+                        models.submit, name, build(prompt), job.listener(i))
+                except BadRequest as exc:
+                    p = param(exc.param, i)
+                    raise ApiError(400, str(exc).replace(exc.param, p, 1), p) from None
+                except ValueError as exc:  # the engine's checks: "<field>: <why>"
+                    field_, _, why = str(exc).partition(": ")
+                    field_ = param({"prompt_ids": "messages" if chat else "prompt"}.get(field_, field_), i)
+                    raise ApiError(400, f"{field_}: {why}", field_) from None
+                job.served = job.served or served
+                job.parts.append(_Part(handle, request_.prompt_ids))
         except UnknownModel as exc:
             raise ApiError(404, exc.args[0], "model", "model_not_found") from None
         except NotServable as exc:
             raise ApiError(404, f"model {body.model!r} is registered but cannot be served here: {exc}",
                            "model", "model_not_servable") from None
-        except BadRequest as exc:
-            raise ApiError(400, str(exc), exc.param) from None
         except QueueFull as exc:
             raise ApiError(429, f"too many requests waiting ({exc}); retry after {RETRY_AFTER_S} s",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except ValueError as exc:  # the engine's checks: "<field>: <why>"
-            field, _, why = str(exc).partition(": ")
-            field = {"prompt_ids": "messages" if chat else "prompt"}.get(field, field)
-            raise ApiError(400, f"{field}: {why}", field) from None
-        job.prompt_tokens = len(request_.prompt_ids)
+        finally:
+            if len(job.parts) < len(inputs):  # refused part-way: what went in comes out
+                job.cancel(engine)
         return job
 
     def record(job: _Job | None, endpoint: str, status: str) -> None:
@@ -394,7 +522,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
             metrics.ttft.labels(endpoint).observe(job.first_token - job.started)
 
     def usage(job: _Job) -> dict:
-        completion = sum(f.completion_tokens for f in job.finished.values())
+        completion = sum(f.completion_tokens for f in job.finished())
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": job.prompt_tokens + completion}
 
@@ -407,25 +535,26 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
 
     async def collect(request: HttpRequest, job: _Job, endpoint: str) -> bool:
         """Wait for every choice; False if the client went away (its request is cancelled)."""
-        n = job.handle.request.decoding.n
         look = time.monotonic() + DISCONNECT_CHECK_S
-        while len(job.finished) < n:
+        while job.open():
             try:
-                event = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
+                part, event = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
             except TimeoutError:
-                event = None
+                part = event = None
             if time.monotonic() >= look:  # tokens may arrive without pause: look on a clock
                 look = time.monotonic() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
-                    engine.cancel(job.handle)
+                    job.cancel(engine)
                     return False
             if event is None:
                 continue
             if isinstance(event, Token):
                 saw_token(job, endpoint)
-            else:
-                job.finished[event.index] = event
+            job.take(part, event)
         return True
+
+    def echoed(part: _Part) -> str:
+        return engine.tokenizer.decode(part.prompt_ids)
 
     async def run(request: HttpRequest, schema: type[_Body], endpoint: str):
         try:
@@ -438,22 +567,29 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
         head = {"id": ident, "created": int(time.time()), "model": job.served.name,
                 "system_fingerprint": job.served.commit[:12] if job.served.commit else None}
         if body.stream:
-            return _EventStream(stream(job, body, endpoint, head), lambda: engine.cancel(job.handle))
+            return _EventStream(stream(job, body, endpoint, head), lambda: job.cancel(engine))
         if not await collect(request, job, endpoint):
             record(job, endpoint, "disconnected")
             return Response(status_code=499)  # nobody reads it; nginx's code for a client that left
-        for f in job.finished.values():
+        for f in job.finished():
             if err := failed(f):
                 record(job, endpoint, str(err.status))
                 raise err
-        choices = []
-        for i in sorted(job.finished):
-            f = job.finished[i]
-            if endpoint == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": f.text},
-                                "finish_reason": f.reason, "logprobs": None})
-            else:
-                choices.append({"index": i, "text": f.text, "finish_reason": f.reason, "logprobs": None})
+        choices, wants = [], job.wants_logprobs
+        for p, part in enumerate(job.parts):
+            for i in sorted(part.finished):
+                f, index = part.finished[i], p * job.n + i
+                generated = part.logprobs.get(i, [])
+                if endpoint == "chat":
+                    choices.append({"index": index, "message": {"role": "assistant", "content": f.text},
+                                    "finish_reason": f.reason, "logprobs": logprobs.chat(generated) if wants else None})
+                    continue
+                echo = echoed(part) if body.echo else ""
+                entries = [(lp.token_id, lp) for lp in generated]
+                if body.echo and part.scored:
+                    entries = list(zip(part.prompt_ids, part.scored.logprobs)) + entries
+                choices.append({"index": index, "text": echo + f.text, "finish_reason": f.reason,
+                                "logprobs": logprobs.completion(entries) if wants else None})
         record(job, endpoint, "ok")
         return {**head, "object": "chat.completion" if endpoint == "chat" else "text_completion",
                 "choices": choices, "usage": usage(job)}
@@ -461,31 +597,47 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     async def stream(job: _Job, body: _Body, endpoint: str, head: dict):
         chat = endpoint == "chat"
         kind = "chat.completion.chunk" if chat else "text_completion"
-        n = job.handle.request.decoding.n
-        sent = {i: "" for i in range(n)}
+        n, wants = job.n, job.wants_logprobs
+        sent = {(p, i): "" for p in range(len(job.parts)) for i in range(n)}  # generated text streamed
+        offset = dict.fromkeys(sent, 0)  # completions' text_offset: characters streamed, echo included
         status = "disconnected"
 
-        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(key: tuple[int, int], text: str | None, reason: str | None, first: bool = False,
+                  entries: list[tuple[int, Logprob | None]] = ()) -> str:
+            index = key[0] * n + key[1]
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+                lp = logprobs.chat([e for _, e in entries]) if wants and entries else None
+                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": lp}
             else:
-                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+                lp = logprobs.completion(list(entries), offset[key]) if wants and entries else None
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": lp}
+                offset[key] += len(text or "")
             return _sse({**head, "object": kind, "choices": [choice]})
 
         try:
             if chat:
-                for i in range(n):
-                    yield chunk(i, None, None, first=True)
-            while len(job.finished) < n:
-                event = await job.events.get()
+                for key in sent:
+                    yield chunk(key, None, None, first=True)
+            elif body.echo and not wants:
+                for key in sent:
+                    yield chunk(key, echoed(job.parts[key[0]]), None)
+            while job.open():
+                p, event = await job.events.get()
+                job.take(p, event)
+                if isinstance(event, Prompt):  # echo with logprobs: the prompt first, scored
+                    for i in range(n):
+                        yield chunk((p, i), echoed(job.parts[p]), None,
+                                    entries=list(zip(job.parts[p].prompt_ids, event.logprobs)))
+                    continue
+                key = (p, event.index)
                 if isinstance(event, Token):
                     saw_token(job, endpoint)
-                    if event.text:
-                        sent[event.index] += event.text
-                        yield chunk(event.index, event.text, None)
+                    if event.text or event.logprob is not None:
+                        sent[key] += event.text
+                        yield chunk(key, event.text, None,
+                                    entries=[(event.token_id, event.logprob)] if event.logprob else ())
                     continue
-                job.finished[event.index] = event
                 if err := failed(event):
                     status = str(err.status)
                     yield _sse({"error": {"message": err.message, "type": "server_error", "param": None,
@@ -493,15 +645,14 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
                     return
                 # The streamed pieces add up to the final text (serving.decoding); a tail the
                 # engine held back and never released is sent here rather than lost.
-                rest = event.text[len(sent[event.index]):] if event.text.startswith(sent[event.index]) else ""
-                yield chunk(event.index, rest or None, event.reason)
+                rest = event.text[len(sent[key]):] if event.text.startswith(sent[key]) else ""
+                yield chunk(key, rest or None, event.reason)
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse({**head, "object": kind, "choices": [], "usage": usage(job)})
             yield "data: [DONE]\n\n"
             status = "ok"
         finally:
-            if len(job.finished) < n:
-                engine.cancel(job.handle)
+            job.cancel(engine)
             record(job, endpoint, status)
 
     @app.post("/v1/completions")

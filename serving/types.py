@@ -3,11 +3,17 @@
 A request is a prompt already formatted (with the adapter's training template) and
 tokenized, the served name it asked for, and how to decode. The engine answers with
 events, one choice (``n`` > 1: several) at a time.
+
+Log-probabilities (``Logprob``) are the model's own: the log-softmax of its float32 logits,
+before temperature, top-k, top-p or the n-gram rule reshape them for sampling (vLLM's
+default, and what a client scoring text, such as lm-evaluation-harness, needs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+MAX_LOGPROBS = 20  # alternatives a token may list at most (vLLM's default bound; OpenAI's chat allows 20)
 
 
 class QueueFull(RuntimeError):
@@ -32,6 +38,8 @@ class Decoding:
     num_beams: int = 1  # > 1: beam search (n best beams returned, n <= num_beams)
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    logprobs: int | None = None  # each generated token's Logprob with this many alternatives; None: off
+    prompt_logprobs: bool = False  # score the prompt too: a Prompt event before the first token
 
 
 @dataclass(frozen=True)
@@ -42,13 +50,33 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability where it stands, and the ``top`` most likely tokens there
+    (id, log-probability; most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Token:
     """One more piece of choice ``index``'s text (``text`` may be empty while a multi-byte
-    character is incomplete)."""
+    character is incomplete); ``logprob`` when the request asked for them."""
 
     index: int
     token_id: int
     text: str
+    logprob: Logprob | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The request's prompt scored (``Decoding.prompt_logprobs``), once, before any Token:
+    each prompt token's Logprob given the tokens before it (and the adapter's virtual tokens);
+    None for the first, as OpenAI's ``echo`` gives it (the base model has nothing before it)."""
+
+    logprobs: tuple[Logprob | None, ...]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pipelines import scoring
 from pipelines.config import EvaluateConfig
 from serving.decoding import TextStream
 from serving.engine import BASE, Engine
-from serving.types import Decoding, Finished, QueueFull, Request, Token, UnknownModel
+from serving.types import Decoding, Finished, Prompt, QueueFull, Request, Token, UnknownModel
 from tests.conftest import build_tiny_model, liven
 
 METHODS = ["prompt", "ptuning", "prefix", "lora", "full", BASE]
@@ -78,11 +78,10 @@ def engine(lively_base, adapter_dirs) -> Engine:
     return eng
 
 
-def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...], steps: int = STEPS) -> list[int]:
-    """Greedy decoding by full forward passes of the model as trained (PEFT's training forward, no cache),
-    to an end-of-sequence token (kept, as the engine keeps it) or ``steps`` tokens."""
+def as_trained(base: Path, adapter_dirs: dict, method: str):
+    """The model as trained: PEFT's training forward (or the plain model), in eval mode."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if method == BASE:
         model = AutoModelForCausalLM.from_pretrained(base)
@@ -90,6 +89,15 @@ def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...]
         model = AutoModelForCausalLM.from_pretrained(adapter_dirs["full"])
     else:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dirs[method])
+    return model.eval()
+
+
+def trained(base: Path, adapter_dirs: dict, method: str, prompt: tuple[int, ...], steps: int = STEPS) -> list[int]:
+    """Greedy decoding by full forward passes of the model as trained (PEFT's training forward, no cache),
+    to an end-of-sequence token (kept, as the engine keeps it) or ``steps`` tokens."""
+    from transformers import AutoTokenizer
+
+    model = as_trained(base, adapter_dirs, method)
     ends = model.generation_config.eos_token_id
     eos = {AutoTokenizer.from_pretrained(base).eos_token_id, *(ends if isinstance(ends, list) else [ends])}
     seq, out = list(prompt), []
@@ -141,8 +149,8 @@ def test_prefills_are_bounded_per_forward_and_per_step_oldest_first(engine, monk
     requests = [greedy(m, p) for m in ("lora", BASE) for p in ids]  # ids 0-2 lora, 3-5 base
     steps: list[list[list[int]]] = []
     prefill = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda group, handles: (
-        steps[-1].append([len(h.request.prompt_ids) for h in handles]), prefill(group, handles))[1])
+    monkeypatch.setattr(engine, "_prefill", lambda group, handles, *score: (
+        steps[-1].append([len(h.request.prompt_ids) for h in handles]), prefill(group, handles, *score))[1])
     monkeypatch.setattr(engine, "prefill_tokens", 2 * a)
     got: dict[int, list] = {i: [] for i in range(len(requests))}
     tokens_by_step = []
@@ -203,6 +211,72 @@ def stream(engine: Engine, request: Request) -> tuple[list[Token], list[Finished
     while engine.step():
         pass
     return [e for e in events if isinstance(e, Token)], [e for e in events if isinstance(e, Finished)]
+
+
+def events_of(engine: Engine, requests: list[Request]) -> list[list]:
+    """Every event of each request, submitted together and stepped to the end."""
+    events: list[list] = [[] for _ in requests]
+    for r, mine in zip(requests, events):
+        engine.submit(r, mine.append)
+    while engine.step():
+        pass
+    return events
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logprobs_are_the_trained_models_for_the_prompt_and_each_token(method, engine, lively_base, adapter_dirs):
+    """A scored request (echo and logprobs, as lm-evaluation-harness asks) in a batch with
+    rows of other lengths and methods: the prompt's and each generated token's log-probability
+    and alternatives are the trained model's over the whole unpadded sequence, the Prompt
+    event comes first, and asking for them changes no token."""
+    ids = engine.encode(PROMPTS[1])
+    wanted = greedy(method, ids, logprobs=3, prompt_logprobs=True)
+    others = [greedy("prefix", engine.encode(PROMPTS[0]), logprobs=0), greedy(BASE, engine.encode(PROMPTS[2]))]
+    events, first, _ = events_of(engine, [wanted, *others])
+    (prompt,), tokens = [e for e in events if isinstance(e, Prompt)], [e for e in events if isinstance(e, Token)]
+    assert isinstance(events[0], Prompt)
+    (done,) = [e for e in events if isinstance(e, Finished)]
+    assert done.token_ids == alone(engine, greedy(method, ids))[0].token_ids
+
+    seq = list(ids) + list(done.token_ids)
+    with torch.no_grad():
+        logits = as_trained(lively_base, adapter_dirs, method)(input_ids=torch.tensor([seq])).logits[0, -len(seq):]
+    reference = torch.log_softmax(logits, -1)
+    got = [*prompt.logprobs, *(t.logprob for t in tokens)]
+    assert len(got) == len(seq) and got[0] is None
+    for position, lp in enumerate(got[1:], start=1):
+        row = reference[position - 1]
+        assert lp.token_id == seq[position] and lp.logprob == pytest.approx(float(row[seq[position]]), abs=1e-4)
+        top_values, top_ids = row.topk(3)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+    assert all(t.logprob.top == () for t in first if isinstance(t, Token))  # logprobs=0: the token alone
+    assert not any(isinstance(e, Prompt) for e in first)
+
+
+def test_scored_prompts_prefill_in_bounded_forwards_and_score_the_same(engine, monkeypatch):
+    requests = [greedy(m, engine.encode(p), logprobs=1, prompt_logprobs=True, max_tokens=2)
+                for m in ("lora", "prompt") for p in PROMPTS]
+    whole = events_of(engine, requests)
+    widths = []
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda group, handles, score=False: (
+        widths.append(len(handles)), prefill(group, handles, score))[1])
+    monkeypatch.setattr(engine, "_score_tokens", 1)  # every scored row alone
+    alone_ = events_of(engine, requests)
+    assert widths == [1] * len(requests)
+
+    def flat(events):  # (kind, token ids, log-probabilities): the floats may round apart with the padding
+        out = []
+        for e in events:
+            for lp in (e.logprobs if isinstance(e, Prompt) else [getattr(e, "logprob", None)]):
+                out.append((type(e).__name__, lp and (lp.token_id, [t for t, _ in lp.top]), lp and lp.logprob))
+        return out
+
+    for a, b in zip(alone_, whole):
+        assert [x[:2] for x in flat(a)] == [x[:2] for x in flat(b)]
+        assert [x[2] for x in flat(a) if x[2] is not None] == pytest.approx([x[2] for x in flat(b) if x[2] is not None],
+                                                                            abs=1e-4)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -305,8 +379,8 @@ def test_an_admitted_request_cancelled_before_its_prefill_is_never_run(lively_ba
     eng = Engine(lively_base, max_batch=4, device="cpu", dtype=torch.float32, prefill_tokens=1)
     prefilled: list[int] = []
     prefill = eng._prefill
-    monkeypatch.setattr(eng, "_prefill", lambda group, handles: (
-        prefilled.extend(h.id for h in handles), prefill(group, handles))[1])
+    monkeypatch.setattr(eng, "_prefill", lambda group, handles, *score: (
+        prefilled.extend(h.id for h in handles), prefill(group, handles, *score))[1])
     events: list = []
     first = eng.submit(greedy(BASE, eng.encode(PROMPTS[0])), events.append)
     second = eng.submit(greedy(BASE, eng.encode(PROMPTS[1]), n=2), events.append)
@@ -370,7 +444,8 @@ def test_the_queue_is_bounded_and_requests_are_checked(lively_base):
     with pytest.raises(UnknownModel):
         eng.submit(greedy("nope", ids), lambda e: None)
     for bad, field in [(Decoding(max_tokens=0), "max_tokens"), (Decoding(top_p=0), "top_p"),
-                       (Decoding(n=3), "n"), (Decoding(num_beams=2, temperature=0.5), "temperature")]:
+                       (Decoding(n=3), "n"), (Decoding(num_beams=2, temperature=0.5), "temperature"),
+                       (Decoding(logprobs=21), "logprobs"), (Decoding(num_beams=2, logprobs=1), "logprobs")]:
         with pytest.raises(ValueError, match=f"^{field}:"):
             eng.submit(Request(BASE, ids, bad), lambda e: None)
     with pytest.raises(ValueError, match="^prompt_ids:"):

@@ -271,6 +271,69 @@ def test_streaming_chat_and_decoding_options(server, models):
     assert top_k.usage.completion_tokens >= 1
 
 
+def test_logprobs_echo_and_token_id_batches_as_lm_evaluation_harness_asks(server, models):
+    """lm-evaluation-harness' ``local-completions`` scores a continuation by sending prompt and
+    continuation as token ids, a batch per request, with ``echo``, ``logprobs: 1`` and
+    ``max_tokens: 1``, and reads ``token_logprobs[ctxlen:-1]`` and ``top_logprobs``: that is
+    the log-likelihood the model gives the continuation when it generates it, and greedy
+    where each token is its place's most likely."""
+    api, tok = client(server), models.engine.tokenizer
+    texts = ["name[Aromi], food[Chinese]", "name[Alimentum]"]
+    made = api.completions.create(model=FIRST, prompt=texts, max_tokens=6, logprobs=2, n=2)
+    assert [c.index for c in made.choices] == [0, 1, 2, 3]  # prompt-major, OpenAI's order
+    alone = [api.completions.create(model=FIRST, prompt=t, max_tokens=6, logprobs=2).choices[0] for t in texts]
+    assert [c.text for c in made.choices] == [alone[0].text] * 2 + [alone[1].text] * 2  # greedy: n agree
+    for c in made.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) <= 6
+        assert all(len(top) <= 2 and lp <= max(top.values()) + 1e-6
+                   for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs))
+
+    # The adapter's formatted prompt as ids, then the continuation it generated for it.
+    context = list(models.engine.encode(models.resolve(FIRST).format_text(texts[0])))
+    gen = api.completions.create(model=FIRST, prompt=context, max_tokens=6, logprobs=1).choices[0]
+    continuation = tok(gen.text, add_special_tokens=False).input_ids
+    assert gen.text == alone[0].text and continuation  # token ids go in as they are: no template added
+    scored = api.completions.create(model=FIRST, prompt=[context + continuation, context], max_tokens=1, logprobs=1,
+                                    echo=True, temperature=0)
+    first, second = sorted(scored.choices, key=lambda c: c.index)
+    assert first.text.startswith(tok.decode(context + continuation)) and first.logprobs.token_logprobs[0] is None
+    assert len(first.logprobs.token_logprobs) == len(context + continuation) + 1
+    ctxlen = len(context)
+    assert first.logprobs.token_logprobs[ctxlen:-1] == pytest.approx(gen.logprobs.token_logprobs[:len(continuation)],
+                                                                     abs=1e-4)
+    assert all(lp == pytest.approx(max(top.values()), abs=1e-6)  # lm-eval's is_greedy
+               for lp, top in zip(first.logprobs.token_logprobs[ctxlen:-1], first.logprobs.top_logprobs[ctxlen:-1]))
+    assert "".join(first.logprobs.tokens[:len(context)]) == tok.decode(context)
+    assert first.logprobs.text_offset[:3] == [0, len(first.logprobs.tokens[0]),
+                                             len(first.logprobs.tokens[0]) + len(first.logprobs.tokens[1])]
+    assert len(second.logprobs.tokens) == ctxlen + 1
+    assert second.logprobs.token_logprobs[-1] == pytest.approx(gen.logprobs.token_logprobs[0], abs=1e-4)
+    assert scored.usage.prompt_tokens == 2 * ctxlen + len(continuation)
+
+    # Streamed, the same log-probabilities token by token; echo without logprobs is text only.
+    pieces = list(api.completions.create(model=FIRST, prompt=context, max_tokens=6, logprobs=1, stream=True))
+    streamed = [lp for p in pieces if p.choices and p.choices[0].logprobs for lp in p.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(gen.logprobs.token_logprobs, abs=1e-6)
+    echoed = list(api.completions.create(model="base", prompt="Aromi is", max_tokens=3, echo=True, stream=True))
+    assert "".join(p.choices[0].text for p in echoed).startswith("Aromi is") and echoed[0].choices[0].logprobs is None
+    plain = api.completions.create(model="base", prompt="Aromi is", max_tokens=3, echo=True)
+    assert plain.choices[0].text == "".join(p.choices[0].text for p in echoed) and plain.choices[0].logprobs is None
+
+    # Chat: a content entry per generated token, its alternatives most likely first.
+    chat = api.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+                                       logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.token == e.top_logprobs[0].token
+               for e in content)  # greedy picks the most likely
+    assert "".join(e.token for e in content).startswith(chat.choices[0].message.content)
+    assert content[0].bytes == list(content[0].token.encode())
+    chunks = list(api.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hello"}],
+                                              max_tokens=5, logprobs=True, stream=True))
+    assert [e.logprob for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content] == \
+        pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
 def test_a_version_is_loaded_on_request_and_names_never_reach_the_filesystem(project, models):
     assert models.resolve(FIRST).version == "v0.0.1"
     before = sorted(p.relative_to(project) for p in (project / CACHE).rglob("*"))
@@ -303,7 +366,13 @@ BAD = [  # (body, status, param, words in the message)
     ({"model": "base", "prompt": "x", "n": 99}, 400, "n", "rows a batch holds"),
     ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"model": "base", "prompt": "x", "num_beams": 2, "temperature": 0.5}, 400, "temperature", "beam search"),
-    ({"model": "base", "prompt": "x", "logprobs": 3}, 400, "logprobs", "not supported"),
+    ({"model": "base", "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ({"model": "base", "prompt": "x", "logprobs": 1, "num_beams": 2}, 400, "logprobs", "beam search"),
+    ({"model": "base", "prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
+    ({"model": "base", "prompt": []}, 400, "prompt", "empty"),
+    ({"model": "base", "prompt": [[5, 6], [10**7]]}, 400, "prompt.1", "ids must be in"),
+    ({"model": "base", "prompt": [[5, 6], []]}, 400, "prompt.1", "must not be empty"),
+    ({"model": FIRST, "prompt": ["name[Aromi]", ""]}, 400, "prompt.1.mr", "prompt.1.mr: must be non-empty"),
     ({"model": "base", "prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not a parameter"),
     ({"model": "base", "prompt": {"mr": "x"}}, 400, "prompt", "no task template"),
     ({"model": FIRST, "prompt": {"mr": "x", "colour": "red"}}, 400, "prompt", "'colour': not an input field"),
@@ -332,6 +401,9 @@ def test_malformed_json_and_bad_chat_messages(server):
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": FIRST, "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "name[Aromi]"}]})
     assert r.status_code == 400 and "one user message holding its input (mr)" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                          "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = httpx.post(f"{server}/v1/completions", json={"model": "base", "prompt": "x" * (2 << 20)})
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
     r = httpx.post(f"{server}/v1/completions", json={"model": "x" * 5000, "prompt": "x"})
@@ -407,10 +479,10 @@ def test_a_wide_host_needs_a_key_and_says_so_at_start(project, monkeypatch):
 STEP_S = 0.02  # the tiny model decodes a step in ~1 ms; a real one takes tens
 
 
-@pytest.fixture(scope="module")
-def small(project):
-    """A server whose engine decodes one row at real-model speed and lets one request wait."""
-    engine = Engine(project / "data/models/base", max_batch=1, max_queue=1)
+@contextmanager
+def slow_server(project: Path, max_queue: int):
+    """A server whose engine decodes one row at real-model speed and lets ``max_queue`` requests wait."""
+    engine = Engine(project / "data/models/base", max_batch=1, max_queue=max_queue)
     step = engine.step
 
     def slow_step():
@@ -421,9 +493,17 @@ def small(project):
     engine.start()
     served = Models(engine, project, project / "data/models/base")
     served.refresh()
-    with running(create_app(served, poll_seconds=None)) as url:
-        yield url, engine
-    engine.close()
+    try:
+        with running(create_app(served, poll_seconds=None)) as url:
+            yield url, engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def small(project):
+    with slow_server(project, max_queue=1) as both:
+        yield both
 
 
 def wait_for(check, seconds: float = 10.0) -> bool:
@@ -451,6 +531,23 @@ def test_a_full_queue_answers_429_with_retry_after(small):
     assert caught.value.body["code"] == "queue_full"
     running_stream.close()
     assert waiting.result(120).choices[0].finish_reason in ("stop", "length")  # the queue then drains
+
+
+def test_a_batch_the_queue_cannot_hold_is_refused_whole(project):
+    with slow_server(project, max_queue=2) as (url, engine):
+        api = client(url)
+        running_stream = api.completions.create(**LONG, stream=True)
+        next(iter(running_stream))  # the one row is taken
+        waiting = ThreadPoolExecutor(1).submit(api.completions.create, **LONG)
+        assert wait_for(lambda: engine.stats().waiting == 1)
+        with pytest.raises(openai.RateLimitError):  # its first prompt fits in the queue, its second does not
+            api.completions.create(model="base", prompt=["Aromi is", "Alimentum is"], max_tokens=4)
+        assert wait_for(lambda: engine.stats().waiting == 1)  # the first left with it, at the next step
+        with pytest.raises(openai.BadRequestError, match="3 prompts are more than this server queues"):
+            api.completions.create(model="base", prompt=["a", "b", "c"], max_tokens=4)
+        running_stream.close()
+        assert waiting.result(120).choices[0].finish_reason in ("stop", "length")
+        assert engine.stats().requests_finished == 3  # the stream, the cancelled prompt, the waiting one
 
 
 def test_a_client_that_disconnects_frees_its_slot(small):
