@@ -400,7 +400,11 @@ class TuneConfig(_Section):
     optimizer: Literal["adamw", "adafactor"] | None = None
     weight_decay: float | None = Field(default=None, ge=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    lr_scheduler: str = "linear"
+    # transformers' schedules that need nothing beyond warmup and length: the others need
+    # lr_scheduler_kwargs (cosine_with_min_lr, warmup_stable_decay) or an eval metric at
+    # every step (reduce_lr_on_plateau, greedy), which the tune stage does not give them
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt"] = "linear"
     eval_examples: int = Field(default=64, ge=0)
     save_steps: int = Field(default=0, ge=0)
     # end with the weights of the lowest eval loss, evaluated each epoch (every save_steps when set)

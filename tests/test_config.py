@@ -36,6 +36,20 @@ def test_unknown_method_and_task_are_rejected():
         parse_params(raw)
 
 
+def test_a_schedule_the_tune_stage_cannot_run_is_refused_before_any_stage():
+    """Each stage validates the whole file, so the first stage refuses it, not the tune
+    stage after collect, clean and tokenize have run; transformers' own names pass."""
+    raw = _raw()
+    raw["tune"]["lr_scheduler"] = "cosin"
+    with pytest.raises(ConfigError, match=r"tune\.lr_scheduler.*'cosine'"):
+        parse_params(raw)
+    raw["tune"]["lr_scheduler"] = "cosine_with_min_lr"  # needs lr_scheduler_kwargs, which ptune does not pass
+    with pytest.raises(ConfigError, match=r"tune\.lr_scheduler"):
+        parse_params(raw)
+    raw["tune"]["lr_scheduler"] = "cosine"
+    assert parse_params(raw).tune.lr_scheduler == "cosine"
+
+
 def test_unknown_key_and_inverted_bounds_are_rejected():
     raw = _raw()
     raw["clean"]["filters"]["length"]["min_char"] = 3
