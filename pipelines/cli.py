@@ -184,6 +184,8 @@ def _generate(args: argparse.Namespace) -> None:
                         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()), n=args.n,
                         num_beams=args.num_beams, length_penalty=args.length_penalty,
                         no_repeat_ngram_size=args.no_repeat_ngram_size)
+    for name, why in decoding.problems()[:1]:  # said before the model loads
+        raise StageError(f"{'-n' if name == 'n' else '--' + name.replace('_', '-')}: {why}")
     repo = Path(args.repo)
     served, prompt_tokens, choices = models.generate(
         repo, Path(args.base) if args.base else repo / "data/models/base", args.model, decoding,

@@ -75,7 +75,7 @@ from serving import adapters, beams
 from serving.adapters import Adapter, Group
 from serving.batch import Batch
 from serving.decoding import Choice, logprobs_of, new_choice, pick_all, scored
-from serving.types import MAX_LOGPROBS, Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
+from serving.types import Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -295,24 +295,11 @@ class Engine:
         return results
 
     def _check(self, request: Request) -> None:
-        d = request.decoding
         rules = [("prompt_ids", len(request.prompt_ids) > 0, "must not be empty"),
-                 ("prompt_ids", all(0 <= t < self.vocab for t in request.prompt_ids), f"ids must be in [0, {self.vocab})"),
-                 ("max_tokens", d.max_tokens >= 1, "must be at least 1"),
-                 ("n", 1 <= d.n <= self.max_batch, f"must be in [1, {self.max_batch}]"),
-                 ("temperature", d.temperature >= 0, "must not be negative"),
-                 ("top_p", 0 < d.top_p <= 1, "must be in (0, 1]"),
-                 ("top_k", d.top_k >= 0, "must not be negative"),
-                 ("num_beams", d.num_beams >= 1, "must be at least 1"),
-                 ("n", d.num_beams == 1 or d.n <= d.num_beams, "must not exceed num_beams"),
-                 ("temperature", d.num_beams == 1 or d.temperature == 0, "beam search is not sampled: set 0"),
-                 ("no_repeat_ngram_size", d.no_repeat_ngram_size >= 0, "must not be negative"),
-                 ("logprobs", d.logprobs is None or 0 <= d.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
-                 ("logprobs", d.num_beams == 1 or (d.logprobs is None and not d.prompt_logprobs),
-                  "not with beam search (num_beams > 1)")]
-        for name, ok, why in rules:
-            if not ok:
-                raise ValueError(f"{name}: {why}")
+                 ("prompt_ids", all(0 <= t < self.vocab for t in request.prompt_ids), f"ids must be in [0, {self.vocab})")]
+        problems = [(name, why) for name, ok, why in rules if not ok] + request.decoding.problems(self.max_batch)
+        if problems:
+            raise ValueError("{}: {}".format(*problems[0]))
 
     # -- the loop -------------------------------------------------------------------
 

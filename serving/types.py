@@ -41,6 +41,24 @@ class Decoding:
     logprobs: int | None = None  # each generated token's Logprob with this many alternatives; None: off
     prompt_logprobs: bool = False  # score the prompt too: a Prompt event before the first token
 
+    def problems(self, max_batch: int | None = None) -> list[tuple[str, str]]:
+        """(field, why) for each setting out of range; ``max_batch``: the rows ``n`` may fill."""
+        rules = [("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+                 ("n", self.n >= 1, "must be at least 1"),
+                 ("n", max_batch is None or self.n <= max_batch, f"must be at most {max_batch} (the rows a batch holds)"),
+                 ("temperature", self.temperature >= 0, "must not be negative"),
+                 ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+                 ("top_k", self.top_k >= 0, "must not be negative"),
+                 ("num_beams", self.num_beams >= 1, "must be at least 1"),
+                 ("n", self.num_beams == 1 or self.n <= self.num_beams, "must not exceed num_beams"),
+                 ("temperature", self.num_beams == 1 or self.temperature == 0, "beam search is not sampled: set 0"),
+                 ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must not be negative"),
+                 ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                  f"must be in [0, {MAX_LOGPROBS}]"),
+                 ("logprobs", self.num_beams == 1 or (self.logprobs is None and not self.prompt_logprobs),
+                  "not with beam search (num_beams > 1)")]
+        return [(name, why) for name, ok, why in rules if not ok]
+
 
 @dataclass(frozen=True)
 class Request:

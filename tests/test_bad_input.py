@@ -607,3 +607,13 @@ def test_a_stage_prints_its_own_summary_and_no_library_chatter(tmp_path, tiny_ba
         assert "great_expectations" not in proc.stdout + proc.stderr, stage
         assert not [line for line in lines if re.search(r" INFO (?!pipelines\.|ptune\b)", line)], stage
         assert any(re.search(summary, line) for line in lines), (stage, lines)
+
+
+@pytest.mark.parametrize("flags, said", [(["-n", "0"], "-n: must be at least 1"),
+                                         (["--max-tokens", "0"], "--max-tokens: must be at least 1"),
+                                         (["--top-p", "2"], "--top-p: must be in (0, 1]"),
+                                         (["--num-beams", "2", "-n", "3"], "-n: must not exceed num_beams")])
+def test_generate_refuses_bad_decoding_flags_before_loading_a_model(tmp_path, capsys, flags, said):
+    """No model or registry here: the flags are checked first, named as they were typed."""
+    assert cli.main(["generate", "--model", "base", "--repo", str(tmp_path), *flags, "x"]) == 1
+    assert capsys.readouterr().err.strip() == f"ptune generate: error: {said}"
