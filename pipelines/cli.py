@@ -6,7 +6,7 @@
     ptune tasks              the tasks declared in tasks/<name>.yaml, each checked
     ptune evaluate --adapter <dir | artifact@version> --file <path>
                              score an adapter on any file in the task's source format
-    ptune lineage <artifact>@<version> [--record-id ID]
+    ptune lineage <artifact>[@<version>] [--record-id ID]
                              commit, params, data hashes, validation and metrics of a version
     ptune export --adapter <dir | artifact@version> --out <dir>
                              what other engines load: a merged checkpoint (LoRA, full), a soft
@@ -131,7 +131,7 @@ def _export(args: argparse.Namespace) -> None:
     check = record["check"]
     what = {"merged_checkpoint": "a merged checkpoint", "checkpoint": "a checkpoint",
             "soft_prompt": "a soft prompt"}[record["kind"]]
-    print(f"{args.adapter} ({record['method']}) exported as {what} to {args.out}/ (logits within "
+    print(f"{record['source'].get('version', args.adapter)} ({record['method']}) exported as {what} to {args.out}/ (logits within "
           f"{check['max_abs_logit_difference']:.2g} of the PEFT model's on a training example); "
           f"prompt format in {args.out}/prompt_format.json")
 
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list the declared tasks (tasks/<name>.yaml), each checked").set_defaults(func=_tasks)
 
     e = sub.add_parser("evaluate", help="score an adapter (or a registered version) on any file")
-    e.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
+    e.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>[@<version>] (bare: its prod version)")
     e.add_argument("--file", required=True, help="records in the task's source format (as collect reads them)")
     e.add_argument("--task", help="default: task.name in params.yaml")
     e.add_argument("--format", help="the file's format, where its extension does not say")
@@ -299,13 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     li = sub.add_parser("lineage", help="what produced a registered version")
-    li.add_argument("version", metavar="ARTIFACT@VERSION")
+    li.add_argument("version", metavar="ARTIFACT[@VERSION]", help="a registered version; bare: its prod version")
     li.add_argument("--record-id", help="a source record id: was it in this version's training data?")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=_lineage)
 
     x = sub.add_parser("export", help="write what other engines load (merged checkpoint, soft prompt)")
-    x.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>@<version>")
+    x.add_argument("--adapter", required=True, help="an adapter directory, or <artifact>[@<version>] (bare: its prod version)")
     x.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --force)")
     x.add_argument("--base", default="data/models/base", help="the base model the adapter was trained on")
     x.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on "

@@ -279,8 +279,8 @@ def evaluate_file(params, task: Task, adapter: str, file: Path, base: Path, shar
     with tempfile.TemporaryDirectory(prefix="ptune-evaluate-") as tmp:
         work = Path(tmp)
         check = True
-        if not Path(adapter).exists() and "@" in adapter:
-            version = lineage.resolve(repo, adapter)
+        if not Path(adapter).exists():
+            version = lineage.resolve_path_or_version(repo, adapter)
             commit = version["commit"]
             adapter_dir = lineage.materialize(repo, commit, "data/models/adapter", work / "adapter")
             shards = work / "shards"
@@ -296,7 +296,7 @@ def evaluate_file(params, task: Task, adapter: str, file: Path, base: Path, shar
         elif Path(adapter).is_dir():
             adapter_dir = Path(adapter)
         else:
-            raise StageError(f"{adapter}: neither an adapter directory nor <artifact>@<version>")
+            raise StageError(f"{adapter}: not a directory (an adapter directory or <artifact>[@<version>] is expected)")
         try:
             test_file = collect_and_clean_file(params, task, file, work, fmt)
         except StageError as exc:

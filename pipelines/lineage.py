@@ -33,26 +33,37 @@ REMOVED, QUARANTINE, RECORDS = "data/clean/removed", "data/raw/quarantine.jsonl"
 ADAPTER = "data/models/adapter"
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    artifact, sep, version = spec.partition("@")
-    if not sep or not artifact or not version:
-        raise StageError(f"{spec!r}: expected <artifact>@<version>, e.g. e2e-adapter@v0.0.1 "
-                         "(`ptune registry` lists them)")
-    return artifact, version
-
-
 def resolve(repo: Path, spec: str) -> dict:
-    """{artifact, version, commit, stages} of ``artifact@version`` in ``repo``'s GTO registry."""
+    """{artifact, version, commit, stages} of ``artifact@version`` in ``repo``'s GTO registry;
+    a bare ``artifact`` is its version in ``prod``, as ``ptune serve`` and ``generate`` name it."""
     from pipelines import registry
 
-    artifact, version = parse_spec(spec)
+    artifact, sep, version = spec.partition("@")
+    if not artifact or (sep and not version):
+        raise StageError(f"{spec!r}: expected <artifact>@<version> or <artifact> (its prod version), e.g. "
+                         "e2e-adapter@v0.0.1 (`ptune registry` lists them)")
     found = registry.list_versions(repo, artifact)
     if not found:
         raise StageError(f"{artifact}: no registered versions in {repo} (`ptune registry` lists what there is)")
+    if not sep:
+        prod = registry.prod_version(repo, artifact)
+        if prod is None:
+            raise StageError(f"{artifact}: no version in prod; name one: "
+                             f"{', '.join(artifact + '@' + v['version'] for v in found)}")
+        version = prod["version"]
     for v in found:
         if v["version"] == version:
             return {"artifact": artifact, "version": version, "commit": v["commit"], "stages": v["stages"]}
     raise StageError(f"{artifact} has no version {version}; registered: {', '.join(v['version'] for v in found)}")
+
+
+def resolve_path_or_version(repo: Path, spec: str) -> dict:
+    """``resolve`` for an argument that names a directory or a registered version, once it is
+    known not to be a directory: the error says both readings failed."""
+    try:
+        return resolve(repo, spec)
+    except StageError as exc:
+        raise StageError(f"{spec}: no such directory; nor a registered version: {exc}") from None
 
 
 def _show(repo: Path, commit: str, path: str) -> str | None:

@@ -113,8 +113,8 @@ def _source(adapter: str, shards: Path, repo: Path, work: Path) -> Source:
     path = Path(adapter)
     if path.is_dir():
         return Source(path, shards, {"adapter": str(path.resolve())})
-    if not path.exists() and "@" in adapter:
-        version = lineage.resolve(repo, adapter)
+    if not path.exists():
+        version = lineage.resolve_path_or_version(repo, adapter)
         commit = version["commit"]
         adapter_dir = lineage.materialize(repo, commit, ADAPTER, work / "adapter")
         fetched = work / "shards"
@@ -127,12 +127,12 @@ def _source(adapter: str, shards: Path, repo: Path, work: Path) -> Source:
         for name in wanted:
             (fetched / name).parent.mkdir(parents=True, exist_ok=True)
             lineage.materialize(repo, commit, f"{SHARDS}/{name}", fetched / name)
-        log.info("export: %s is commit %s", adapter, commit[:10])
-        return Source(adapter_dir, fetched, {"version": adapter, "artifact": version["artifact"],
+        exact = f"{version['artifact']}@{version['version']}"
+        log.info("export: %s is %s, commit %s", adapter, exact, commit[:10])
+        return Source(adapter_dir, fetched, {"version": exact, "artifact": version["artifact"],
                                              "commit": commit, "stages": version["stages"]})
-    raise StageError(f"{adapter}: {'not a directory' if path.exists() else 'no such adapter directory'}, nor "
-                     "<artifact>@<version>; pass the directory tune wrote (data/models/adapter) or a "
-                     "registered version (`ptune registry` lists them)")
+    raise StageError(f"{adapter}: not a directory; pass the directory tune wrote (data/models/adapter) or a "
+                     "registered version, <artifact>[@<version>] (`ptune registry` lists them)")
 
 
 def _check_base(adapter: str, info: dict, base: Path) -> None:

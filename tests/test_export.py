@@ -178,7 +178,7 @@ def test_an_existing_output_is_replaced_only_with_force(lora, shards, tiny_base,
 
 def test_bad_input_is_one_line_naming_the_path(lora, shards, tiny_base, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    with pytest.raises(StageError, match=rf"{tmp_path}/nowhere: no such adapter directory.*`ptune registry`"):
+    with pytest.raises(StageError, match=rf"{tmp_path}/nowhere: no such directory; nor a registered version.*`ptune registry`"):
         export.export(str(tmp_path / "nowhere"), tiny_base, shards / "shards", out)
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="ptune_adapter.json: missing"):

@@ -10,7 +10,7 @@ import yaml
 
 from pipelines import evaluation, registry
 from pipelines.common import StageError, sha256_file
-from pipelines.lineage import membership, parse_spec
+from pipelines.lineage import membership, resolve
 from tests.conftest import build_tiny_model
 from tests.conftest import git
 from tests.pipeline_project import make_project, run
@@ -44,9 +44,11 @@ def ids(project, split):
     return [json.loads(x)["id"] for x in (project / f"data/clean/{split}.jsonl").read_text().splitlines()]
 
 
-def test_spec_must_name_artifact_and_version():
-    with pytest.raises(StageError, match="expected <artifact>@<version>"):
-        parse_spec("e2e-adapter")
+def test_a_spec_names_an_artifact_and_maybe_its_version(tmp_path):
+    with pytest.raises(StageError, match=r"expected <artifact>@<version> or <artifact> \(its prod version\)"):
+        resolve(tmp_path, "e2e-adapter@")
+    with pytest.raises(StageError, match="e2e-adapter: no registered versions in"):
+        resolve(tmp_path, "e2e-adapter")
 
 
 # A version's stage outputs, as lineage reads them through DVCFileSystem at its commit.
@@ -159,6 +161,8 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     record = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", gone["id"]).stdout)["record"]
     assert (record["status"], record["reason"], record["split"]) == ("removed", removed.stem, None), record
 
+    bare = json.loads(run(project, "ptune", "lineage", "e2e-adapter", "--json").stdout)  # its prod version
+    assert (bare["version"], bare["commit"]) == (info["version"], head)
     missing = run(project, "ptune", "lineage", "e2e-adapter@v9.9.9", check=False)
     assert missing.returncode == 1 and "has no version v9.9.9" in missing.stderr
 
