@@ -1,8 +1,9 @@
 """``ptune serve``: the registry's versions behind an OpenAI-compatible HTTP API.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming as
-server-sent events with ``stream: true``), ``GET /v1/models``, ``GET /health`` and
-Prometheus ``GET /metrics``. Names and prompt formats are serving.models'; decoding is the
+server-sent events with ``stream: true``), ``GET /v1/models``, ``GET /health``,
+Prometheus ``GET /metrics``, and vLLM's ``GET /tokenizer_info``, ``POST /tokenize`` and
+``POST /detokenize``. Names and prompt formats are serving.models'; decoding is the
 engine's (serving.engine), the path ``evaluate`` scored with.
 
 What a request may say beyond OpenAI's parameters (extensions, top level as vLLM takes
@@ -48,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.common import StageError
-from serving.engine import Engine
+from serving.engine import BASE, Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
 from serving.types import MAX_LOGPROBS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
 
@@ -137,6 +138,22 @@ class ChatBody(_Body):
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's ``POST /tokenize``: text as it is, or a conversation in the model's chat format."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(None, min_length=1)  # messages: whose chat format (default base)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # prompt only, as vLLM (ptune's tokenizers add none)
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(None, min_length=1)
+    tokens: list[int]
 
 
 NEUTRAL = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
@@ -442,6 +459,50 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # vLLM's tokenizer routes: every served version shares the base model's tokenizer (a
+    # version trained on another base is not served), so a client such as lm-evaluation-harness
+    # (``tokenizer_backend=remote``, its default when these answer) needs no copy of it.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": engine.context or tok.model_max_length}
+
+    async def served_for(name: str | None) -> Served:
+        try:
+            return await anyio.to_thread.run_sync(models.resolve, name or BASE)
+        except UnknownModel as exc:
+            raise ApiError(404, exc.args[0], "model", "model_not_found") from None
+        except NotServable as exc:
+            raise ApiError(404, f"model {name!r} is registered but cannot be served here: {exc}",
+                           "model", "model_not_servable") from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: HttpRequest):
+        body = parse(await read_body(request), TokenizeBody)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "prompt or messages: send exactly one", "prompt")
+        served = await served_for(body.model)
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+            try:
+                ids = engine.encode(served.format_chat(messages, engine.tokenizer))
+            except BadRequest as exc:
+                raise ApiError(400, str(exc), exc.param) from None
+        else:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        return {"count": len(ids), "max_model_len": engine.context, "tokens": list(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HttpRequest):
+        body = parse(await read_body(request), DetokenizeBody)
+        await served_for(body.model)
+        if not all(0 <= t < engine.vocab for t in body.tokens):
+            raise ApiError(400, f"tokens: ids must be in [0, {engine.vocab})", "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.get("/v1/models")
     async def list_models():

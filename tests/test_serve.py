@@ -334,6 +334,29 @@ def test_logprobs_echo_and_token_id_batches_as_lm_evaluation_harness_asks(server
         pytest.approx([e.logprob for e in content], abs=1e-6)
 
 
+def test_tokenizer_routes_answer_as_vllms_do(server, models):
+    """What lm-evaluation-harness' remote tokenizer reads (it uses them when /tokenizer_info
+    and /tokenize answer): then it needs no copy of the base model's tokenizer."""
+    tok = models.engine.tokenizer
+    info = httpx.get(f"{server}/tokenizer_info").json()
+    assert (info["eos_token"], info["model_max_length"]) == (tok.eos_token, 256)
+    said = httpx.post(f"{server}/tokenize", json={"prompt": "Aromi is", "add_special_tokens": False}).json()
+    assert said["tokens"] == tok("Aromi is", add_special_tokens=False).input_ids and said["count"] == len(said["tokens"])
+    assert httpx.post(f"{server}/detokenize", json={"tokens": said["tokens"]}).json() == {"prompt": "Aromi is"}
+    messages = [{"role": "user", "content": "name[Aromi]"}]
+    for name in (FIRST, "base"):  # a conversation in the named version's format: what its chat endpoint sends
+        counted = httpx.post(f"{server}/tokenize", json={"model": name, "messages": messages}).json()
+        answer = client(server).chat.completions.create(model=name, messages=messages, max_tokens=2)
+        assert counted["count"] == answer.usage.prompt_tokens
+    for route, body, status, param in [("tokenize", {"prompt": "x", "messages": messages}, 400, "prompt"),
+                                       ("tokenize", {}, 400, "prompt"),
+                                       ("tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+                                       ("detokenize", {"tokens": [10**7]}, 400, "tokens"),
+                                       ("detokenize", {"tokens": ["a"]}, 400, "tokens.0")]:
+        r = httpx.post(f"{server}/{route}", json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), r.text
+
+
 def test_a_version_is_loaded_on_request_and_names_never_reach_the_filesystem(project, models):
     assert models.resolve(FIRST).version == "v0.0.1"
     before = sorted(p.relative_to(project) for p in (project / CACHE).rglob("*"))
