@@ -17,7 +17,13 @@ LoRA B, so every name answers differently. Greedy answers are compared request b
 in bf16 a batch's shape can flip a near-tie (random weights make near-ties common), so the
 counts are reported, not asserted.
 
-Phases run in the order of what they tell (served; evaluate's case; (b); (a)), and the JSON
+Scoring: each name's answers to the first ``--score-rows`` inputs, generated with their
+token log-probabilities, then scored whole as prompt + answer (``echo`` with ``logprobs``,
+what lm-evaluation-harness' log-likelihood requests ask for): the two log-probabilities of
+each answer token should agree up to the rounding of the two forwards' shapes (reported:
+the largest difference, and the scored tokens/s).
+
+Phases run in the order of what they tell (served; scoring; evaluate's case; (b); (a)), and the JSON
 is rewritten after each (``"phases"`` says which ran), so a time limit keeps what was
 measured. (a) runs on the first ``--alone`` requests only where asked (one request at a
 time is the slow side: 128 requests of 64 tokens would take minutes on any device), and its
@@ -159,6 +165,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--alone", type=int, default=0, help="(a) on the first N requests only (0: all)")
+    ap.add_argument("--score-rows", type=int, default=8, help="inputs per name in the scoring phase")
     ap.add_argument("--generate-adapter", default="prefix", choices=METHODS)
     ap.add_argument("--generate-batches", default="16,64", help="evaluate's case: the engine's max_batch sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     from serving.engine import BASE, Engine
-    from serving.types import Decoding, Request
+    from serving.types import Decoding, Prompt, Request, Token
 
     record = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name()
               if args.device.startswith("cuda") else "cpu", "dtype": args.dtype, "config": str(args.config_dir),
@@ -205,6 +212,41 @@ def main() -> None:
         s_tokens = sum(r["tokens"] for r in served)
         done("served", requests=len(served), adapters={n: n for n in adapters} | {BASE: "base"}, served={
             "tokens": s_tokens, "wall_s": round(wall, 2), "tokens_per_s": round(s_tokens / wall, 1)})
+
+        # scoring: generated with logprobs, then prompt + answer scored whole (echo)
+        engine = Engine(tmp / "base", max_batch=args.max_batch, device=args.device, dtype=dtype)
+        for name, path in adapters.items():
+            engine.add(name, path)
+
+        def events(requests: list) -> list[list]:
+            got = [[] for _ in requests]
+            for r, mine in zip(requests, got):
+                engine.submit(r, mine.append)
+            while engine.step():
+                pass
+            return got
+
+        pairs = [(n, engine.encode(p)) for n in names for p in texts[:args.score_rows]]
+        made = events([Request(n, ids, Decoding(max_tokens=args.max_tokens, logprobs=0)) for n, ids in pairs])
+        answers = [[e.logprob for e in got if isinstance(e, Token)] for got in made]
+        whole = [Request(n, ids + tuple(lp.token_id for lp in a), Decoding(max_tokens=1, logprobs=0, prompt_logprobs=True))
+                 for (n, ids), a in zip(pairs, answers)]
+        sync()
+        t0 = time.perf_counter()
+        scored = events(whole)
+        sync()
+        sc_wall = time.perf_counter() - t0
+        worst: dict[str, float] = {}
+        for (n, ids), a, got in zip(pairs, answers, scored):
+            (prompt,) = [e for e in got if isinstance(e, Prompt)]
+            for lp, again in zip(a, prompt.logprobs[len(ids):]):
+                worst[n] = max(worst.get(n, 0.0), abs(lp.logprob - again.logprob))
+        engine.close()
+        del engine
+        sc_tokens = sum(len(r.prompt_ids) for r in whole)
+        done("scoring", scoring={"requests": len(whole), "scored_tokens": sc_tokens, "wall_s": round(sc_wall, 3),
+                                 "scored_tokens_per_s": round(sc_tokens / sc_wall, 1),
+                                 "max_abs_logprob_difference": {n: float(f"{v:.3g}") for n, v in worst.items()}})
 
         # evaluate's case: one adapter, every row submitted at once, stepped in this thread
         gen_name, engine_runs = args.generate_adapter, []
