@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.base_model import load_model, load_tokenizer
 from pipelines import conversations
 from pipelines.common import StageError, atomic_dir, read_json, read_jsonl, write_json
 from pipelines.conversations import FIELD as CONVERSATION
@@ -107,20 +106,18 @@ def prediction_records(system: str, rows: list[TestRow], prompts: list[str], pre
              "score": round(s, 2)} for r, p, pred, s in zip(rows, prompts, preds, per_row)]
 
 
-def score(cfg: EvaluateConfig, task: Task, rows: list[TestRow], tok, model, device: str,
-          train: list[dict], engine: Engine | None = None) -> Baselines:
+def score(cfg: EvaluateConfig, task: Task, rows: list[TestRow], engine: Engine, train: list[dict]) -> Baselines:
     """Score the zero-shot prompt and (with ``evaluate.few_shot_k`` and train records) the
-    few-shot prompt. ``model``: the base model (classification) or the ``engine``'s name
-    for it (generation)."""
+    few-shot prompt on the ``engine``'s base model."""
     k = cfg.few_shot_k if train else 0
-    hard = HardPrompts(task, tok, train, k, cfg.seed)
+    hard = HardPrompts(task, engine.tokenizer, train, k, cfg.seed)
     prompted = {"zero_shot": ("zero-shot prompt (base model)", 0)}
     if k:
         prompted["few_shot"] = (f"{k}-shot prompt (base model)", k)
     result = Baselines(len(rows), rows_sha256(rows), decoding(cfg), {}, {}, [])
     for name, (label, shots) in prompted.items():
         prompts = [hard.source(r.fields, shots) for r in rows]
-        s = score_system(task, model, tok, prompts, rows, cfg, device, dict(task.labels), engine)
+        s = score_system(task, engine, BASE, prompts, rows, cfg, dict(task.labels))
         log.info("baselines: %s: %s (%.0f tokens/s)", name, s.metrics, s.tokens_per_s)
         result.systems[name] = {"label": label, "trainable_parameters": 0, "metrics": s.metrics,
                                 "tokens_per_s": round(s.tokens_per_s, 1)}
@@ -150,17 +147,12 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, out: Path) -> 
     train_path = Path(clean) / "train.jsonl"
     train = read_jsonl(train_path) if cfg.few_shot_k and train_path.is_file() else []
     with atomic_dir(out) as staging:
-        if task.kind == "classification":  # rank scoring: forward passes, nothing to decode
-            tok = load_tokenizer(base)
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            result = score(cfg, task, rows, tok, load_model(base, dtype).to(device).eval(), device, train)
-        else:
-            engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
-            try:
-                result = score(cfg, task, rows, engine.tokenizer, BASE, device, train, engine)
-            finally:
-                engine.close()
+        # Rank scoring and decoding both in the engine, as evaluate and `ptune serve` run them.
+        engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
+        try:
+            result = score(cfg, task, rows, engine, train)
+        finally:
+            engine.close()
         with open(staging / PREDICTIONS, "w", encoding="utf-8") as f:
             for p in result.predictions:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")

@@ -20,10 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from pipelines import baselines, evaluation
-from pipelines.base_model import load_model, load_tokenizer
 from pipelines.common import StageError, read_json, read_jsonl, sha256_file
 from pipelines.config import EvaluateConfig
 from pipelines.device import device_and_dtype
@@ -32,29 +30,9 @@ from pipelines.scoring import TestRow, rows_sha256, score_system, test_rows
 from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
 from pipelines.validation import validate
-from serving.engine import BASE, Engine
+from serving.engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-def load_models(base: Path, adapter: Path, device: str, dtype: torch.dtype, with_base: bool = True):
-    """(tokenizer, base model, tuned model) for rank scoring, which runs forward passes
-    only; generation decodes through the engine instead. The base model is loaded only
-    when the baselines are scored here (``with_base``)."""
-    from peft import PeftModel
-
-    tok = load_tokenizer(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    base_model = load_model(base, dtype).to(device).eval() if with_base else None
-    if (adapter / "adapter_config.json").is_file():
-        tuned = PeftModel.from_pretrained(load_model(base, dtype), adapter).to(device).eval()
-    elif (adapter / "model.safetensors").is_file():  # full fine-tuning
-        tuned = load_model(adapter, dtype, remedy="rerun `dvc repro tune`").to(device).eval()
-    else:
-        raise StageError(f"{adapter}: neither a PEFT adapter nor a full checkpoint")
-    return tok, base_model, tuned
-
 
 
 class TunedPrompts:
@@ -158,27 +136,22 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
         raise StageError(f"{test_path}: no test rows to evaluate")
     info = adapter_info(adapter)
     prior = _checked(baselines.read(scored_baselines), rows, cfg, scored_baselines) if scored_baselines else None
-    engine = None
-    if task.kind == "classification":  # rank scoring: forward passes, nothing to decode
-        tok, base_model, tuned = load_models(base, adapter, device, dtype, with_base=prior is None)
-    else:
-        # Unbounded: a few-shot prompt past the model's context is scored as generate would
-        # score it; serving refuses such a prompt instead.
-        engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
-        engine.add("tuned", adapter)
-        tok, base_model, tuned = engine.tokenizer, BASE, "tuned"
+    # Decoding and rank scoring both run in the engine, as `ptune serve` does. Unbounded: a
+    # few-shot prompt past the model's context is scored as generate would score it; serving
+    # refuses such a prompt instead.
+    engine = Engine(base, max_batch=cfg.batch_size, device=device, dtype=dtype, bounded_context=False)
     try:
-        prompts = _tuned_prompts(task, tok, adapter, info, base, shards, check_shards)
+        engine.add("tuned", adapter)
+        prompts = _tuned_prompts(task, engine.tokenizer, adapter, info, base, shards, check_shards)
         sources = [prompts.source(r.fields) for r in rows]
-        s = score_system(task, tuned, tok, sources, rows, cfg, device, prompts.options(), engine)
+        s = score_system(task, engine, "tuned", sources, rows, cfg, prompts.options())
         log.info("evaluate: tuned: %s (%.0f tokens/s)", s.metrics, s.tokens_per_s)
         if prior is None:
             train_path = Path(clean) / "train.jsonl" if clean else None
             train = read_jsonl(train_path) if cfg.few_shot_k and train_path and train_path.is_file() else []
-            prior = baselines.score(cfg, task, rows, tok, base_model, device, train, engine)
+            prior = baselines.score(cfg, task, rows, engine, train)
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
     stats = info["stats"]
     tuned_info = {"label": f"{stats['method']} (tuned)", "trainable_parameters": stats["trainable_parameters"],
                   "train_seconds": stats.get("train_seconds"), "train_examples": stats.get("train_examples"),

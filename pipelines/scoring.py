@@ -18,7 +18,8 @@ its declaration lists (``metrics:``; all of them by default). What cannot be com
 this machine is named, with the reason, under ``not_computed``.
 
 Classification tasks (SST-2): rank scoring: the label whose verbalizer has the highest
-total log-probability after the prompt wins; accuracy and macro-F1 in points.
+total log-probability after the prompt wins (``Engine.score``: the log-probabilities a
+served completion's ``echo`` gives); accuracy and macro-F1 in points.
 """
 from __future__ import annotations
 
@@ -105,28 +106,19 @@ def first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-@torch.no_grad()
-def rank_scores(model, tok, prompts: list[str], options: list[str], batch_size: int,
-                device: str) -> torch.Tensor:
-    """Total log-probability of each option after each prompt: [len(prompts), len(options)]."""
-    scores = torch.empty(len(prompts), len(options))
+def rank_scores(engine: Engine, model: str, prompts: list[str], options: list[str]) -> torch.Tensor:
+    """Total log-probability of each option after each prompt under the engine's ``model``:
+    [len(prompts), len(options)]. The engine's scoring (``Engine.score``): a served
+    completion's ``echo`` log-probabilities are these, by construction."""
+    p_ids = [engine.encode(p) for p in prompts]
+    o_ids = [engine.encode(o) for o in options]
+    if not all(p_ids) or not all(o_ids):
+        raise StageError("rank scoring: a prompt or an option is empty (no token to condition on or to score)")
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        p_ids = [tok(prompts[i], add_special_tokens=False).input_ids for i, _ in chunk]
-        o_ids = [tok(options[j], add_special_tokens=False).input_ids for _, j in chunk]
-        n = max(len(p) + len(o) for p, o in zip(p_ids, o_ids))
-        ids = torch.full((len(chunk), n), tok.pad_token_id)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for k, (p, o) in enumerate(zip(p_ids, o_ids)):  # right padding: positions line up
-            ids[k, :len(p) + len(o)] = torch.tensor(p + o)
-            mask[k, :len(p) + len(o)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[:, -n:, :].float()  # prompt tuning prepends virtual-token positions
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        for k, ((i, j), p, o) in enumerate(zip(chunk, p_ids, o_ids)):
-            pos = torch.arange(len(p) - 1, len(p) + len(o) - 1)
-            scores[i, j] = logp[k, pos, torch.tensor(o)].sum()
+    scored = engine.score(model, [p_ids[i] + o_ids[j] for i, j in pairs])
+    scores = torch.empty(len(prompts), len(options))
+    for (i, j), logprobs in zip(pairs, scored):
+        scores[i, j] = sum(lp.logprob for lp in logprobs[len(p_ids[i]):])
     return scores
 
 
@@ -250,17 +242,17 @@ class Scored:
     not_computed: dict = field(default_factory=dict)  # metric -> why it could not be computed here
 
 
-def score_system(task: Task, model, tok, prompts: list[str], rows: list[TestRow], cfg: EvaluateConfig,
-                 device: str, options: dict[str, str], engine: Engine | None = None
-                 ) -> Scored:
-    """``model``: the model (classification) or the ``engine``'s served name (generation)."""
+def score_system(task: Task, engine: Engine, model: str, prompts: list[str], rows: list[TestRow],
+                 cfg: EvaluateConfig, options: dict[str, str]) -> Scored:
+    """Score the ``engine``'s served ``model`` on ``prompts``: rank scoring (classification)
+    or decoding (generation)."""
     t0 = time.perf_counter()
     not_computed: dict[str, str] = {}
     if task.kind == "classification":
         labels = list(options)
-        scores = rank_scores(model, tok, prompts, [options[k] for k in labels], cfg.batch_size, device)
+        scores = rank_scores(engine, model, prompts, [options[k] for k in labels])
         preds = [labels[int(i)] for i in scores.argmax(dim=1)]
-        tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) * len(labels)
+        tokens = sum(len(engine.encode(p)) for p in prompts) * len(labels)
         seconds = time.perf_counter() - t0
         metrics, per_row = classification_metrics(preds, [r.references[0] for r in rows], labels)
         metrics = {k: v for k, v in metrics.items() if k in task.scored_metrics}

@@ -75,7 +75,7 @@ from serving import adapters, beams
 from serving.adapters import Adapter, Group
 from serving.batch import Batch
 from serving.decoding import Choice, logprobs_of, new_choice, pick_all, scored
-from serving.types import Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
+from serving.types import Decoding, Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,25 @@ class Engine:
     def generate(self, requests: Iterable[Request]) -> list[list[Finished]]:
         """Decode ``requests`` to the end -> for each, its choices in index order. Steps in the
         caller's thread unless ``start()`` was called; submits as the queue has room."""
-        requests = list(requests)
+        return [choices for choices, _ in self._drive(list(requests))]
+
+    def score(self, model: str, sequences: Iterable[tuple[int, ...]]) -> list[tuple[Logprob | None, ...]]:
+        """Each sequence's tokens' log-probabilities under ``model``, each given the tokens
+        before it (and the model's virtual tokens; None for the first): what a served
+        completion with ``echo`` and ``logprobs`` answers, and how ``evaluate`` ranks a
+        classification task's labels. Steps as ``generate`` does."""
+        scoring = Decoding(max_tokens=1, logprobs=0, prompt_logprobs=True)
+        out = []
+        for (choice,), prompt in self._drive([Request(model, tuple(s), scoring) for s in sequences]):
+            if prompt is None:
+                raise RuntimeError(f"scoring failed: {choice.error or choice.reason}")
+            out.append(prompt.logprobs)
+        return out
+
+    def _drive(self, requests: list[Request]) -> list[tuple[list[Finished], Prompt | None]]:
+        """Run ``requests`` to the end -> for each, its choices and its Prompt (if it asked)."""
         results: list[list[Finished | None]] = [[None] * r.decoding.n for r in requests]
+        prompts: list[Prompt | None] = [None] * len(requests)
         progress = threading.Event()
 
         def collector(i: int):
@@ -272,6 +289,8 @@ class Engine:
                 if isinstance(event, Finished):
                     results[i][event.index] = event
                     progress.set()
+                elif isinstance(event, Prompt):
+                    prompts[i] = event
             return on_event
 
         pending, handles = deque(range(len(requests))), []
@@ -292,7 +311,7 @@ class Engine:
             for h in handles:
                 self.cancel(h)
             raise
-        return results
+        return list(zip(results, prompts))
 
     def _check(self, request: Request) -> None:
         rules = [("prompt_ids", len(request.prompt_ids) > 0, "must not be empty"),

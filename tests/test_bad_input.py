@@ -500,7 +500,8 @@ def test_tokenize_refuses_a_null_where_the_task_reads_text_in_one_line(tmp_path,
 def test_an_incomplete_or_damaged_base_model_is_one_line_naming_it(tmp_path, tiny_base):
     import torch
 
-    from pipelines import evaluate, tune
+    from pipelines import tune
+    from serving.engine import Engine
     from tests.test_tune import tune_cfg
 
     clean = write_clean(tmp_path / "clean", ROWS)
@@ -510,7 +511,7 @@ def test_an_incomplete_or_damaged_base_model_is_one_line_naming_it(tmp_path, tin
     loads = {"tokenize": lambda: tokenize.run(tokenize_cfg(), E2E, clean, base, tmp_path / "shards2"),
              "tune": lambda: tune.run(tune_cfg("lora"), tmp_path / "shards", base, tmp_path / "adapter",
                                       tmp_path / "live"),
-             "evaluate": lambda: evaluate.load_models(base, tmp_path / "adapter", "cpu", torch.float32)}
+             "evaluate": lambda: Engine(base, max_batch=1, device="cpu", dtype=torch.float32)}  # evaluate's loader
     (base / "tokenizer.json").unlink()
     for stage, load in loads.items():
         with pytest.raises(StageError, match=re.escape(f"{base}: no tokenizer.json (the directory is incomplete); "

@@ -12,6 +12,7 @@ from pipelines.config import EvaluateConfig, TokenizeConfig
 from pipelines.prompts import render_zero_shot
 from pipelines.shards import IGNORE, load_split
 from tests.test_tokenize import MANY, write_clean
+from tests.test_engine import adapter_dirs, lively_base  # noqa: F401  (fixtures)
 from tests.test_tune import E2E, shards, tune_cfg  # noqa: F401  (shards: a fixture)
 
 TEST = [{"mr": f"name[{n}], food[Italian]", "ref": f"{n} serves Italian food."} for n in ("Strada", "Zizzi")]
@@ -129,15 +130,40 @@ def test_classification_metrics():
 def test_rank_scores_match_sequence_log_probability(tiny_base, tok):
     from transformers import AutoModelForCausalLM
 
+    from serving.engine import BASE, Engine
+
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     prompts, options = ["Review: bleak\nSentiment:", "Review: it 's a charming journey\nSentiment:"], [" positive", " negative"]
-    scores = scoring.rank_scores(model, tok, prompts, options, batch_size=3, device="cpu")
+    scores = scoring.rank_scores(Engine(tiny_base, max_batch=3, device="cpu"), BASE, prompts, options)
     p = tok(prompts[1], add_special_tokens=False).input_ids
     o = tok(options[0], add_special_tokens=False).input_ids
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([p + o])).logits[0], -1)
     expected = sum(logp[len(p) - 1 + k, t] for k, t in enumerate(o))
     assert scores[1, 0].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "lora", "full", "base"])
+def test_rank_scores_are_the_trained_models_for_every_method(method, lively_base, adapter_dirs):
+    """Prompts of several lengths (left padding in the engine), options of one and of several
+    tokens: each score is the option's log-probability under the model as trained."""
+    from serving.engine import BASE, Engine
+    from tests.test_engine import as_trained
+
+    engine = Engine(lively_base, max_batch=4, device="cpu", dtype=torch.float32)
+    if method != BASE:
+        engine.add(method, adapter_dirs[method])
+    prompts = ["Review: bleak\nSentiment:", "Review: it 's a charming and often affecting journey\nSentiment:"]
+    options = [" positive", " negative", " neither one nor the other"]
+    scores = scoring.rank_scores(engine, method, prompts, options)
+    model = as_trained(lively_base, adapter_dirs, method)
+    for i, prompt in enumerate(prompts):
+        for j, option in enumerate(options):
+            p, o = engine.encode(prompt), engine.encode(option)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0, -len(p + o):], -1)
+            expected = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(o))
+            assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
 
 
 PROMPTS = ["Attributes: name[Aromi]\nDescription:", "Attributes: name[Alimentum], area[city centre], "
@@ -275,3 +301,50 @@ def test_not_scored_records_keep_undecodable_bytes_escaped(tmp_path):
     row = {"stage": "collect", "reason": "invalid_utf8", "raw": "Caf\udce9 Aromi"}
     evaluate._write_not_scored(tmp_path, [row])
     assert read_jsonl(tmp_path / evaluate.NOT_SCORED) == [row]
+
+
+SST = {"train": [{"sentence": s, "label": l} for s, l in [("a charming journey", "1"), ("unflinchingly bleak", "0"),
+                                                          ("warm and funny", "1"), ("a dull mess", "0")]],
+       "validation": [{"sentence": "quietly moving", "label": "1"}],
+       "test": [{"sentence": s, "label": l} for s, l in [("it 's a charming and often affecting journey", "1"),
+                                                         ("bleak and desperate", "0"), ("funny", "1")]]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_classification_ranks_labels_by_the_trained_models_log_probability(method, tiny_base, tmp_path):
+    """Rank scoring runs in the engine (what a served ``echo`` scores); each system's pick is
+    the label whose verbalizer the model as trained (PEFT's forward, unpadded) finds likelier."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.base_model import load_tokenizer
+    from pipelines.tasks import get_task
+    from tests.conftest import ROOT
+
+    sst2 = get_task("sst2", ROOT / "tasks")
+    clean = write_clean(tmp_path / "clean", SST)
+    tokenize.run(TokenizeConfig(max_length=64, shard_rows=100), sst2, clean, tiny_base, tmp_path / "shards")
+    tune.run(tune_cfg(method, checkpoint_dir=str(tmp_path / "ckpt")), tmp_path / "shards", tiny_base,
+             tmp_path / "adapter", tmp_path / "live")
+    cfg = EvaluateConfig(batch_size=2, max_new_tokens=4, few_shot_k=1)
+    record = evaluate.run(cfg, sst2, clean, tiny_base, tmp_path / "adapter", tmp_path / "eval", shards=tmp_path / "shards")
+    assert record["systems"] == ["tuned", "zero_shot", "few_shot"] and record["rows"] == 3
+    preds = [json.loads(line) for line in (tmp_path / "eval/predictions.jsonl").read_text().splitlines()]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    models = {"tuned": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "adapter"),
+              "zero_shot": base, "few_shot": base}
+    tok = load_tokenizer(tiny_base)
+    options = {"tuned": evaluate.TunedPrompts.from_dir(sst2, tok, tmp_path / "shards", tiny_base).options(),
+               "zero_shot": dict(sst2.labels), "few_shot": dict(sst2.labels)}
+    for p in preds:
+        scores = {}
+        for label, option in options[p["system"]].items():
+            ids = tok(p["prompt"], add_special_tokens=False).input_ids
+            o = tok(option, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = models[p["system"]].eval()(input_ids=torch.tensor([ids + o])).logits[0, -len(ids + o):]
+            logp = torch.log_softmax(logits, -1)
+            scores[label] = sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(o))
+        assert p["prediction"] == max(scores, key=scores.get), (p, scores)
