@@ -348,3 +348,9 @@ def test_classification_ranks_labels_by_the_trained_models_log_probability(metho
             logp = torch.log_softmax(logits, -1)
             scores[label] = sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(o))
         assert p["prediction"] == max(scores, key=scores.get), (p, scores)
+    # The baselines stage ranks as evaluate did in-process; evaluate then reads its scores.
+    baselines.run(cfg, sst2, clean, tiny_base, tmp_path / "baselines")
+    again = evaluate.run(cfg, sst2, clean, tiny_base, tmp_path / "adapter", tmp_path / "eval2",
+                         shards=tmp_path / "shards", scored_baselines=tmp_path / "baselines")
+    assert {k: v for k, v in again.items() if k != "tokens_per_s"} == \
+        {k: v for k, v in record.items() if k != "tokens_per_s"}
