@@ -140,7 +140,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.context = model.config.max_position_embeddings if bounded_context else None
         self.vocab = model.get_input_embeddings().num_embeddings
-        self._score_tokens = max(1, SCORE_LOGITS_BYTES // (model.config.vocab_size * 4))
+        self._score_tokens = max(1, SCORE_LOGITS_BYTES // (self.vocab * 4))
         eos = model.generation_config.eos_token_id
         self.eos = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
         self._base = Group(model)
