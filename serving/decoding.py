@@ -25,10 +25,12 @@ GOLDEN = 0x9E3779B97F4A7C15  # spreads choice indexes over the seed space (Fibon
 
 def choice_seed(seed: int | None, index: int) -> int:
     """Choice 0 of a seeded request uses the seed itself; later choices a seed derived from
-    it, so ``n`` > 1 gives different samples that are each reproducible."""
+    it, so ``n`` > 1 gives different samples that are each reproducible. A seed is a signed
+    64-bit integer (``types.SEEDS``); modulo 2**64 each choice index maps those one to one
+    onto the generator's unsigned seeds (torch reads a negative seed the same way)."""
     if seed is None:
-        return secrets.randbits(63)
-    return (seed + index * GOLDEN) % 2**63
+        return secrets.randbits(64)
+    return (seed + index * GOLDEN) % 2**64
 
 
 def warpers(d: Decoding):

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.common import StageError
 from serving.engine import BASE, Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
-from serving.types import MAX_LOGPROBS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
+from serving.types import MAX_LOGPROBS, SEEDS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
 
 log = logging.getLogger("ptune.serve")
 
@@ -91,7 +91,7 @@ class _Body(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(0.0, ge=0, le=2)  # 0: greedy; OpenAI defaults to 1
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])  # a signed 64-bit integer, as vLLM
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False

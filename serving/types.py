@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 MAX_LOGPROBS = 20  # alternatives a token may list at most (vLLM's default bound; OpenAI's chat allows 20)
+SEEDS = (-2**63, 2**63 - 1)  # a seed is a signed 64-bit integer (vLLM's bound): each one draws its own samples
 
 
 class QueueFull(RuntimeError):
@@ -49,6 +50,8 @@ class Decoding:
                  ("temperature", self.temperature >= 0, "must not be negative"),
                  ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
                  ("top_k", self.top_k >= 0, "must not be negative"),
+                 ("seed", self.seed is None or SEEDS[0] <= self.seed <= SEEDS[1],
+                  f"must be in [{SEEDS[0]}, {SEEDS[1]}] (a signed 64-bit integer)"),
                  ("num_beams", self.num_beams >= 1, "must be at least 1"),
                  ("n", self.num_beams == 1 or self.n <= self.num_beams, "must not exceed num_beams"),
                  ("temperature", self.num_beams == 1 or self.temperature == 0, "beam search is not sampled: set 0"),

@@ -11,9 +11,9 @@ import torch
 
 from pipelines import scoring
 from pipelines.config import EvaluateConfig
-from serving.decoding import TextStream
+from serving.decoding import TextStream, choice_seed
 from serving.engine import BASE, Engine
-from serving.types import Decoding, Finished, Prompt, QueueFull, Request, Token, UnknownModel
+from serving.types import SEEDS, Decoding, Finished, Prompt, QueueFull, Request, Token, UnknownModel
 from tests.conftest import build_tiny_model, liven
 
 METHODS = ["prompt", "ptuning", "prefix", "lora", "full", BASE]
@@ -180,6 +180,18 @@ def test_requests_joining_mid_flight_answer_as_alone(engine):
     while engine.step():
         pass
     assert [got[i] for i in range(len(requests))] == [list(alone(engine, r)[0].token_ids) for r in requests]
+
+
+def test_every_seed_draws_its_own_samples():
+    """Seeds that differ by 2**63 once drew the same samples (reduced modulo 2**63); each signed
+    64-bit seed now maps to a generator seed of its own, for every choice index."""
+    seeds = [SEEDS[0], -1, 0, 1, 2**62, SEEDS[1]]
+    for index in range(3):
+        mapped = [choice_seed(s, index) for s in seeds]
+        assert len(set(mapped)) == len(seeds) and all(0 <= m < 2**64 for m in mapped)
+        for m in mapped:
+            torch.Generator().manual_seed(m)  # every one a seed the generator takes
+    assert choice_seed(-1, 0) == 2**64 - 1  # as torch itself reads -1
 
 
 def test_seeded_samples_are_reproducible_whatever_the_batch(engine):

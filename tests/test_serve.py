@@ -392,6 +392,7 @@ BAD = [  # (body, status, param, words in the message)
     ({"model": "base", "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ({"model": "base", "prompt": "x", "logprobs": 1, "num_beams": 2}, 400, "logprobs", "beam search"),
     ({"model": "base", "prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
+    ({"model": "base", "prompt": "x", "seed": 2**63}, 400, "seed", "less than or equal to 9223372036854775807"),
     ({"model": "base", "prompt": []}, 400, "prompt", "empty"),
     ({"model": "base", "prompt": [[5, 6], [10**7]]}, 400, "prompt.1", "ids must be in"),
     ({"model": "base", "prompt": [[5, 6], []]}, 400, "prompt.1", "must not be empty"),
