@@ -27,8 +27,16 @@ from pipelines.common import StageError
 
 FIELD = "messages"  # a chat task's one field
 ROLES = ("system", "user", "assistant")
-# ShareGPT's speaker names (and OpenAI's own) -> OpenAI's roles
-_SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# ShareGPT's speaker names (and OpenAI's own; ``developer`` is OpenAI's newer name for the system turn)
+# -> the roles a chat template knows
+_SPEAKERS = {"system": "system", "developer": "system", "human": "user", "user": "user", "gpt": "assistant",
+             "assistant": "assistant"}
+
+
+def role_of(speaker: str) -> str | None:
+    """The chat-template role of a speaker's name (OpenAI's or ShareGPT's); None if unknown."""
+    return _SPEAKERS.get(speaker)
+
 
 Messages = list[dict[str, str]]
 
@@ -63,7 +71,7 @@ def read(value: Any) -> tuple[Messages | None, Problem | None]:
         if layout is None:
             return None, Problem("bad_value", f"turn {i} has neither `role` (OpenAI) nor `from` (ShareGPT)")
         speaker, content = turn.get(layout[0]), turn.get(layout[1])
-        role = _SPEAKERS.get(speaker) if isinstance(speaker, str) else None
+        role = role_of(speaker) if isinstance(speaker, str) else None
         if role is None:
             return None, Problem("unknown_role", f"turn {i}: {layout[0]} {speaker!r} is none of "
                                                  f"{sorted(_SPEAKERS)}")

@@ -48,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipelines import conversations
 from pipelines.common import StageError
 from serving.engine import BASE, Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
@@ -125,7 +126,7 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
     name: str | None = None
 
@@ -248,6 +249,11 @@ def prompts(body: _Body) -> list:
 
 def _text(content) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _turns(messages: list[Message]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them (a developer message is the system turn)."""
+    return [{"role": conversations.role_of(m.role), "content": _text(m.content)} for m in messages]
 
 
 # -- metrics ------------------------------------------------------------------------
@@ -487,9 +493,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
             raise ApiError(400, "prompt or messages: send exactly one", "prompt")
         served = await served_for(body.model)
         if body.messages is not None:
-            messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
             try:
-                ids = engine.encode(served.format_chat(messages, engine.tokenizer))
+                ids = engine.encode(served.format_chat(_turns(body.messages), engine.tokenizer))
             except BadRequest as exc:
                 raise ApiError(400, str(exc), exc.param) from None
         else:
@@ -523,8 +528,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
         def build(prompt):
             def build(served: Served):
                 if chat:
-                    messages = [{"role": m.role, "content": _text(m.content)} for m in prompt]
-                    text = served.format_chat(messages, engine.tokenizer)
+                    text = served.format_chat(_turns(prompt), engine.tokenizer)
                 elif isinstance(prompt, list):  # token ids: the model's input as it is
                     return tuple(prompt), dec
                 elif isinstance(prompt, dict):

@@ -253,6 +253,10 @@ def test_streaming_chat_and_decoding_options(server, models):
     chat_prompt = models.engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
                                                               add_generation_prompt=True)
     assert pieces[-1].usage.prompt_tokens == len(models.engine.encode(chat_prompt))  # the base's chat template
+    said = {role: api.chat.completions.create(model="base", max_tokens=3, messages=[
+        {"role": role, "content": "Be brief."}, {"role": "user", "content": "Hello"}]) for role in ("system", "developer")}
+    assert said["developer"].usage == said["system"].usage  # OpenAI's newer name for the system message
+    assert said["developer"].choices[0].message.content == said["system"].choices[0].message.content
 
     text = whole.choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
