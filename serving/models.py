@@ -207,7 +207,7 @@ class Models:
         """The served version ``name`` stands for, loading a registered version on first use.
         Raises UnknownModel (its message lists what is served) or NotServable."""
         if not isinstance(name, str) or not name:
-            raise UnknownModel(self._unknown(name))
+            raise UnknownModel(self.not_served(name))
         artifact, sep, version = name.partition("@")
         for attempt in (0, 1):
             with self._lock:
@@ -224,7 +224,7 @@ class Models:
             if attempt == 0:
                 self.refresh(load=False)  # tags made since the last poll (a `ptune register` just now)
         else:
-            raise UnknownModel(self._unknown(name))
+            raise UnknownModel(self.not_served(name))
         if sep:
             return self._load(artifact, version)
         self._point(artifact, version)  # `ptune generate` loads only the prod version it is asked for
@@ -255,7 +255,8 @@ class Models:
         with self._lock:
             return dict(self._failed)
 
-    def _unknown(self, name) -> str:
+    def not_served(self, name) -> str:
+        """What an unknown name is told: every name served (and a hint where one helps)."""
         with_prod = sorted(a for a, v in self._reg.prod.items() if v)
         names = [BASE, *with_prod, *(f"{a}@{v}" for a, vs in sorted(self._reg.versions.items()) for v in vs)]
         hint = ""
@@ -386,7 +387,7 @@ class Models:
                     return self._loaded[exact]
                 commit = self._reg.versions.get(artifact, {}).get(version)
             if commit is None:
-                raise UnknownModel(self._unknown(exact))
+                raise UnknownModel(self.not_served(exact))
             try:
                 served = self._fetch_and_add(artifact, version, commit)
             except NotServable as exc:

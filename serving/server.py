@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import conversations
 from pipelines.common import StageError
@@ -170,7 +171,7 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "server_error")
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "server_error")
         return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
                             self.status, headers=self.headers)
 
@@ -249,6 +250,13 @@ def prompts(body: _Body) -> list:
 
 def _text(content) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _model_object(entry: dict, created: int) -> dict:
+    """A served name as OpenAI's model object; what ptune knows of it under ``ptune``."""
+    entry = dict(entry)
+    return {"id": entry.pop("id"), "object": "model", "created": created, "owned_by": "ptune",
+            "root": entry.pop("root"), "ptune": entry}
 
 
 def _turns(messages: list[Message]) -> list[dict[str, str]]:
@@ -456,6 +464,12 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     async def api_error(request: HttpRequest, exc: ApiError):
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: HttpRequest, exc: StarletteHTTPException):
+        """A path or method the server has not: OpenAI's error shape, as its API answers it."""
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else exc.detail
+        return ApiError(exc.status_code, message, headers=exc.headers).response()
+
     @app.get("/health")
     async def health():
         s = engine.stats()
@@ -512,9 +526,15 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     @app.get("/v1/models")
     async def list_models():
         created = int(time.time())
-        return {"object": "list", "data": [
-            {"id": m.pop("id"), "object": "model", "created": created, "owned_by": "ptune", "root": m.pop("root"),
-             "ptune": m} for m in models.served()]}
+        return {"object": "list", "data": [_model_object(m, created) for m in models.served()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str):
+        """OpenAI's retrieve: one entry of the list, by any name the list holds (nothing is loaded)."""
+        entry = next((m for m in models.served() if m["id"] == name), None)
+        if entry is None:
+            raise ApiError(404, models.not_served(name), "model", "model_not_found")
+        return _model_object(entry, int(time.time()))
 
     async def start(request: HttpRequest, body: _Body, endpoint: str) -> _Job:
         dec = decoding(body, limits, engine)

@@ -229,6 +229,15 @@ def test_models_lists_base_the_prod_alias_and_every_version_with_its_prompt_form
     alias = listed["e2e-adapter"].model_dump()
     assert alias["root"].startswith("e2e-adapter@v")
     assert alias["ptune"]["input_fields"] == ["mr"] and alias["ptune"]["template"].startswith("Attributes: {{ mr }}")
+    api = client(server)
+    for name in ("base", "e2e-adapter", FIRST):  # OpenAI's retrieve: the list's entry
+        assert api.models.retrieve(name).model_dump(exclude={"created"}) == \
+            listed[name].model_dump(exclude={"created"})
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served; served: base"):
+        api.models.retrieve("nope")
+    for method, path in (("GET", "/v1/nope"), ("DELETE", "/v1/models"), ("GET", "/v1/completions")):
+        r = httpx.request(method, f"{server}{path}")  # OpenAI's error shape for what is not a route
+        assert r.status_code in (404, 405) and r.json()["error"]["message"] == f"Invalid URL ({method} {path})"
 
 
 def test_streaming_chat_and_decoding_options(server, models):
