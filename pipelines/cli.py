@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--base", default="data/models/base", help="the base model the adapter was trained on")
     x.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on "
                    "(its prompt format)")
-    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.add_argument("--force", action="store_true", help="replace --out if it is an earlier export (or empty)")
     x.set_defaults(func=_export)
 
     sv = sub.add_parser("serve", help="the registry's versions over an OpenAI-compatible HTTP API (Ctrl-C stops it)")

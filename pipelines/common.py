@@ -67,12 +67,25 @@ def check_output(path: Path, directory: bool = True) -> None:
     """Refuse, before any work, an output path the stage could not write at the end: a
     file where a directory goes (or the reverse), or a file where a parent directory goes."""
     path = Path(path)
+    if directory and path.is_dir():
+        _check_replaceable(path)
     if path.exists() and path.is_dir() != directory:
         raise StageError(f"{path}: exists and is {'not ' if directory else ''}a directory; the stage writes "
                          f"a {'directory' if directory else 'file'} there: move it away or choose another path")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise StageError(f"{parent}: is a file, so {path} cannot be created; move it away or choose another path")
+
+
+def _check_replaceable(path: Path) -> None:
+    """A directory output is replaced whole: never the directory a user works in, one above
+    it, their home, or a git repository (a mistyped ``--out .`` would take the project)."""
+    target, here = path.resolve(), Path.cwd().resolve()
+    what = ("the current directory" if target == here else "a parent of the current directory" if target in here.parents
+            else "the home directory" if target == Path.home().resolve()
+            else "a git repository" if (target / ".git").exists() else None)
+    if what:
+        raise StageError(f"{path}: is {what}, and the output directory is replaced whole; choose another path")
 
 
 @contextlib.contextmanager

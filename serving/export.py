@@ -66,6 +66,9 @@ def export(adapter: str, base: Path, shards: Path, out: Path, force: bool = Fals
     check_output(out)
     if out.exists() and not force:
         raise StageError(f"{out}: exists; pass --force to replace it, or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "ptune_export.json").is_file():
+        raise StageError(f"{out}: holds files of something other than a ptune export (no ptune_export.json), and "
+                         f"--force would delete them; choose another --out")
     with tempfile.TemporaryDirectory(prefix="ptune-export-") as tmp:
         source = _source(adapter, Path(shards), repo, Path(tmp))
         info = adapter_info(source.adapter)

@@ -558,6 +558,10 @@ OUTPUT_CASES = {  # name -> (stage command, error)
                        "folder: exists and is a directory; the stage writes a file there"),
     "--stats": (["collect", "--out", "raw", "--stats", "folder"], "folder: exists and is a directory"),
     "under a file": (["collect", "--out", "taken/raw"], "taken: is a file, so taken/raw cannot be created"),
+    # a directory output is replaced whole: never the project a user works in
+    "--out .": (["collect", "--out", "."], ".: is the current directory, and the output directory is replaced whole"),
+    "--out ..": (["tokenize", "--clean", "c", "--base", "b", "--out", ".."], "..: is a parent of the current directory"),
+    "--out a repository": (["collect", "--out", "folder/repo"], "folder/repo: is a git repository"),
 }
 
 
@@ -567,12 +571,15 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("a file\n")
     (tmp_path / "folder").mkdir()
+    if case == "--out a repository":
+        (tmp_path / "folder/repo/.git").mkdir(parents=True)
     monkeypatch.setattr(cli, "load_params", lambda path: pytest.fail("the stage started"))  # every stage's first step
     assert cli.main(["stage", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"ptune stage {argv[0]}: error: {message}") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "taken"]
-    assert (tmp_path / "taken").read_text() == "a file\n" and not any((tmp_path / "folder").iterdir())
+    assert (tmp_path / "taken").read_text() == "a file\n"
+    assert [p.name for p in (tmp_path / "folder").rglob("*")] == (["repo", ".git"] if "repository" in case else [])
 
 
 def test_a_stage_run_with_out_on_a_file_leaves_no_hidden_output_beside_it(tmp_path, tiny_base):

@@ -169,8 +169,14 @@ def test_an_existing_output_is_replaced_only_with_force(lora, shards, tiny_base,
     with pytest.raises(StageError, match=rf"{out}: exists; pass --force"):
         export.export(str(lora), tiny_base, shards / "shards", out)
     assert (out / "mine.txt").read_text() == "keep"
-    export.export(str(lora), tiny_base, shards / "shards", out, force=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(StageError, match="holds files of something other than a ptune export .* would delete them"):
+        export.export(str(lora), tiny_base, shards / "shards", out, force=True)  # a mistyped --out loses nothing
+    assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()
+    export.export(str(lora), tiny_base, shards / "shards", out, force=True)  # an empty directory
+    (out / "model.safetensors").write_bytes(b"stale")
+    export.export(str(lora), tiny_base, shards / "shards", out, force=True)  # an earlier export: replaced
+    assert (out / "model.safetensors").stat().st_size > 5
     (tmp_path / "file").write_text("")
     with pytest.raises(StageError, match="is not a directory"):
         export.export(str(lora), tiny_base, shards / "shards", tmp_path / "file", force=True)
