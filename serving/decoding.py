@@ -21,16 +21,24 @@ import torch
 from serving.types import Decoding, Logprob
 
 GOLDEN = 0x9E3779B97F4A7C15  # spreads choice indexes over the seed space (Fibonacci hashing)
+MASK = 2**64 - 1
 
 
 def choice_seed(seed: int | None, index: int) -> int:
-    """Choice 0 of a seeded request uses the seed itself; later choices a seed derived from
-    it, so ``n`` > 1 gives different samples that are each reproducible. A seed is a signed
-    64-bit integer (``types.SEEDS``); modulo 2**64 each choice index maps those one to one
-    onto the generator's unsigned seeds (torch reads a negative seed the same way)."""
+    """The generator seed of choice ``index`` of a request seeded ``seed`` (a signed 64-bit
+    integer, ``types.SEEDS``), so ``n`` > 1 gives different samples that are each reproducible.
+
+    Mixed through splitmix64's finalizer, a bijection on 64 bits whose low 32 bits depend on
+    all 64: torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so seeds
+    2**32 apart (0, 2**32, 2**40) drew the same samples there. Now distinct seeds give distinct
+    64-bit seeds (CUDA's Philox keeps all 64) and, on CPU, share samples only by the chance
+    of a 32-bit hash collision."""
     if seed is None:
         return secrets.randbits(64)
-    return (seed + index * GOLDEN) % 2**64
+    x = (seed + index * GOLDEN) & MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
 
 
 def warpers(d: Decoding):

@@ -183,15 +183,16 @@ def test_requests_joining_mid_flight_answer_as_alone(engine):
 
 
 def test_every_seed_draws_its_own_samples():
-    """Seeds that differ by 2**63 once drew the same samples (reduced modulo 2**63); each signed
-    64-bit seed now maps to a generator seed of its own, for every choice index."""
-    seeds = [SEEDS[0], -1, 0, 1, 2**62, SEEDS[1]]
+    """Seeds 2**63 apart once drew the same samples (reduced modulo 2**63), and on CPU seeds
+    2**32 apart too (torch's CPU generator keeps the low 32 bits of its seed): each signed
+    64-bit seed now draws its own, for every choice index."""
+    seeds = [SEEDS[0], -1, 0, 1, 2**31, 2**32, 2**32 + 1, 2**40, 2**62, SEEDS[1]]
     for index in range(3):
         mapped = [choice_seed(s, index) for s in seeds]
         assert len(set(mapped)) == len(seeds) and all(0 <= m < 2**64 for m in mapped)
-        for m in mapped:
-            torch.Generator().manual_seed(m)  # every one a seed the generator takes
-    assert choice_seed(-1, 0) == 2**64 - 1  # as torch itself reads -1
+        draws = {tuple(torch.rand(4, generator=torch.Generator().manual_seed(m)).tolist()) for m in mapped}
+        assert len(draws) == len(seeds)
+    assert choice_seed(7, 0) == choice_seed(7, 0) != choice_seed(7, 1)
 
 
 def test_seeded_samples_are_reproducible_whatever_the_batch(engine):
