@@ -177,6 +177,8 @@ def _generate(args: argparse.Namespace) -> None:
             key, sep, value = item.partition("=")
             if not sep:
                 raise StageError(f"--field {item!r}: expected name=value, e.g. --field 'mr=name[The Eagle]'")
+            if key in fields:
+                raise StageError(f"--field {key}: given twice; pass each field once")
             fields[key] = value
     elif args.text is None:
         raise StageError("nothing to generate from: pass TEXT (the task's input) or --field name=value")

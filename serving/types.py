@@ -50,6 +50,7 @@ class Decoding:
                  ("temperature", self.temperature >= 0, "must not be negative"),
                  ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
                  ("top_k", self.top_k >= 0, "must not be negative"),
+                 ("stop", all(self.stop), "must not be an empty string (it would match anywhere)"),
                  ("seed", self.seed is None or SEEDS[0] <= self.seed <= SEEDS[1],
                   f"must be in [{SEEDS[0]}, {SEEDS[1]}] (a signed 64-bit integer)"),
                  ("num_beams", self.num_beams >= 1, "must be at least 1"),

@@ -621,9 +621,14 @@ def test_a_stage_prints_its_own_summary_and_no_library_chatter(tmp_path, tiny_ba
                                          (["--max-tokens", "0"], "--max-tokens: must be at least 1"),
                                          (["--top-p", "2"], "--top-p: must be in (0, 1]"),
                                          (["--num-beams", "2", "-n", "3"], "-n: must not exceed num_beams"),
+                                         (["--stop", ""], "--stop: must not be an empty string (it would match "
+                                                         "anywhere)"),
+                                         (["--field", "mr=a", "--field", "mr=b"], "--field mr: given twice; pass each "
+                                                                                  "field once"),
                                          (["--seed", str(2**64)], "--seed: must be in [-9223372036854775808, "
                                                                   "9223372036854775807] (a signed 64-bit integer)")])
 def test_generate_refuses_bad_decoding_flags_before_loading_a_model(tmp_path, capsys, flags, said):
     """No model or registry here: the flags are checked first, named as they were typed."""
-    assert cli.main(["generate", "--model", "base", "--repo", str(tmp_path), *flags, "x"]) == 1
+    text = [] if "--field" in flags else ["x"]
+    assert cli.main(["generate", "--model", "base", "--repo", str(tmp_path), *flags, *text]) == 1
     assert capsys.readouterr().err.strip() == f"ptune generate: error: {said}"
