@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipelines.common import ConfigError  # noqa: F401 (raised here; importers take it from here too)
 
 
+# Every seed: what numpy's legacy seeding takes (transformers' set_seed, in the tune stage),
+# so a seed out of it is refused with params.yaml, not after collect, clean and tokenize ran.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -271,7 +276,7 @@ class NearDedupConfig(_Step):
     bands: int = Field(default=16, gt=0)
     rows: int = Field(default=8, gt=0)
     min_words: int = Field(default=15, ge=1)  # below this one substituted word drops Jaccard under 0.8: exact dedup only
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DedupConfig(_Section):
@@ -281,7 +286,7 @@ class DedupConfig(_Section):
 
 
 class CleanConfig(_Section):
-    split_seed: int = 0
+    split_seed: Seed = 0
     workers: int = Field(default=1, gt=0)  # processes for the per-record steps; outputs do not depend on it
     # One step removing more of a source's records than this fails the stage: misread, mislabeled or copied data.
     max_removed_share: float = Field(default=0.5, ge=0, le=1)
@@ -304,7 +309,7 @@ class TokenizeConfig(_Section):
     truncation: Literal["source", "drop"] = "source"
     shard_rows: int = Field(gt=0)
     few_shot: int = Field(default=0, ge=0, le=32)  # demonstrations from train; more never fit max_length
-    seed: int = 0  # which demonstrations each example gets
+    seed: Seed = 0  # which demonstrations each example gets
     pack: bool = False  # several train examples per max_length row, attention kept per example
     num_proc: int | None = Field(default=None, gt=0)  # tokenizer processes; None: every core available
 
@@ -389,7 +394,7 @@ class Recipe(BaseModel):
 
 class TuneConfig(_Section):
     method: Literal["prompt", "prefix", "ptuning", "lora", "full"]
-    seed: int = 0
+    seed: Seed = 0
     max_train_examples: int | None = Field(default=512, gt=0)  # CPU budget: LoRA's 64 steps in ~3.5 min on 2 cores
     max_steps: int = Field(default=-1, ge=-1)
     grad_accum: int = Field(default=1, gt=0)
@@ -453,7 +458,7 @@ class EvaluateConfig(_Section):
     no_repeat_ngram_size: int = Field(default=0, ge=0)
     min_nonempty_fraction: float = Field(default=0.95, gt=0, le=1)
     few_shot_k: int = Field(default=3, ge=0, le=32)  # the hard-prompt baseline's demonstrations; 0: none
-    seed: int = 0  # which train records the baseline's demonstrations are
+    seed: Seed = 0  # which train records the baseline's demonstrations are
 
 
 HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"  # <owner>/<name>, as the Hugging Face hub spells a repository

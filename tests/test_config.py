@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -48,6 +50,24 @@ def test_a_schedule_the_tune_stage_cannot_run_is_refused_before_any_stage():
         parse_params(raw)
     raw["tune"]["lr_scheduler"] = "cosine"
     assert parse_params(raw).tune.lr_scheduler == "cosine"
+
+
+@pytest.mark.parametrize("where", ["tune.seed", "clean.split_seed", "clean.dedup.near.seed", "tokenize.seed",
+                                   "evaluate.seed"])
+def test_a_seed_the_stages_cannot_take_is_refused_before_any_stage(where):
+    """tune.seed -1 or 2**32 failed in the tune stage (numpy's seeding, through transformers'
+    set_seed), a negative near-dedup seed in clean: every seed is bounded alike, with the file."""
+    for bad in (-1, 2**32):
+        raw = _raw()
+        *parents, key = where.split(".")
+        section = raw
+        for name in parents:
+            section = section.setdefault(name, {})
+        section[key] = bad
+        with pytest.raises(ConfigError, match=rf"{re.escape(where)}"):
+            parse_params(raw)
+    section[key] = 2**32 - 1
+    parse_params(raw)
 
 
 def test_unknown_key_and_inverted_bounds_are_rejected():
