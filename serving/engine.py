@@ -270,7 +270,7 @@ class Engine:
         before it (and the model's virtual tokens; None for the first): what a served
         completion with ``echo`` and ``logprobs`` answers, and how ``evaluate`` ranks a
         classification task's labels. Steps as ``generate`` does."""
-        scoring = Decoding(max_tokens=1, logprobs=0, prompt_logprobs=True)
+        scoring = Decoding(max_tokens=0, logprobs=0, prompt_logprobs=True)
         out = []
         for (choice,), prompt in self._drive([Request(model, tuple(s), scoring) for s in sequences]):
             if prompt is None:
@@ -488,7 +488,8 @@ class Engine:
 
     def _prefill(self, group: Group, handles: list[Handle], score: bool = False) -> None:
         """Prefill ``handles`` and pick each choice's first token; with ``score``, emit each
-        request's Prompt first (its logits at every position: logits_to_keep=0)."""
+        request's Prompt first (its logits at every position: logits_to_keep=0). A request
+        for no tokens (``max_tokens`` 0: its prompt scored only) ends here, keeping no row."""
         inputs, mask = self._prefill_inputs(group, handles)
         out = group.forward([h.adapter.lora for h in handles], attention_mask=mask, use_cache=True,
                             logits_to_keep=0 if score else 1, **inputs)
@@ -500,8 +501,14 @@ class Engine:
                 rows = out.logits[i, width - len(ids):width - 1]
                 found = logprobs_of(rows, ids[1:], [h.request.decoding.logprobs or 0] * (len(ids) - 1)) if rows.numel() else []
                 self._emit(h, Prompt((None, *found)))
-        counts = [h.request.decoding.n for h in handles]
-        batch = Batch([new_choice(h, i, self.tokenizer, self.device) for h in handles for i in range(h.request.decoding.n)],
+        for h in handles:
+            if h.request.decoding.max_tokens == 0:
+                for index in range(h.request.decoding.n):
+                    self._finish_unstarted(h, index, "length")
+        counts = [h.request.decoding.n if h.request.decoding.max_tokens else 0 for h in handles]
+        if not any(counts):
+            return
+        batch = Batch([new_choice(h, i, self.tokenizer, self.device) for h, n in zip(handles, counts) for i in range(n)],
                       out.cache, mask, repeat=counts, max_rows=self.max_batch)
         logits = out.logits[:, -1].repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
         picked = pick_all(batch.choices, logits)

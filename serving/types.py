@@ -29,7 +29,7 @@ class UnknownModel(KeyError):
 class Decoding:
     """How to decode one request (OpenAI's names where they exist)."""
 
-    max_tokens: int = 64
+    max_tokens: int = 64  # 0 with prompt_logprobs: the prompt scored, nothing generated (OpenAI's echo-only)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -44,7 +44,8 @@ class Decoding:
 
     def problems(self, max_batch: int | None = None) -> list[tuple[str, str]]:
         """(field, why) for each setting out of range; ``max_batch``: the rows ``n`` may fill."""
-        rules = [("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+        rules = [("max_tokens", self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs),
+                  "must be at least 1 (0 only with the prompt scored: nothing generated)"),
                  ("n", self.n >= 1, "must be at least 1"),
                  ("n", max_batch is None or self.n <= max_batch, f"must be at most {max_batch} (the rows a batch holds)"),
                  ("temperature", self.temperature >= 0, "must not be negative"),

@@ -292,6 +292,27 @@ def test_scored_prompts_prefill_in_bounded_forwards_and_score_the_same(engine, m
                                                                             abs=1e-4)
 
 
+def test_a_prompt_scored_with_no_tokens_keeps_no_row_and_leaves_its_batch_mates_alone(engine):
+    """max_tokens 0 (OpenAI's score-only echo): the Prompt event, then every choice finished
+    "length" with nothing generated, no row kept; its batch-mates in the same prefill decode
+    as they would without it, and the scores are those of a request that generates."""
+    ids = engine.encode(PROMPTS[1])
+    only = greedy("prompt", ids, max_tokens=0, logprobs=2, prompt_logprobs=True, n=2)
+    mates = [greedy("lora", engine.encode(PROMPTS[0])), greedy("prompt", engine.encode(PROMPTS[2]), n=2)]
+    events, *others = events_of(engine, [only, *mates])
+    assert [type(e).__name__ for e in events] == ["Prompt", "Finished", "Finished"]
+    assert [(e.index, e.reason, e.completion_tokens, e.text) for e in events[1:]] == [(0, "length", 0, ""),
+                                                                                     (1, "length", 0, "")]
+    assert [[e.token_ids for e in o if isinstance(e, Finished)] for o in others] == \
+        [[c.token_ids for c in alone(engine, m)] for m in mates]
+    generating = events_of(engine, [greedy("prompt", ids, max_tokens=1, logprobs=2, prompt_logprobs=True)])[0][0]
+    assert [(lp and (lp.token_id, lp.top)) for lp in events[0].logprobs] == \
+        [(lp and (lp.token_id, lp.top)) for lp in generating.logprobs]
+    assert engine.stats().running == 0
+    with pytest.raises(ValueError, match="max_tokens: must be at least 1 \\(0 only with the prompt scored"):
+        engine.submit(greedy(BASE, ids, max_tokens=0), lambda e: None)
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_streamed_text_adds_up_to_the_answer(engine, method):
     tokens, (done,) = stream(engine, greedy(method, engine.encode(PROMPTS[1]), max_tokens=30))

@@ -322,6 +322,16 @@ def test_logprobs_echo_and_token_id_batches_as_lm_evaluation_harness_asks(server
     assert len(second.logprobs.tokens) == ctxlen + 1
     assert second.logprobs.token_logprobs[-1] == pytest.approx(gen.logprobs.token_logprobs[0], abs=1e-4)
     assert scored.usage.prompt_tokens == 2 * ctxlen + len(continuation)
+    # OpenAI's score-only request: max_tokens 0 with echo, the same prompt log-probabilities, nothing generated.
+    only = api.completions.create(model=FIRST, prompt=[context + continuation], max_tokens=0, logprobs=1, echo=True)
+    assert only.choices[0].text == tok.decode(context + continuation) and only.choices[0].finish_reason == "length"
+    assert only.choices[0].logprobs.token_logprobs == first.logprobs.token_logprobs[:-1]
+    assert (only.usage.completion_tokens, only.usage.prompt_tokens) == (0, len(context + continuation))
+    streamed_only = list(api.completions.create(model=FIRST, prompt=context, max_tokens=0, logprobs=0, echo=True,
+                                                stream=True))
+    assert "".join(p.choices[0].text for p in streamed_only) == tok.decode(context)
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0 only with echo and logprobs"):
+        api.completions.create(model=FIRST, prompt=context, max_tokens=0, echo=True)
 
     # Streamed, the same log-probabilities token by token; echo without logprobs is text only.
     pieces = list(api.completions.create(model=FIRST, prompt=context, max_tokens=6, logprobs=1, stream=True))
