@@ -591,7 +591,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
             raise ApiError(404, f"model {body.model!r} is registered but cannot be served here: {exc}",
                            "model", "model_not_servable") from None
         except QueueFull as exc:
-            raise ApiError(429, f"too many requests waiting ({exc}); retry after {RETRY_AFTER_S} s",
+            raise ApiError(429, f"the queue is full: {exc}; retry after {RETRY_AFTER_S} s",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         finally:
             if len(job.parts) < len(inputs):  # refused part-way: what went in comes out
