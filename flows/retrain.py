@@ -210,11 +210,12 @@ def publish_comparison(repo: str) -> dict:
     return {"rows": len(c.rows), "excluded": len(c.excluded)}
 
 
-def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
+def apply_overrides(repo: Path, overrides: dict[str, object], write: bool = True) -> None:
     """Set dotted params in params.yaml like ``dvc exp run -S`` (its comments are kept).
 
     Values given as strings are read as YAML (``"2e-3"`` is a float, ``"null"`` None).
     Every key must exist already, and the result must validate, or nothing is written.
+    ``write=False``: only check (``ptune retrain`` does, before any flow run starts).
     """
     from ruamel.yaml import YAML, YAMLError
 
@@ -239,6 +240,8 @@ def apply_overrides(repo: Path, overrides: dict[str, object]) -> None:
         except YAMLError as exc:
             raise ConfigError(f"override {dotted}: {raw!r} is not a YAML value: {exc}") from None
     parse_params(dict(doc), where=f"params.yaml with overrides {overrides}", tasks_dir=repo / "tasks")
+    if not write:
+        return
     with open(path, "w") as f:
         rt.dump(doc, f)
 

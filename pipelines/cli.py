@@ -235,15 +235,20 @@ def _docs(args: argparse.Namespace) -> None:
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from flows.retrain import retrain
+    from flows.retrain import apply_overrides, retrain
 
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"-S {item!r}: expected key=value, e.g. -S tune.method=prompt")
+        if key in overrides:
+            raise ConfigError(f"-S {key}: given twice; pass each parameter once")
         overrides[key] = value
-    retrain(repo=str(Path(".").resolve()), params_overrides=overrides or None)
+    root = Path(".").resolve()
+    if overrides:  # checked before the flow run starts: a typo is not a failed run in Prefect's history
+        apply_overrides(root, overrides, write=False)
+    retrain(repo=str(root), params_overrides=overrides or None)
 
 
 def _server(args: argparse.Namespace) -> None:

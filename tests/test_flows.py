@@ -178,3 +178,21 @@ def test_bad_overrides_are_rejected_before_anything_is_written(project):
     changed = [(a, b) for a, b in zip(before.splitlines(), (project / "params.yaml").read_text().splitlines())
                if a != b]
     assert changed == [("  method: lora", "  method: prompt"), ("  learning_rate: 0.1", "  learning_rate: 0.002")]
+
+
+@pytest.mark.parametrize("argv, said", [(["-S", "tune.lr=1"], "override tune.lr: params.yaml has no key 'tune.lr'"),
+                                        (["-S", "tune.learning_rate=-1"], "tune.learning_rate: Input should be greater than 0"),
+                                        (["-S", "tune.method=lora", "-S", "tune.method=prompt"],
+                                         "-S tune.method: given twice; pass each parameter once")])
+def test_ptune_retrain_refuses_bad_overrides_before_a_flow_run_starts(project, monkeypatch, capsys, argv, said):
+    """A typo in -S is one line, not a failed run in Prefect's history (nor a temporary server started)."""
+    import flows.retrain
+    from pipelines import cli
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(flows.retrain, "retrain", lambda **kw: pytest.fail("a flow run started"))
+    before = (project / "params.yaml").read_text()
+    assert cli.main(["retrain", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ptune retrain: error: ") and said in err
+    assert (project / "params.yaml").read_text() == before
