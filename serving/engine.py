@@ -95,6 +95,7 @@ class Stats:
     tokens_generated: int  # since start
     requests_finished: int
     adapters: int  # served names, base included
+    prompt_tokens: int = 0  # prompt tokens prefilled since start (a request's once, whatever its n)
 
 
 @dataclass(eq=False)
@@ -156,7 +157,7 @@ class Engine:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._closed = False
         self._ids = itertools.count()
-        self._tokens = self._finished = self._running = 0
+        self._tokens = self._finished = self._running = self._prompt_tokens = 0
 
     # -- adapters -------------------------------------------------------------------
 
@@ -258,7 +259,7 @@ class Engine:
     def stats(self) -> Stats:
         with self._lock:
             return Stats(len(self._waiting) + len(self._prefilling), self._running, self._tokens, self._finished,
-                         len(self._served))
+                         len(self._served), self._prompt_tokens)
 
     def generate(self, requests: Iterable[Request]) -> list[list[Finished]]:
         """Decode ``requests`` to the end -> for each, its choices in index order. Steps in the
@@ -491,6 +492,7 @@ class Engine:
         request's Prompt first (its logits at every position: logits_to_keep=0). A request
         for no tokens (``max_tokens`` 0: its prompt scored only) ends here, keeping no row."""
         inputs, mask = self._prefill_inputs(group, handles)
+        self._count_prompts(handles)
         out = group.forward([h.adapter.lora for h in handles], attention_mask=mask, use_cache=True,
                             logits_to_keep=0 if score else 1, **inputs)
         if score:
@@ -519,6 +521,10 @@ class Engine:
                 self._batches[group].join(batch)
             else:
                 self._batches[group] = batch
+
+    def _count_prompts(self, handles: list[Handle]) -> None:
+        with self._lock:
+            self._prompt_tokens += sum(len(h.request.prompt_ids) for h in handles)
 
     def _prefill_inputs(self, group: Group, handles: list[Handle]) -> tuple[dict, torch.Tensor]:
         """Left-padded rows: ``[prefix][pad][virtual][prompt]`` in cache and inputs, the mask
@@ -583,6 +589,7 @@ class Engine:
 
     def _beam_search(self, handles: list[Handle]) -> None:
         d = handles[0].request.decoding
+        self._count_prompts(handles)
         found = beams.search(handles[0].adapter, [h.request.prompt_ids for h in handles], d,
                              self.tokenizer.pad_token_id, self.eos)
         for h, sequences in zip(handles, found):

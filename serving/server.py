@@ -304,6 +304,8 @@ class Metrics:
         yield GaugeMetricFamily("ptune_running_batch_size", "Rows (choices) decoding in the running batch",
                                 value=s.running)
         yield CounterMetricFamily("ptune_generated_tokens", "Tokens generated since start", value=s.tokens_generated)
+        yield CounterMetricFamily("ptune_prompt_tokens", "Prompt tokens prefilled since start (a request's once, "
+                                  "whatever its n)", value=s.prompt_tokens)
         yield GaugeMetricFamily("ptune_generated_tokens_per_second",
                                 f"Generated tokens per second over the last {RATE_WINDOW_S:.0f} s",
                                 value=self.tokens_per_s())

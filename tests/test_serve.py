@@ -462,7 +462,14 @@ def test_malformed_json_and_bad_chat_messages(server):
 def test_health_and_metrics(server):
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["models"]["e2e-adapter"].startswith("e2e-adapter@v")
-    client(server).completions.create(model="base", prompt="Aromi", max_tokens=3)
+
+    def prompt_tokens() -> float:
+        line = next(x for x in httpx.get(f"{server}/metrics").text.splitlines() if x.startswith("ptune_prompt_tokens_total"))
+        return float(line.split()[-1])
+
+    before = prompt_tokens()
+    made = client(server).completions.create(model="base", prompt="Aromi", max_tokens=3, n=2)
+    assert prompt_tokens() - before == made.usage.prompt_tokens  # n choices share one prefill
     text = httpx.get(f"{server}/metrics").text
     for name in ("ptune_queue_depth", "ptune_running_batch_size", "ptune_generated_tokens_total",
                  "ptune_generated_tokens_per_second", "ptune_request_latency_seconds_bucket",
