@@ -214,12 +214,12 @@ def decoding(body: _Body, limits: Limits, engine: Engine) -> Decoding:
     asked = getattr(body, "max_completion_tokens", None)
     name = "max_completion_tokens" if asked is not None else "max_tokens"
     max_tokens = asked if asked is not None else body.max_tokens
-    score_only = isinstance(body, CompletionBody) and body.echo and body.logprobs is not None
+    completion = isinstance(body, CompletionBody)
     if max_tokens is None:
         max_tokens = limits.default_max_tokens
-    elif max_tokens == 0 and not score_only:
+    elif max_tokens == 0 and completion and not (body.echo and body.logprobs is not None):
         raise ApiError(400, f"{name}: 0 only with echo and logprobs (the prompt scored, nothing generated)", name)
-    elif not 0 <= max_tokens <= limits.max_tokens:
+    elif not (0 if completion else 1) <= max_tokens <= limits.max_tokens:
         raise ApiError(400, f"{name}: {max_tokens} is outside [1, {limits.max_tokens}] (this server's bound)", name)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOP or not all(stop):

@@ -332,6 +332,8 @@ def test_logprobs_echo_and_token_id_batches_as_lm_evaluation_harness_asks(server
     assert "".join(p.choices[0].text for p in streamed_only) == tok.decode(context)
     with pytest.raises(openai.BadRequestError, match="max_tokens: 0 only with echo and logprobs"):
         api.completions.create(model=FIRST, prompt=context, max_tokens=0, echo=True)
+    with pytest.raises(openai.BadRequestError, match=r"max_completion_tokens: 0 is outside \[1, 1024\]"):
+        api.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], max_completion_tokens=0)
 
     # Streamed, the same log-probabilities token by token; echo without logprobs is text only.
     pieces = list(api.completions.create(model=FIRST, prompt=context, max_tokens=6, logprobs=1, stream=True))
