@@ -165,6 +165,7 @@ def _generate(args: argparse.Namespace) -> None:
     import json
 
     from serving import models
+    from serving.decoding import LogprobText
     from serving.types import Decoding
 
     _quiet_loading()
@@ -185,27 +186,33 @@ def _generate(args: argparse.Namespace) -> None:
     decoding = Decoding(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()), n=args.n,
                         num_beams=args.num_beams, length_penalty=args.length_penalty,
-                        no_repeat_ngram_size=args.no_repeat_ngram_size)
+                        no_repeat_ngram_size=args.no_repeat_ngram_size, logprobs=args.logprobs)
     for name, why in decoding.problems()[:1]:  # said before the model loads
         raise StageError(f"{'-n' if name == 'n' else '--' + name.replace('_', '-')}: {why}")
     repo = Path(args.repo)
-    served, prompt_tokens, choices = models.generate(
+    served, prompt_tokens, choices, tokenizer = models.generate(
         repo, Path(args.base) if args.base else repo / "data/models/base", args.model, decoding,
         text=args.text, fields=fields, raw=args.raw, chat=args.chat)
     failed = [c for c in choices if c.reason == "error"]
     if failed:
         raise StageError(f"decoding failed: {failed[0].error}")
+    tokens = LogprobText(tokenizer)  # each token's text as the server gives it
     if args.json:
         print(json.dumps({"model": served.name, "commit": served.commit, "method": served.method,
                           "prompt_tokens": prompt_tokens,
                           "choices": [{"index": c.index, "text": c.text, "finish_reason": c.reason,
-                                       "completion_tokens": c.completion_tokens} for c in choices]},
+                                       "completion_tokens": c.completion_tokens,
+                                       "logprobs": tokens.completion([(lp.token_id, lp) for lp in c.logprobs])
+                                       if args.logprobs is not None else None} for c in choices]},
                          indent=2, ensure_ascii=False))
         return
     print(f"{served.name} ({served.method}{', commit ' + served.commit[:10] if served.commit else ''})",
           file=sys.stderr)
     for c in choices:
         print(f"[{c.index}] {c.text}" if len(choices) > 1 else c.text)
+        for lp in c.logprobs:  # a token a line: its log-probability, the token, its alternatives
+            others = "  ".join(f"{tokens.text(t)!r} {v:.3f}" for t, v in lp.top)
+            print(f"  {lp.logprob:9.4f}  {tokens.text(lp.token_id)!r}" + (f"  ({others})" if others else ""))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -359,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--logprobs", type=int, metavar="N", help="each generated token's log-probability and its N "
+                   "most likely alternatives (0-20), as the server's completions give them")
     g.add_argument("--json", action="store_true", help="the version, token counts and every choice as JSON")
     g.set_defaults(func=_generate)
 

@@ -112,6 +112,7 @@ class Choice:
     no_repeat: object = None
     last: int = -1  # the token to feed next
     ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # each token's, where the request asked
 
     @property
     def decoding(self) -> Decoding:
@@ -178,3 +179,37 @@ def scored(choices: list[Choice], logits: torch.Tensor, tokens: list[int]) -> li
         for i, lp in zip(want, found):
             out[i] = lp
     return out
+
+
+class LogprobText:
+    """Log-probabilities in OpenAI's two shapes, with each token as its text (vLLM's way: the
+    token decoded alone, ``bytes`` its UTF-8, a partial character as U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self._text = tokenizer, {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._text:  # bounded by the vocabulary
+            self._text[token_id] = self.tokenizer.decode([token_id])
+        return self._text[token_id]
+
+    def completion(self, entries: list[tuple[int, Logprob | None]], offset: int = 0) -> dict:
+        """Completions' ``logprobs``: parallel lists; ``text_offset`` counts from ``offset``."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, lp in entries:
+            text = self.text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob if lp else None)
+            out["top_logprobs"].append({self.text(t): v for t, v in lp.top} if lp else None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat(self, logprobs: list[Logprob]) -> dict:
+        """Chat's ``logprobs``: a ``content`` entry per generated token."""
+        def entry(token_id: int, value: float) -> dict:
+            text = self.text(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in logprobs], "refusal": None}

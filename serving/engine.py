@@ -608,6 +608,8 @@ class Engine:
         for i, (c, token) in enumerate(zip(choices, tokens)):
             c.ids.append(token)
             c.last = token
+            if logprobs and logprobs[i] is not None:
+                c.logprobs.append(logprobs[i])
             end, reason = self._ends(c, token)
             self._emit(c.handle, Token(c.index, token, c.stream.release(end), logprobs[i] if logprobs else None))
             if reason:
@@ -634,7 +636,8 @@ class Engine:
 
     def _finish(self, c: Choice, reason: str, end: int | None, error: str | None = None) -> None:
         text = c.stream.text[:end] if end is not None else c.stream.text[:c.stream.sent]
-        self._emit(c.handle, Finished(c.index, reason, text, len(c.ids), error=error, token_ids=tuple(c.ids)))
+        self._emit(c.handle, Finished(c.index, reason, text, len(c.ids), error=error, token_ids=tuple(c.ids),
+                                      logprobs=tuple(c.logprobs)))
         self._close(c.handle)
 
     def _finish_unstarted(self, h: Handle, index: int, reason: str, error: str | None = None) -> None:

@@ -475,11 +475,13 @@ class Models:
 
 
 class Generated(NamedTuple):
-    """``ptune generate``'s answer: the model that gave it, the prompt's length in tokens
-    and each choice (``Finished``: the text, tokens and why it stopped)."""
+    """``ptune generate``'s answer: the model that gave it, the prompt's length in tokens,
+    each choice (``Finished``: the text, tokens, their log-probabilities where asked, why it
+    stopped) and the tokenizer (to show tokens as text)."""
     served: Served
     prompt_tokens: int
     choices: list
+    tokenizer: object
 
 
 def generate(repo: Path, base: Path, name: str, decoding: Decoding, *, text: str | None = None,
@@ -507,6 +509,6 @@ def generate(repo: Path, base: Path, name: str, decoding: Decoding, *, text: str
             raise StageError(f"--model: {exc.args[0]} (`ptune registry` lists the versions)") from None
         except (NotServable, ValueError) as exc:  # BadRequest, the engine's field checks
             raise StageError(str(exc).replace("prompt_ids:", "TEXT:")) from None
-        return Generated(served, len(request.prompt_ids), choices)
+        return Generated(served, len(request.prompt_ids), choices, engine.tokenizer)
     finally:
         engine.close()

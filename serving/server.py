@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import conversations
 from pipelines.common import StageError
+from serving.decoding import LogprobText
 from serving.engine import BASE, Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
 from serving.types import MAX_LOGPROBS, SEEDS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
@@ -330,7 +331,6 @@ class _Part:
     prompt_ids: tuple[int, ...]
     finished: dict[int, Finished] = field(default_factory=dict)
     scored: Prompt | None = None  # the prompt's log-probabilities (echo with logprobs)
-    logprobs: dict[int, list[Logprob]] = field(default_factory=dict)  # each choice's, token by token
 
 
 class _Job:
@@ -374,49 +374,13 @@ class _Job:
                 engine.cancel(p.handle)
 
     def take(self, part: int, event) -> None:
-        """Keep what a response is made of: the prompt's scores, token logprobs, each choice's end."""
+        """Keep what a response is made of: the prompt's scores and each choice's end (its
+        text, tokens and their log-probabilities)."""
         p = self.parts[part]
         if isinstance(event, Prompt):
             p.scored = event
-        elif isinstance(event, Token):
-            if event.logprob is not None:
-                p.logprobs.setdefault(event.index, []).append(event.logprob)
-        else:
+        elif isinstance(event, Finished):
             p.finished[event.index] = event
-
-
-class _Logprobs:
-    """Log-probabilities in OpenAI's two shapes, with each token as its text (vLLM's way: the
-    token decoded alone, ``bytes`` its UTF-8, a partial character as U+FFFD)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self._text = tokenizer, {}
-
-    def text(self, token_id: int) -> str:
-        if token_id not in self._text:  # bounded by the vocabulary
-            self._text[token_id] = self.tokenizer.decode([token_id])
-        return self._text[token_id]
-
-    def completion(self, entries: list[tuple[int, Logprob | None]], offset: int = 0) -> dict:
-        """Completions' ``logprobs``: parallel lists; ``text_offset`` counts from ``offset``."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, lp in entries:
-            text = self.text(token_id)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(lp.logprob if lp else None)
-            out["top_logprobs"].append({self.text(t): v for t, v in lp.top} if lp else None)
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
-
-    def chat(self, logprobs: list[Logprob]) -> dict:
-        """Chat's ``logprobs``: a ``content`` entry per generated token."""
-        def entry(token_id: int, value: float) -> dict:
-            text = self.text(token_id)
-            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-
-        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                            for lp in logprobs], "refusal": None}
 
 
 class _EventStream(StreamingResponse):
@@ -440,7 +404,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
     how often the registry is re-read (None: never, for tests that refresh by hand)."""
     engine = models.engine
     metrics = Metrics(engine, models)
-    logprobs = _Logprobs(engine.tokenizer)
+    logprobs = LogprobText(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -669,7 +633,7 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
         for p, part in enumerate(job.parts):
             for i in sorted(part.finished):
                 f, index = part.finished[i], p * job.n + i
-                generated = part.logprobs.get(i, [])
+                generated = list(f.logprobs)
                 if endpoint == "chat":
                     choices.append({"index": index, "message": {"role": "assistant", "content": f.text},
                                     "finish_reason": f.reason, "logprobs": logprobs.chat(generated) if wants else None})

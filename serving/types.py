@@ -110,3 +110,4 @@ class Finished:
     completion_tokens: int
     error: str | None = None
     token_ids: tuple[int, ...] = ()  # the choice's generated ids (its EOS included): what "token-identical" compares
+    logprobs: tuple[Logprob, ...] = ()  # each generated token's, where the request asked (Decoding.logprobs)

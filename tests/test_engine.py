@@ -250,6 +250,7 @@ def test_logprobs_are_the_trained_models_for_the_prompt_and_each_token(method, e
     assert isinstance(events[0], Prompt)
     (done,) = [e for e in events if isinstance(e, Finished)]
     assert done.token_ids == alone(engine, greedy(method, ids))[0].token_ids
+    assert done.logprobs == tuple(t.logprob for t in tokens)  # the choice's end holds them all
 
     seq = list(ids) + list(done.token_ids)
     with torch.no_grad():

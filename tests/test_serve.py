@@ -207,7 +207,7 @@ def test_concurrent_mixed_requests_answer_what_evaluate_scored(promoted, project
         assert usage.prompt_tokens == len(models.engine.encode(row["prompt"]))
 
 
-def test_generate_is_the_same_path_without_a_server(project, tmp_path):
+def test_generate_is_the_same_path_without_a_server(project, tmp_path, server):
     row = next(r for r in evaluated(project, FIRST, tmp_path) if r["system"] == "tuned")
     proc = run(project, "ptune", "generate", "--model", FIRST, row["mr"], "--max-tokens", str(MAX_NEW_TOKENS))
     assert first_line(proc.stdout) == row["prediction"]
@@ -215,6 +215,14 @@ def test_generate_is_the_same_path_without_a_server(project, tmp_path):
     out = json.loads(run(project, "ptune", "generate", "--model", FIRST, "--field", f"mr={row['mr']}", "--json",
                          "--max-tokens", str(MAX_NEW_TOKENS), "-n", "2", "--num-beams", "2").stdout)
     assert out["model"] == FIRST and len(out["choices"]) == 2
+    # --logprobs: what the server's completions give for the same request
+    out = json.loads(run(project, "ptune", "generate", "--model", FIRST, row["mr"], "--json", "--logprobs", "2",
+                         "--max-tokens", "6").stdout)["choices"][0]["logprobs"]
+    served = client(server).completions.create(model=FIRST, prompt=row["mr"], max_tokens=6, logprobs=2).choices[0]
+    assert out["tokens"] == served.logprobs.tokens and out["top_logprobs"][0].keys() == served.logprobs.top_logprobs[0].keys()
+    assert out["token_logprobs"] == pytest.approx(served.logprobs.token_logprobs, abs=1e-5)
+    shown = run(project, "ptune", "generate", "--model", FIRST, row["mr"], "--logprobs", "1", "--max-tokens", "6").stdout
+    assert len(shown.splitlines()) == 1 + len(out["tokens"]) and repr(out["tokens"][0]) in shown.splitlines()[1]
     bad = run(project, "ptune", "generate", "--model", "e2e-adapter@v9.9.9", "x", check=False)
     assert bad.returncode == 1 and "--model: model 'e2e-adapter@v9.9.9' is not served; served: base" in bad.stderr
     assert "Traceback" not in bad.stderr
