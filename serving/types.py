@@ -44,8 +44,8 @@ class Decoding:
 
     def problems(self, max_batch: int | None = None) -> list[tuple[str, str]]:
         """(field, why) for each setting out of range; ``max_batch``: the rows ``n`` may fill."""
-        rules = [("max_tokens", self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs),
-                  "must be at least 1 (0 only with the prompt scored: nothing generated)"),
+        rules = [("max_tokens", self.max_tokens >= (0 if self.prompt_logprobs else 1),  # 0: the prompt scored only
+                  "must not be negative" if self.prompt_logprobs else "must be at least 1"),
                  ("n", self.n >= 1, "must be at least 1"),
                  ("n", max_batch is None or self.n <= max_batch, f"must be at most {max_batch} (the rows a batch holds)"),
                  ("temperature", self.temperature >= 0, "must not be negative"),

@@ -310,7 +310,7 @@ def test_a_prompt_scored_with_no_tokens_keeps_no_row_and_leaves_its_batch_mates_
     assert [(lp and (lp.token_id, lp.top)) for lp in events[0].logprobs] == \
         [(lp and (lp.token_id, lp.top)) for lp in generating.logprobs]
     assert engine.stats().running == 0
-    with pytest.raises(ValueError, match="max_tokens: must be at least 1 \\(0 only with the prompt scored"):
+    with pytest.raises(ValueError, match="max_tokens: must be at least 1"):
         engine.submit(greedy(BASE, ids, max_tokens=0), lambda e: None)
 
 
