@@ -33,6 +33,7 @@ import logging
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipelines.common import StageError, check_output, setup_logging, write_json
 from pipelines.config import ConfigError, load_params
@@ -276,6 +277,25 @@ def _worker(args: argparse.Namespace) -> None:
     sys.exit(prefect_ops.worker(Path(".").resolve(), load_params(args.params).prefect, args.pool))
 
 
+def _number(low: float, high: float | None = None, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high], refused with the flag's name before any work
+    (``--max-rows 0`` was ignored, ``--poll 0`` re-read the registry without pause, ``--port
+    70000`` was a traceback)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high}]" if high is not None
+                                             else f"{text}: must be at least {low}")
+        return value
+    return parse
+
+
+PORT = _number(1, 65535)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default="data/models/base")
     e.add_argument("--shards", default="data/shards", help="for an adapter directory: the shards it was trained on")
     e.add_argument("--out", default=".ptune/evaluate", help="where metrics, predictions and the report go (not a DVC output)")
-    e.add_argument("--max-rows", type=int, help="override evaluate.max_rows")
+    e.add_argument("--max-rows", type=_number(1), help="override evaluate.max_rows")
     e.set_defaults(func=_evaluate)
 
     li = sub.add_parser("lineage", help="what produced a registered version")
@@ -331,20 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--repo", default=".", help="the project whose registry is served (default: here)")
     sv.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
     sv.add_argument("--host", default="127.0.0.1", help="anything but loopback requires PTUNE_API_KEY")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=16, help="rows (choices) decoding together")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    sv.add_argument("--prefill-tokens", type=int, default=None,
+    sv.add_argument("--port", type=PORT, default=8000)
+    sv.add_argument("--max-batch", type=_number(1), default=16, help="rows (choices) decoding together")
+    sv.add_argument("--max-queue", type=_number(1), default=64, help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--prefill-tokens", type=_number(1), default=None,
                     help="padded tokens a step prefills at most, in one forward or several; a longer prompt "
                          "goes alone (default: 2048 on CPU, 8192 on CUDA)")
     sv.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU, as evaluate decodes); bfloat16 "
                          "on a CPU with hardware bf16 is ~1.7x the tokens/s, a greedy answer then may differ from "
                          "evaluate's")
-    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
-    sv.add_argument("--max-versions", type=int, default=8,
+    sv.add_argument("--max-tokens-limit", type=_number(1), default=1024,
+                    help="the largest max_tokens a request may ask")
+    sv.add_argument("--max-versions", type=_number(0), default=8,
                     help="versions kept loaded besides the prod ones (least recently used go first)")
-    sv.add_argument("--poll", type=float, default=5.0, help="seconds between reads of the registry (hot reload)")
+    sv.add_argument("--poll", type=_number(0.5, kind=float), default=5.0,
+                    help="seconds between reads of the registry (hot reload)")
     sv.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="one request through the serving path, without a server")
@@ -375,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "on the same test rows, with the prompt baselines")
     c.add_argument("--reference", help="a metrics.json to compare against (default: data/eval/metrics.json)")
     c.add_argument("--out", help="also write the markdown table here")
-    c.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    c.add_argument("--samples", type=_number(100), default=1000,
+                   help="bootstrap resamples for the 95%% intervals (at least 100: 2.5 in each tail)")
     c.add_argument("--no-intervals", action="store_true",
                    help="skip the paired bootstrap (it reads every run's predictions from the DVC cache)")
     c.add_argument("--json", action="store_true")
@@ -390,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_retrain)
 
     sv = sub.add_parser("server", help="a local Prefect server and UI on 127.0.0.1 (Ctrl-C stops it)")
-    sv.add_argument("--port", type=int, help="default: prefect.port in params.yaml")
+    sv.add_argument("--port", type=PORT, help="default: prefect.port in params.yaml")
     sv.set_defaults(func=_server)
     d = sub.add_parser("deploy", help="create or update the retrain deployment (PREFECT_API_URL or the local server)")
     d.add_argument("--no-schedule", action="store_true", help="leave out prefect.schedule: triggered runs only")

@@ -632,3 +632,21 @@ def test_generate_refuses_bad_decoding_flags_before_loading_a_model(tmp_path, ca
     text = [] if "--field" in flags else ["x"]
     assert cli.main(["generate", "--model", "base", "--repo", str(tmp_path), *flags, *text]) == 1
     assert capsys.readouterr().err.strip() == f"ptune generate: error: {said}"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["serve", "--max-batch", "0"], "argument --max-batch: 0: must be at least 1"),
+    (["serve", "--poll", "0"], "argument --poll: 0: must be at least 0.5"),  # was a registry read without pause
+    (["serve", "--port", "70000"], "argument --port: 70000 is outside [1, 65535]"),  # was a traceback
+    (["serve", "--prefill-tokens", "0"], "argument --prefill-tokens: 0: must be at least 1"),  # was a traceback
+    (["serve", "--max-queue", "x"], "argument --max-queue: 'x' is not an integer"),
+    (["evaluate", "--adapter", "a", "--file", "f", "--max-rows", "0"], "argument --max-rows: 0: must be at least 1"),
+    (["compare", "--samples", "0"], "argument --samples: 0: must be at least 100"),  # was an IndexError
+    (["server", "--port", "-1"], "argument --port: -1 is outside [1, 65535]"),
+])
+def test_numeric_flags_out_of_range_are_refused_by_name_before_any_work(capsys, argv, said):
+    """--max-rows 0 was ignored (all of evaluate.max_rows scored) and --max-rows -5 dropped the
+    last 5 rows; the others failed later, or never."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and f"ptune {argv[0]}: error: {said}" in capsys.readouterr().err
