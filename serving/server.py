@@ -229,6 +229,8 @@ def decoding(body: _Body, limits: Limits, engine: Engine) -> Decoding:
         raise ApiError(400, f"n: {body.n} is more than the {engine.max_batch} rows a batch holds", "n")
     if body.num_beams > limits.max_beams:
         raise ApiError(400, f"num_beams: {body.num_beams} is more than this server's {limits.max_beams}", "num_beams")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only with stream: true", "stream_options")
     if isinstance(body, ChatBody):
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs: only with logprobs: true", "top_logprobs")

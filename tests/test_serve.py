@@ -426,6 +426,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"model": "base", "prompt": "x", "logprobs": 1, "num_beams": 2}, 400, "logprobs", "beam search"),
     ({"model": "base", "prompt": "x", "best_of": 2}, 400, "best_of", "not supported"),
     ({"model": "base", "prompt": "x", "seed": 2**63}, 400, "seed", "less than or equal to 9223372036854775807"),
+    ({"model": "base", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only with stream: true"),
     ({"model": "base", "prompt": []}, 400, "prompt", "empty"),
     ({"model": "base", "prompt": [[5, 6], [10**7]]}, 400, "prompt.1", "ids must be in"),
     ({"model": "base", "prompt": [[5, 6], []]}, 400, "prompt.1", "must not be empty"),
