@@ -154,12 +154,19 @@ def _serve(args: argparse.Namespace) -> None:
 
     _quiet_loading()
 
-    repo = Path(args.repo)
+    repo = _repo(args.repo)
     server.serve(repo, Path(args.base) if args.base else repo / "data/models/base", args.host, args.port,
                  max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
                  dtype=args.dtype,
                  limits=server.Limits(max_tokens=args.max_tokens_limit), max_versions=args.max_versions,
                  poll_seconds=args.poll)
+
+
+def _repo(path: str) -> Path:
+    """The project whose registry names the models (``--repo``)."""
+    if not Path(path).is_dir():
+        raise StageError(f"--repo {path}: no such directory (the project whose registry names the models)")
+    return Path(path)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -190,7 +197,7 @@ def _generate(args: argparse.Namespace) -> None:
                         no_repeat_ngram_size=args.no_repeat_ngram_size, logprobs=args.logprobs)
     for name, why in decoding.problems()[:1]:  # said before the model loads
         raise StageError(f"{'-n' if name == 'n' else '--' + name.replace('_', '-')}: {why}")
-    repo = Path(args.repo)
+    repo = _repo(args.repo)
     served, prompt_tokens, choices, tokenizer = models.generate(
         repo, Path(args.base) if args.base else repo / "data/models/base", args.model, decoding,
         text=args.text, fields=fields, raw=args.raw, chat=args.chat)

@@ -625,6 +625,8 @@ def test_a_stage_prints_its_own_summary_and_no_library_chatter(tmp_path, tiny_ba
                                                          "anywhere)"),
                                          (["--field", "mr=a", "--field", "mr=b"], "--field mr: given twice; pass each "
                                                                                   "field once"),
+                                         (["--repo", "/nonexistent/project"], "--repo /nonexistent/project: no "
+                                          "such directory (the project whose registry names the models)"),
                                          (["--seed", str(2**64)], "--seed: must be in [-9223372036854775808, "
                                                                   "9223372036854775807] (a signed 64-bit integer)")])
 def test_generate_refuses_bad_decoding_flags_before_loading_a_model(tmp_path, capsys, flags, said):
