@@ -111,8 +111,8 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    # One prompt (text, the task's fields, or token ids) or a batch of them (texts or token id lists).
-    prompt: str | dict[str, str | int] | list[int] | list[str] | list[list[int]]
+    # One prompt (text, the task's fields, or token ids) or a batch of them (texts, fields or token id lists).
+    prompt: str | dict[str, str | int] | list[int] | list[str] | list[list[int]] | list[dict[str, str | int]]
     raw_prompt: bool = False  # extension: the prompt is the model's input as it is
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI allows 5; vLLM, as here, 20
@@ -248,9 +248,9 @@ def prompts(body: _Body) -> list:
     if isinstance(body, ChatBody):
         return [body.messages]
     if body.prompt == []:
-        raise ApiError(400, "prompt: empty; send text, the task's fields, token ids, or a list of texts or of "
-                            "token id lists", "prompt")
-    batch = isinstance(body.prompt, list) and isinstance(body.prompt[0], (str, list))
+        raise ApiError(400, "prompt: empty; send text, the task's fields, token ids, or a list of texts, of "
+                            "fields or of token id lists", "prompt")
+    batch = isinstance(body.prompt, list) and isinstance(body.prompt[0], (str, list, dict))
     return body.prompt if batch else [body.prompt]
 
 

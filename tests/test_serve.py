@@ -304,6 +304,8 @@ def test_logprobs_echo_and_token_id_batches_as_lm_evaluation_harness_asks(server
     assert [c.index for c in made.choices] == [0, 1, 2, 3]  # prompt-major, OpenAI's order
     alone = [api.completions.create(model=FIRST, prompt=t, max_tokens=6, logprobs=2).choices[0] for t in texts]
     assert [c.text for c in made.choices] == [alone[0].text] * 2 + [alone[1].text] * 2  # greedy: n agree
+    by_fields = api.completions.create(model=FIRST, prompt=[{"mr": t} for t in texts], max_tokens=6)
+    assert [c.text for c in by_fields.choices] == [c.text for c in alone]  # a batch of the task's fields
     for c in made.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) <= 6
         assert all(len(top) <= 2 and lp <= max(top.values()) + 1e-6
@@ -432,6 +434,8 @@ BAD = [  # (body, status, param, words in the message)
     ({"model": "base", "prompt": [[5, 6], [10**7]]}, 400, "prompt.1", "ids must be in"),
     ({"model": "base", "prompt": [[5, 6], []]}, 400, "prompt.1", "must not be empty"),
     ({"model": FIRST, "prompt": ["name[Aromi]", ""]}, 400, "prompt.1.mr", "prompt.1.mr: must be non-empty"),
+    ({"model": FIRST, "prompt": [{"mr": "name[Aromi]"}, {"mr": "x", "colour": "red"}]}, 400, "prompt.1",
+     "'colour': not an input field"),
     ({"model": "base", "prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not a parameter"),
     ({"model": "base", "prompt": {"mr": "x"}}, 400, "prompt", "no task template"),
     ({"model": FIRST, "prompt": {"mr": "x", "colour": "red"}}, 400, "prompt", "'colour': not an input field"),
