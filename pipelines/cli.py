@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace) -> None:
     repo = _repo(args.repo)
     server.serve(repo, Path(args.base) if args.base else repo / "data/models/base", args.host, args.port,
                  max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
-                 dtype=args.dtype,
+                 dtype=args.dtype, drain_seconds=args.drain_seconds,
                  limits=server.Limits(max_tokens=args.max_tokens_limit), max_versions=args.max_versions,
                  poll_seconds=args.poll)
 
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="versions kept loaded besides the prod ones (least recently used go first)")
     sv.add_argument("--poll", type=_number(0.5, kind=float), default=5.0,
                     help="seconds between reads of the registry (hot reload)")
+    sv.add_argument("--drain-seconds", type=_number(0, kind=float), default=25.0,
+                    help="on SIGTERM or Ctrl-C: seconds the requests in flight get to finish; what is left "
+                         "then answers 503 (default 25: inside Kubernetes' 30 s grace period)")
     sv.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="one request through the serving path, without a server")

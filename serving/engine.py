@@ -75,7 +75,7 @@ from serving import adapters, beams
 from serving.adapters import Adapter, Group
 from serving.batch import Batch
 from serving.decoding import Choice, logprobs_of, new_choice, pick_all, scored
-from serving.types import Decoding, Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
+from serving.types import Decoding, EngineClosed, Finished, Logprob, Prompt, QueueFull, Request, Token, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Engine:
         done: Future = Future()
         with self._lock:  # close() drains what was put before it set _closed
             if self._closed:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosed("the engine is closed")
             self._jobs.put((work, done))
         self._wake.set()
         return done.result()
@@ -236,7 +236,7 @@ class Engine:
         self._check(request)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosed("the engine is closed")
             adapter = self._served.get(request.model)
             if adapter is None:
                 raise UnknownModel(request.model)

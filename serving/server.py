@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -54,7 +56,8 @@ from pipelines.common import StageError
 from serving.decoding import LogprobText
 from serving.engine import BASE, Engine
 from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
-from serving.types import MAX_LOGPROBS, SEEDS, Decoding, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel
+from serving.types import (MAX_LOGPROBS, SEEDS, Decoding, EngineClosed, Finished, Logprob, Prompt, QueueFull, Token,
+                           UnknownModel)
 
 log = logging.getLogger("ptune.serve")
 
@@ -561,6 +564,8 @@ def create_app(models: Models, *, api_key: str | None = None, limits: Limits = L
         except QueueFull as exc:
             raise ApiError(429, f"the queue is full: {exc}; retry after {RETRY_AFTER_S} s",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineClosed:
+            raise ApiError(503, "the server is shutting down", code="shutting_down") from None
         finally:
             if len(job.parts) < len(inputs):  # refused part-way: what went in comes out
                 job.cancel(engine)
@@ -790,12 +795,40 @@ def api_key_for(host: str) -> str | None:
     return key
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server with a bounded drain. On SIGTERM or Ctrl-C uvicorn stops accepting
+    and waits for the requests in flight, without a bound by default: a long generation (or a
+    full queue of them) held the process until an orchestrator's SIGKILL dropped every
+    connection unanswered. Here, ``drain`` seconds into that wait, what is still waiting or
+    running in the engine is cancelled: each such request answers 503 (a stream ends with an
+    error event), which a client can retry elsewhere, and the process exits."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain: float):
+        super().__init__(config)
+        self.engine, self.drain = engine, drain
+
+    async def shutdown(self, sockets=None) -> None:
+        cut = threading.Thread(target=self._cut, name="ptune-drain", daemon=True)  # close() joins the engine's thread
+        timer = asyncio.get_running_loop().call_later(self.drain, cut.start)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _cut(self) -> None:
+        left = self.engine.stats()
+        if left.waiting or left.running:
+            log.warning("shutting down: %d request(s) waiting and %d row(s) running after %g s end with 503",
+                        left.waiting, left.running, self.drain)
+        self.engine.close()
+
+
 def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_queue: int, limits: Limits,
           max_versions: int, poll_seconds: float, prefill_tokens: int | None = None,
-          dtype: str | None = None) -> None:
-    """Load the base model and every prod version, then serve until Ctrl-C."""
+          dtype: str | None = None, drain_seconds: float = 25.0) -> None:
+    """Load the base model and every prod version, then serve until Ctrl-C or SIGTERM (then
+    requests in flight have ``drain_seconds`` to finish; what is left answers 503)."""
     import torch
-    import uvicorn
 
     key = api_key_for(host)
     _check_port(host, port)
@@ -814,7 +847,10 @@ def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_q
                                  "no API key (loopback only; set PTUNE_API_KEY to require one)"), flush=True)
         app = create_app(models, api_key=key, limits=limits, poll_seconds=poll_seconds)
         try:
-            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+            # uvicorn's own bound is a fallback, past ours: it cancels handlers, whose clients get no answer
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=drain_seconds + 15)
+            _DrainingServer(config, engine, drain_seconds).run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down gracefully for
             print("ptune serve: stopped", flush=True)
     finally:

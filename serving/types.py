@@ -21,6 +21,10 @@ class QueueFull(RuntimeError):
     """More requests are waiting than the engine's queue bound: the server answers 429."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (the server is shutting down): the server answers 503."""
+
+
 class UnknownModel(KeyError):
     """A served name that resolves to nothing: the server answers 404 with what is served."""
 

@@ -543,6 +543,43 @@ def test_a_wide_host_needs_a_key_and_says_so_at_start(project, monkeypatch):
     assert proc.returncode == 0
 
 
+def test_sigterm_drains_then_answers_what_is_left_503(project):
+    """SIGTERM with requests in flight: they get --drain-seconds to finish (uvicorn alone waits
+    without a bound), then what is left answers 503 (a stream: an error event), the process
+    exits, and no client is left without an answer. Here the drain is 0: the cut at once."""
+    port = free_port()
+    proc = subprocess.Popen(["ptune", "serve", "--port", str(port), "--poll", "60", "--drain-seconds", "0"],
+                            cwd=project, env=env_for(project), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # the banner comes just before uvicorn binds
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        long = {"model": "base", "prompt": "Aromi is", "max_tokens": 200, "temperature": 1.0, "seed": 1}
+        whole = ThreadPoolExecutor(1).submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions", json=long,
+                                             timeout=60)
+        for _ in range(300):  # running before the stream starts, so both are cut
+            if httpx.get(f"http://127.0.0.1:{port}/health").json()["running"]:
+                break
+            time.sleep(0.01)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**long, "stream": True},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")) and not whole.done()
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert json.loads(rest[-1][len("data: "):])["error"]["code"] == "cancelled", rest[-1]
+        answer = whole.result(60)
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+        proc.wait(60)
+        assert "end with 503" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # -- load -----------------------------------------------------------------------------
 
 
