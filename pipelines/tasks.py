@@ -192,7 +192,10 @@ class Declaration(BaseModel):
         fields = info.data.get("fields")
         if fields is None:
             return source
-        allowed = set(fields) | ({VERBALIZER} if info.data.get("labels") else set())
+        # Labels that failed their own check are not in info.data: a template reading the
+        # verbalizer is then not judged, or one mistake would be reported twice.
+        labelled = info.data.get("labels") or "labels" not in info.data
+        allowed = set(fields) | ({VERBALIZER} if labelled else set())
         used = template_variables(source)
         if unknown := sorted(used - allowed):
             raise ValueError(f"reads {unknown}, which the task does not have (it has {sorted(allowed)})")

@@ -86,6 +86,13 @@ def test_a_bad_declaration_is_refused_naming_its_file_and_key(tmp_path, change, 
         get_task("reviews", root)
 
 
+def test_bad_labels_are_reported_once_not_again_as_a_template_reading_an_unknown_verbalizer(tmp_path):
+    root = declare(tmp_path / "tasks", "reviews", {**REVIEWS, "labels": {1: "ok", 5: "ok"}})
+    with pytest.raises(ConfigError) as caught:
+        get_task("reviews", root)
+    assert str(caught.value).count("\n  ") == 1 and "two labels share a word" in str(caught.value)
+
+
 def test_a_generation_task_has_no_labels_and_not_meteor_as_its_gate(tmp_path):
     gen = {**REVIEWS, "kind": "generation", "labels": {}, "target": " {{ stars }}", "zero_shot": "{{ text }}",
            "prompt": "{{ text }}", "primary_metric": "rouge_l"}
