@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -293,6 +294,8 @@ def _number(low: float, high: float | None = None, kind: type = int) -> Callable
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):  # nan passes every comparison: --poll nan re-read without pause
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high}]" if high is not None
                                              else f"{text}: must be at least {low}")
@@ -301,6 +304,11 @@ def _number(low: float, high: float | None = None, kind: type = int) -> Callable
 
 
 PORT = _number(1, 65535)
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a float that is a number (``--temperature nan`` was taken)."""
+    return _number(-math.inf, kind=float)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,14 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repo", default=".", help="the project whose registry names the model (default: here)")
     g.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (what evaluate scored)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=_finite, default=0.0, help="0: greedy (what evaluate scored)")
+    g.add_argument("--top-p", type=_finite, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, help="sampling: the same seed gives the same sample")
     g.add_argument("--stop", action="append", help="a stop sequence (repeat for more)")
     g.add_argument("-n", type=int, default=1, help="choices to return")
     g.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
-    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--length-penalty", type=_finite, default=1.0)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
     g.add_argument("--logprobs", type=int, metavar="N", help="each generated token's log-probability and its N "
                    "most likely alternatives (0-20), as the server's completions give them")

@@ -91,7 +91,8 @@ class StreamOptions(BaseModel):
 class _Body(BaseModel):
     """Parameters common to both endpoints (OpenAI's names; extensions marked)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: Python's json reads NaN and Infinity, which pass no range check
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = None

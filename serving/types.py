@@ -10,6 +10,7 @@ default, and what a client scoring text, such as lm-evaluation-harness, needs).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,8 +53,10 @@ class Decoding:
                   "must not be negative" if self.prompt_logprobs else "must be at least 1"),
                  ("n", self.n >= 1, "must be at least 1"),
                  ("n", max_batch is None or self.n <= max_batch, f"must be at most {max_batch} (the rows a batch holds)"),
-                 ("temperature", self.temperature >= 0, "must not be negative"),
-                 ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+                 *((name, math.isfinite(value), "must be a finite number") for name, value in  # nan passes no test
+                   (("temperature", self.temperature), ("top_p", self.top_p), ("length_penalty", self.length_penalty))),
+                 ("temperature", math.isnan(self.temperature) or self.temperature >= 0, "must not be negative"),
+                 ("top_p", math.isnan(self.top_p) or 0 < self.top_p <= 1, "must be in (0, 1]"),
                  ("top_k", self.top_k >= 0, "must not be negative"),
                  ("stop", all(self.stop), "must not be an empty string (it would match anywhere)"),
                  ("seed", self.seed is None or SEEDS[0] <= self.seed <= SEEDS[1],

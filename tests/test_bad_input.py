@@ -645,6 +645,10 @@ def test_generate_refuses_bad_decoding_flags_before_loading_a_model(tmp_path, ca
     (["evaluate", "--adapter", "a", "--file", "f", "--max-rows", "0"], "argument --max-rows: 0: must be at least 1"),
     (["compare", "--samples", "0"], "argument --samples: 0: must be at least 100"),  # was an IndexError
     (["server", "--port", "-1"], "argument --port: -1 is outside [1, 65535]"),
+    (["serve", "--poll", "nan"], "argument --poll: 'nan' is not a finite number"),  # nan < 0.5 is False: no pause
+    (["serve", "--drain-seconds", "inf"], "argument --drain-seconds: 'inf' is not a finite number"),
+    (["generate", "--model", "base", "--temperature", "nan", "x"], "argument --temperature: 'nan' is not a finite"),
+    (["generate", "--model", "base", "--length-penalty=-inf", "x"], "argument --length-penalty: '-inf' is not"),
 ])
 def test_numeric_flags_out_of_range_are_refused_by_name_before_any_work(capsys, argv, said):
     """--max-rows 0 was ignored (all of evaluate.max_rows scored) and --max-rows -5 dropped the

@@ -480,8 +480,11 @@ def test_the_queue_is_bounded_and_requests_are_checked(lively_base):
         eng.submit(greedy("nope", ids), lambda e: None)
     for bad, field in [(Decoding(max_tokens=0), "max_tokens"), (Decoding(top_p=0), "top_p"),
                        (Decoding(n=3), "n"), (Decoding(num_beams=2, temperature=0.5), "temperature"),
-                       (Decoding(logprobs=21), "logprobs"), (Decoding(num_beams=2, logprobs=1), "logprobs")]:
-        with pytest.raises(ValueError, match=f"^{field}:"):
+                       (Decoding(logprobs=21), "logprobs"), (Decoding(num_beams=2, logprobs=1), "logprobs"),
+                       (Decoding(temperature=float("inf")), "temperature: must be a finite number"),
+                       (Decoding(top_p=float("nan")), "top_p: must be a finite number"),
+                       (Decoding(num_beams=2, length_penalty=float("nan")), "length_penalty")]:
+        with pytest.raises(ValueError, match=f"^{field}" if ":" in field else f"^{field}:"):
             eng.submit(Request(BASE, ids, bad), lambda e: None)
     with pytest.raises(ValueError, match="^prompt_ids:"):
         eng.submit(Request(BASE, (10**6,)), lambda e: None)

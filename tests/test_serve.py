@@ -421,6 +421,9 @@ BAD = [  # (body, status, param, words in the message)
     ({"model": "base", "prompt": "hello " * 400}, 400, "prompt", "context of 256"),
     ({"model": "base", "prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
     ({"model": "base", "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"model": "base", "prompt": "x", "temperature": float("nan")}, 400, "temperature", "finite number"),
+    ({"model": "base", "prompt": "x", "num_beams": 2, "length_penalty": float("inf")}, 400, "length_penalty",
+     "finite number"),
     ({"model": "base", "prompt": "x", "n": 99}, 400, "n", "rows a batch holds"),
     ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"model": "base", "prompt": "x", "num_beams": 2, "temperature": 0.5}, 400, "temperature", "beam search"),
@@ -445,7 +448,8 @@ BAD = [  # (body, status, param, words in the message)
 
 @pytest.mark.parametrize("body, status, param, words", BAD, ids=[f"{b[2]}-{b[1]}" for b in BAD])
 def test_bad_input_names_the_field(server, body, status, param, words):
-    r = httpx.post(f"{server}/v1/completions", json=body)
+    # json.dumps writes nan as NaN, which Python's json (the server's) reads; httpx's json= refuses it
+    r = httpx.post(f"{server}/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
