@@ -22,7 +22,9 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan: YAML reads .inf and .nan, which pass every range check (tune.learning_rate .inf
+    # trained to NaN, tune.epochs .inf failed in the tune stage, after collect, clean and tokenize)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TaskConfig(_Section):

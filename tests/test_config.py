@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -18,6 +19,16 @@ def test_real_params_file_loads():
 
 def _raw():
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _set(raw: dict, where: str, value) -> dict:
+    """``raw`` with the dotted key ``where`` set to ``value``."""
+    *parents, key = where.split(".")
+    section = raw
+    for name in parents:
+        section = section.setdefault(name, {})
+    section[key] = value
+    return raw
 
 
 def test_bad_value_names_the_key():
@@ -58,16 +69,20 @@ def test_a_seed_the_stages_cannot_take_is_refused_before_any_stage(where):
     """tune.seed -1 or 2**32 failed in the tune stage (numpy's seeding, through transformers'
     set_seed), a negative near-dedup seed in clean: every seed is bounded alike, with the file."""
     for bad in (-1, 2**32):
-        raw = _raw()
-        *parents, key = where.split(".")
-        section = raw
-        for name in parents:
-            section = section.setdefault(name, {})
-        section[key] = bad
+        raw = _set(_raw(), where, bad)
         with pytest.raises(ConfigError, match=rf"{re.escape(where)}"):
             parse_params(raw)
-    section[key] = 2**32 - 1
-    parse_params(raw)
+    parse_params(_set(raw, where, 2**32 - 1))
+
+
+@pytest.mark.parametrize("where", ["tune.learning_rate", "tune.epochs", "tune.weight_decay", "evaluate.length_penalty",
+                                   "register.prod_tolerance", "clean.filters.gopher_quality.max_mean_word_length"])
+def test_infinity_and_nan_are_refused_with_the_file(where):
+    """YAML's .inf and .nan passed every range check: .inf as a learning rate trained to NaN."""
+    for bad in (math.inf, math.nan):
+        raw = _set(_raw(), where, bad)
+        with pytest.raises(ConfigError, match=rf"{re.escape(where)}: Input should be a finite number"):
+            parse_params(raw)
 
 
 def test_unknown_key_and_inverted_bounds_are_rejected():
