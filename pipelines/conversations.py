@@ -1,7 +1,7 @@
 """Conversations: the records of a chat task, read, checked and rendered.
 
 A chat task's record holds one field, ``messages``: a list of turns ``{"role", "content"}``
-(OpenAI's layout). ``collect`` reads it from a column in OpenAI's layout or ShareGPT's
+(OpenAI's layout; a content may be OpenAI's array of text parts, stored joined). ``collect`` reads it from a column in OpenAI's layout or ShareGPT's
 (``{"from": "human" | "gpt" | "system", "value"}``), or builds it from flat columns with a
 source's ``turns`` templates, and stores it in OpenAI's layout. A conversation is an
 optional system turn, then user and assistant turns alternating, starting with the user
@@ -75,12 +75,27 @@ def read(value: Any) -> tuple[Messages | None, Problem | None]:
         if role is None:
             return None, Problem("unknown_role", f"turn {i}: {layout[0]} {speaker!r} is none of "
                                                  f"{sorted(_SPEAKERS)}")
-        if not isinstance(content, str):
-            return None, Problem("bad_content", f"turn {i} ({role}): {layout[1]} is {_kind(content)}, not a string")
+        if (text := content_text(content)) is None:
+            return None, Problem("bad_content", f"turn {i} ({role}): {layout[1]} is {_kind(content)}, not a string "
+                                                "or an array of text parts ({type: text, text})")
+        content = text
         if not content.strip():
             return None, Problem("empty_content", f"turn {i} ({role}): {layout[1]} is empty or only whitespace")
         turns.append({"role": role, "content": content})
     return turns, order_problem(turns)
+
+
+def content_text(content: Any) -> str | None:
+    """A turn's content as text: a string as it is, or OpenAI's array of text parts
+    (``[{"type": "text", "text": ...}, ...]``) joined; None for anything else (an image part).
+    The server reads a message's content by this rule too."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and len(p) == 2
+            for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def order_problem(turns: Messages) -> Problem | None:

@@ -259,7 +259,7 @@ def prompts(body: _Body) -> list:
 
 
 def _text(content) -> str:
-    return content if isinstance(content, str) else "".join(p.text for p in content)
+    return conversations.content_text(content if isinstance(content, str) else [p.model_dump() for p in content])
 
 
 def _model_object(entry: dict, created: int) -> dict:

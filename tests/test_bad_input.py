@@ -166,7 +166,8 @@ def test_bad_conversations_are_quarantined_with_their_reason_and_place(tmp_path)
     assert [(q["id"], q["reason"], q["detail"]) for q in read_jsonl(tmp_path / "raw" / "quarantine.jsonl")] == [
         ("j:2", "unknown_role", where + "turn 0: role 'moderator' is none of ['assistant', 'developer', "
                                         "'gpt', 'human', 'system', 'user']"),
-        ("j:3", "bad_content", where + "turn 0 (user): content is an object, not a string"),
+        ("j:3", "bad_content", where + "turn 0 (user): content is an object, not a string or an array of text "
+                                           "parts ({type: text, text})"),
         ("j:4", "empty_content", where + "turn 1 (assistant): content is empty or only whitespace"),
         ("j:5", "turn_order", where + "turn 1 is user's where assistant's was due (a system turn only first, then "
                                       "user and assistant alternating from the user)"),

@@ -41,7 +41,11 @@ def conversation(i: int, exchanges: int = 2, system: bool = False) -> list[dict]
 @pytest.mark.parametrize("turns, reason, detail", [
     ([{"role": "robot", "content": "hi"}], "unknown_role", "turn 0: role 'robot' is none of"),
     ([{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "x"}], "bad_content",
-     "turn 0 (user): content is an array, not a string"),
+     "turn 0 (user): content is an array, not a string or an array of text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+      {"role": "assistant", "content": "x"}], "bad_content", "turn 0 (user): content is an array, not a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": " "}]}, {"role": "assistant", "content": "x"}],
+     "empty_content", "turn 0 (user): content is empty"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "empty_content",
      "turn 1 (assistant): content is empty or only whitespace"),
     ([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}], "no_assistant_turn",
@@ -60,6 +64,15 @@ def test_a_bad_conversation_is_named_with_its_reason(turns, reason, detail):
     messages, problem = conversations.read(turns)
     assert messages is None or problem is not None
     assert problem.reason == reason and detail in problem.detail
+
+
+def test_openai_text_parts_are_read_as_the_text_they_join():
+    """OpenAI's layout lets a content be an array of text parts (the server takes them too);
+    they were quarantined as bad_content."""
+    parts = [{"type": "text", "text": "Question "}, {"type": "text", "text": "one?"}]
+    messages, problem = conversations.read([{"role": "user", "content": parts}, {"role": "assistant", "content": "A."}])
+    assert problem is None and messages[0] == {"role": "user", "content": "Question one?"}
+    assert conversations.content_text([]) == "" and conversations.content_text([{"type": "text"}]) is None
 
 
 def test_sharegpt_turns_and_json_cells_read_as_openai_turns():
@@ -177,7 +190,8 @@ def test_conversations_are_collected_cleaned_per_turn_and_split_by_their_opening
     quarantined = [json.loads(line) for line in (project / "data/raw/quarantine.jsonl").open()]
     assert [q["reason"] for q in quarantined] == ["unknown_role", "bad_content", "empty_content",
                                                   "no_assistant_turn", "turn_order", "bad_value"]
-    assert quarantined[1]["detail"] == "field 'messages': turn 0 (user): content is a number, not a string"
+    assert quarantined[1]["detail"] == ("field 'messages': turn 0 (user): content is a number, not a string or an "
+                                        "array of text parts ({type: text, text})")
     records = {r["id"]: r for rs in splits.values() for r in rs}
     assert len(records) == 43  # 44 read, one exact copy removed
     removed = [json.loads(line) for line in (project / "data/clean/removed/duplicate.jsonl").open()]

@@ -274,6 +274,10 @@ def test_streaming_chat_and_decoding_options(server, models):
         {"role": role, "content": "Be brief."}, {"role": "user", "content": "Hello"}]) for role in ("system", "developer")}
     assert said["developer"].usage == said["system"].usage  # OpenAI's newer name for the system message
     assert said["developer"].choices[0].message.content == said["system"].choices[0].message.content
+    parts = api.chat.completions.create(model="base", max_tokens=3, messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
+    assert parts.usage == said["system"].usage  # text parts are their joined text (as training data reads them)
 
     text = whole.choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
