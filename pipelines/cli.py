@@ -79,6 +79,8 @@ def _registry(args: argparse.Namespace) -> None:
         print(f"{artifact}: {len(versions)} version(s), newest first")
         for v in versions:
             print("  " + registry.format_version(v))
+        if note := registry.versions_note(versions):
+            print("  " + note)
 
 
 def _tasks(args: argparse.Namespace) -> None:

@@ -388,6 +388,8 @@ def markdown(c: Comparison) -> str:
     lines += ["", f"Primary metric: {primary}. Rows: the reference run (workspace) first, then registered "
               "versions and DVC experiments of the same task scored on the same rows with the same decoding, "
               "then the hand-written prompt baselines of the reference run."]
+    if note := evaluation.bleu_caveat(m.get("task"), keys, m.get("references_per_row"), m.get("rows")):
+        lines += ["", note]
     if sig and sig.get("best"):
         lines += ["", f"Intervals: paired bootstrap over the {m['rows']} test rows ({sig['samples']:,} resamples, "
                   f"seed {sig['seed']}). ≈: the interval of the difference to the best run contains 0, so this "

@@ -26,7 +26,7 @@ from pipelines.common import StageError, read_json, read_jsonl, sha256_file
 from pipelines.config import EvaluateConfig
 from pipelines.device import device_and_dtype
 from pipelines.prompts import Demo, PromptFormat, draw_demos, render
-from pipelines.scoring import TestRow, rows_sha256, score_system, test_rows
+from pipelines.scoring import TestRow, references_per_row, rows_sha256, score_system, test_rows
 from pipelines.shards import read_manifest, tokenizer_fingerprint, verify
 from pipelines.tasks import Task
 from pipelines.validation import validate
@@ -105,6 +105,8 @@ def report(metrics: dict) -> str:
     lines += ["", f"Primary metric: {metrics['primary_metric']}. BLEU, METEOR, ROUGE-L, chrF, exact match, "
               "accuracy and macro-F1 in points (0-100); NIST and CIDEr on their own scales. tokens/s: generated "
               "(generation) or scored (classification) tokens per second of model time."]
+    if note := evaluation.bleu_caveat(metrics["task"], keys, metrics.get("references_per_row"), metrics["rows"]):
+        lines += ["", note, ""]
     for key, why in metrics.get("not_computed", {}).items():
         lines.append(f"- {key}: not computed ({why})")
     if left := metrics.get("not_scored"):  # ptune evaluate --file: what of the file was not scored, and why
@@ -159,6 +161,7 @@ def run(cfg: EvaluateConfig, task: Task, clean: Path, base: Path, adapter: Path,
     systems = ["tuned", *prior.systems]
     record = {"task": task.name, "method": stats["method"], "primary_metric": task.primary_metric,
               "rows": len(rows), "rows_sha256": rows_sha256(rows), "test_file": str(test_path),
+              "references_per_row": round(references_per_row(rows), 2),
               "trainable_parameters": stats["trainable_parameters"], "decoding": baselines.decoding(cfg),
               "systems": systems,
               "system_info": {"tuned": tuned_info, **{n: {k: v[k] for k in ("label", "trainable_parameters")}

@@ -65,3 +65,37 @@ def write(out: Path, record: dict) -> None:
     numbers, details = split(record)
     write_json(Path(out) / Path(DETAILS).name, details)
     write_json(Path(out) / Path(METRICS).name, numbers)
+
+
+# The E2E challenge's test set: 630 MRs with 4,693 references (Novikova et al. 2017).
+E2E_CHALLENGE = (630, 4693)
+BLEU_CAVEAT = "These BLEU scores are not comparable with the Prefix-Tuning paper's Table 1"
+
+
+def bleu_caveat(task: str, metrics, scored: float | None, rows: int | None, split: float | None = None,
+                bold: bool = False, short: bool = False) -> str | None:
+    """Why an E2E BLEU figure is not the paper's, for wherever one is shown (the evaluation
+    report, ``ptune compare``, ``ptune registry``, the model card); None where none is.
+    Multi-reference BLEU rises with the references per MR, and this project's test rows have
+    fewer than the challenge's. ``scored``: the mean references of the ``rows`` scored (None:
+    a record from before evaluate kept it); ``split``: of the whole test split; ``short``: one
+    line for a terminal."""
+    if task != "e2e" or "bleu" not in metrics:
+        return None
+    mrs, refs = E2E_CHALLENGE
+    if short:
+        here = (f"{scored:.1f} references per MR in the rows scored against {refs / mrs:.2f}" if scored is not None
+                else f"fewer references per MR in the rows scored than the {refs / mrs:.2f}")
+        return (f"E2E BLEU here is not comparable with the Prefix-Tuning paper's Table 1: {here} in the challenge's "
+                "test set, and multi-reference BLEU rises with them.")
+    challenge = f"{refs / mrs:.2f} ({refs:,} for {mrs} MRs)"
+    if split is not None and scored is not None:
+        ours = (f"this project's test split of the cleaned E2E development set has {split:.1f} references per MR "
+                f"({scored:.1f} on the {rows} MRs scored here), the challenge's test set {challenge}")
+    elif scored is not None:
+        ours = f"the {rows} MRs scored here have {scored:.1f} references each on average, the challenge's {challenge}"
+    else:
+        ours = f"this project's test rows have fewer references per MR than the challenge's {challenge}"
+    lead = f"**{BLEU_CAVEAT}**" if bold else BLEU_CAVEAT
+    return (f"{lead} (Li & Liang 2021) nor with the E2E challenge's results: {ours}, and multi-reference BLEU "
+            "rises with the number of references.")

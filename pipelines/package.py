@@ -54,8 +54,6 @@ METHODS = {"prompt": "prompt tuning (Lester et al. 2021)", "prefix": "prefix tun
 # The metric ids the hub links to; ours are named as evaluate writes them.
 HUB_METRICS = {"bleu": "bleu", "nist": "nist_mt", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider",
                "chrf": "chrf", "exact_match": "exact_match", "accuracy": "accuracy", "macro_f1": "f1"}
-# The E2E challenge's test set: 630 MRs with 4,693 references (Novikova et al. 2017).
-E2E_CHALLENGE = (630, 4693)
 
 
 @dataclass
@@ -315,16 +313,11 @@ def references_per_input(task: Task, records: list[dict]) -> float:
 
 def _bleu_note(task: Task, metrics: dict, predictions: list[dict], test_records: list[dict]) -> list[str]:
     """E2E BLEU is multi-reference: its value rises with the references per MR."""
-    if task.name != "e2e" or "bleu" not in metrics[metrics["systems"][0]]:
-        return []
     tuned = [p for p in predictions if p["system"] == "tuned"]
-    scored = sum(len(p["references"]) for p in tuned) / len(tuned)
-    mrs, refs = E2E_CHALLENGE
-    return [f"**These BLEU scores are not comparable with the Prefix-Tuning paper's Table 1** (Li & Liang 2021) "
-            f"nor with the E2E challenge's results: this project's test split of the cleaned E2E development set "
-            f"has {references_per_input(task, test_records):.1f} references per MR ({scored:.1f} on the "
-            f"{len(tuned)} MRs scored here), the challenge's test set {refs / mrs:.2f} ({refs:,} for {mrs} MRs), "
-            "and multi-reference BLEU rises with the number of references.", ""]
+    scored = sum(len(p["references"]) for p in tuned) / len(tuned) if tuned else None
+    note = evaluation.bleu_caveat(task.name, metrics[metrics["systems"][0]], scored, len(tuned),
+                               split=references_per_input(task, test_records), bold=True)
+    return [note, ""] if note else []
 
 
 def _eval_section(task: Task, metrics: dict, predictions: list[dict], test_records: list[dict],

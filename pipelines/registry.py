@@ -320,9 +320,12 @@ def register(repo: Path, cfg: RegisterConfig, gate_path: Path, metrics_path: Pat
     again = "" if existing is None else " (already registered at this commit)"
     refused = "" if passed else ("\nnot promoted to prod: the promotion gate refused this candidate:\n  "
                                  + "\n  ".join(decision.get("reasons", [])))
+    note = evaluation.bleu_caveat(metrics.get("task"), [key], metrics.get("references_per_row"), metrics.get("rows"),
+                                  short=True)
     return RegistrationResult(
         True, f"registered {artifact} {version} (commit {head[:10]}) in {' and '.join(stages)}{again}; "
-              f"{summary}; data pushed to the DVC remote{refused}", artifact, version, head, list(stages), True)
+              f"{summary}; data pushed to the DVC remote{refused}" + (f"\n{note}" if note else ""),
+        artifact, version, head, list(stages), True)
 
 
 def artifacts(repo: Path) -> list[str]:
@@ -344,8 +347,15 @@ def list_versions(repo: Path, artifact: str, metrics_path: str = evaluation.METR
                          "task": m.get("task"), "method": m.get("method"),
                          "primary_metric": m.get("primary_metric"),
                          "tuned": m.get("tuned", {}), "zero_shot": m.get("zero_shot", {}),
-                         "few_shot": m.get("few_shot", {})})
+                         "few_shot": m.get("few_shot", {}), "rows": m.get("rows"),
+                         "references_per_row": m.get("references_per_row")})
     return versions
+
+
+def versions_note(versions: list[dict]) -> str | None:
+    """The caveat of the newest listed version whose figures need one (E2E BLEU)."""
+    return next((note for v in versions if (note := evaluation.bleu_caveat(
+        v.get("task"), [v.get("primary_metric")], v.get("references_per_row"), v.get("rows"), short=True))), None)
 
 
 def format_version(v: dict) -> str:

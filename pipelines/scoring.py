@@ -56,6 +56,11 @@ def rows_sha256(rows: list[TestRow]) -> str:
     return h.hexdigest()
 
 
+def references_per_row(rows: list[TestRow]) -> float:
+    """The mean count of references a scored row is judged against (E2E: per MR)."""
+    return sum(len(r.references) for r in rows) / len(rows) if rows else 0.0
+
+
 def test_rows(task: Task, records: list[dict], max_rows: int | None) -> list[TestRow]:
     """Generation: one row per distinct input with every reference; classification: one per record."""
     if task.kind == "classification":

@@ -253,6 +253,9 @@ def test_evaluate_scores_every_system_on_the_same_rows(shards, tiny_base, tmp_pa
     assert ids["tuned"] == ids["zero_shot"] == ids["few_shot"] and len(ids["tuned"]) == 3
     table = (tmp_path / "eval" / "report.md").read_text()
     assert "| lora (tuned) | " in table and "1-shot prompt (base model)" in table and "tokens/s" in table
+    per_row = sum(len(p["references"]) for p in preds if p["system"] == "tuned") / 3
+    assert metrics["references_per_row"] == round(per_row, 2)  # details.json: what BLEU was judged against
+    assert f"the 3 MRs scored here have {per_row:.1f} references each on average" in table  # not the paper's BLEU
     assert json.loads((tmp_path / "eval" / "validation.json").read_text())["success"] is True
     stats = json.loads((tmp_path / "adapter" / "ptune_adapter.json").read_text())["stats"]
     assert metrics["system_info"]["tuned"]["train_steps"] == stats["steps"]

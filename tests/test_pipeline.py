@@ -65,6 +65,7 @@ def test_tiny_pipeline_runs_registers_and_repro_is_a_no_op(tmp_path):
     assert "registered e2e-adapter v0.1.0" in run(project, "ptune", "register").stdout
     listing = run(project, "ptune", "registry").stdout
     assert "e2e-adapter: 2 version(s)" in listing
+    assert "E2E BLEU here is not comparable with the Prefix-Tuning paper's Table 1" in listing
     assert listing.splitlines()[1].split()[:2] == ["v0.1.0", "prod,staging"]
 
 
