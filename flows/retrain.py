@@ -161,9 +161,11 @@ def publish_metrics(repo: str) -> dict:
              **{s: metrics[s].get(key) for s in systems},
              "delta": (None if None in (metrics["tuned"].get(key), metrics["zero_shot"].get(key))
                        else round(metrics["tuned"][key] - metrics["zero_shot"][key], 2))} for key in keys]
+    note = evaluation.bleu_caveat(metrics.get("task"), keys, metrics.get("references_per_row"), metrics.get("rows"),
+                                  short=True)
     create_table_artifact(key="evaluation", table=rows, description=(
         f"{metrics.get('task')}: {metrics.get('method')} adapter vs {', '.join(s for s in systems if s != 'tuned')} "
-        f"on the same {metrics.get('rows')} test rows"))
+        f"on the same {metrics.get('rows')} test rows" + (f". {note}" if note else "")))
     report = Path(repo) / REPORT
     if report.is_file():
         create_markdown_artifact(key="evaluation-report", markdown=report.read_text(encoding="utf-8"),

@@ -93,6 +93,8 @@ def test_retrain_runs_every_stage_in_order_publishes_and_registers(project):
         assert md.startswith(f"### Validation of `{stage}`: passed") and f"| {stage} | passed | 2/2 | 3 |" in md
     table = json.loads(artifacts["evaluation"].data)
     assert table[0] == {"metric": "bleu (primary)", "tuned": 41.2, "zero_shot": 9.1, "delta": 32.1}
+    assert "E2E BLEU here is not comparable with the Prefix-Tuning paper's Table 1" in artifacts["evaluation"].description
+    assert "E2E BLEU here is not comparable" in artifacts["registration"].data
     assert "pass: bleu 41.20 is +32.10 over the zero-shot prompt" in artifacts["promotion-gate"].data
     assert "registered e2e-adapter v0.0.1" in artifacts["registration"].data
     comparison = artifacts["method-comparison"].data
