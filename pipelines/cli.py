@@ -38,6 +38,7 @@ from typing import Callable
 
 from pipelines.common import StageError, check_output, setup_logging, write_json
 from pipelines.config import ConfigError, load_params
+from serving.types import DRAIN_SECONDS, MAX_TOKENS_LIMIT, MAX_VERSIONS, POLL_SECONDS
 
 log = logging.getLogger("ptune")
 
@@ -378,15 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the weights' dtype (default: bf16 on a GPU, fp32 on CPU, as evaluate decodes); bfloat16 "
                          "on a CPU with hardware bf16 is ~1.7x the tokens/s, a greedy answer then may differ from "
                          "evaluate's")
-    sv.add_argument("--max-tokens-limit", type=_number(1), default=1024,
+    sv.add_argument("--max-tokens-limit", type=_number(1), default=MAX_TOKENS_LIMIT,
                     help="the largest max_tokens a request may ask")
-    sv.add_argument("--max-versions", type=_number(0), default=8,
+    sv.add_argument("--max-versions", type=_number(0), default=MAX_VERSIONS,
                     help="versions kept loaded besides the prod ones (least recently used go first)")
-    sv.add_argument("--poll", type=_number(0.5, kind=float), default=5.0,
+    sv.add_argument("--poll", type=_number(0.5, kind=float), default=POLL_SECONDS,
                     help="seconds between reads of the registry (hot reload)")
-    sv.add_argument("--drain-seconds", type=_number(0, kind=float), default=25.0,
+    sv.add_argument("--drain-seconds", type=_number(0, kind=float), default=DRAIN_SECONDS,
                     help="on SIGTERM or Ctrl-C: seconds the requests in flight get to finish; what is left "
-                         "then answers 503 (default 25: inside Kubernetes' 30 s grace period)")
+                         f"then answers 503 (default {DRAIN_SECONDS:g}: inside Kubernetes' 30 s grace period)")
     sv.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="one request through the serving path, without a server")

@@ -36,7 +36,7 @@ from pipelines.prompts import _template
 from pipelines.shards import read_manifest
 from pipelines.tasks import Task, manifest_task
 from serving.engine import BASE, Engine
-from serving.types import Decoding, Request, UnknownModel
+from serving.types import MAX_VERSIONS, POLL_SECONDS, Decoding, Request, UnknownModel
 
 log = logging.getLogger("ptune.serve")  # the CLI shows ptune.* at INFO: swaps and loads are news
 
@@ -45,8 +45,6 @@ SHARDS = "data/shards"  # tokenize's output: its manifest and demonstrations are
 MARKER = "ptune_serve.json"  # written last: a version directory without it is incomplete
 # Names that may become directory names (GTO's own artifact and version syntax is narrower).
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
-POLL_SECONDS = 5.0  # GTO tags are re-read this often: a promotion is served within 30 s
-MAX_VERSIONS = 8  # adapters loaded besides the prod ones; each costs only its own parameters
 
 
 class BadRequest(ValueError):

@@ -55,9 +55,9 @@ from pipelines import conversations
 from pipelines.common import StageError
 from serving.decoding import LogprobText
 from serving.engine import BASE, Engine
-from serving.models import POLL_SECONDS, BadRequest, Models, NotServable, Served
-from serving.types import (MAX_LOGPROBS, SEEDS, Decoding, EngineClosed, Finished, Logprob, Prompt, QueueFull, Token,
-                           UnknownModel)
+from serving.models import BadRequest, Models, NotServable, Served
+from serving.types import (DRAIN_SECONDS, MAX_LOGPROBS, MAX_TOKENS_LIMIT, POLL_SECONDS, SEEDS, Decoding, EngineClosed,
+                           Finished, Logprob, Prompt, QueueFull, Token, UnknownModel)
 
 log = logging.getLogger("ptune.serve")
 
@@ -75,7 +75,7 @@ OPEN = ("127.0.0.1", "localhost", "::1")
 
 @dataclass(frozen=True)
 class Limits:
-    max_tokens: int = 1024  # the most a request may ask for; the engine also stops at the context
+    max_tokens: int = MAX_TOKENS_LIMIT  # the most a request may ask for; the engine also stops at the context
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_beams: int = 8  # beam search holds the running batch while it runs (serving.engine)
 
@@ -826,7 +826,7 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(repo: Path, base: Path, host: str, port: int, *, max_batch: int, max_queue: int, limits: Limits,
           max_versions: int, poll_seconds: float, prefill_tokens: int | None = None,
-          dtype: str | None = None, drain_seconds: float = 25.0) -> None:
+          dtype: str | None = None, drain_seconds: float = DRAIN_SECONDS) -> None:
     """Load the base model and every prod version, then serve until Ctrl-C or SIGTERM (then
     requests in flight have ``drain_seconds`` to finish; what is left answers 503)."""
     import torch

@@ -16,6 +16,12 @@ from typing import Literal
 
 MAX_LOGPROBS = 20  # alternatives a token may list at most (vLLM's default bound; OpenAI's chat allows 20)
 SEEDS = (-2**63, 2**63 - 1)  # a seed is a signed 64-bit integer (vLLM's bound): each one draws its own samples
+# `ptune serve`'s defaults, here so that the CLI's flags and the library's keywords share them without
+# the CLI importing torch
+POLL_SECONDS = 5.0  # GTO tags are re-read this often: a promotion is served within 30 s
+MAX_VERSIONS = 8  # adapters loaded besides the prod ones; each costs only its own parameters
+MAX_TOKENS_LIMIT = 1024  # the most a request may ask for; the engine also stops at the context
+DRAIN_SECONDS = 25.0  # on SIGTERM: the requests in flight get this long (inside Kubernetes' 30 s grace period)
 
 
 class QueueFull(RuntimeError):
