@@ -38,7 +38,7 @@ from typing import Callable
 
 from pipelines.common import StageError, check_output, setup_logging, write_json
 from pipelines.config import ConfigError, load_params
-from serving.types import DRAIN_SECONDS, MAX_TOKENS_LIMIT, MAX_VERSIONS, POLL_SECONDS
+from serving.types import DEFAULT_MAX_TOKENS, DRAIN_SECONDS, MAX_TOKENS_LIMIT, MAX_VERSIONS, POLL_SECONDS
 
 log = logging.getLogger("ptune")
 
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="TEXT as one user message (base: in its chat template)")
     g.add_argument("--repo", default=".", help="the project whose registry names the model (default: here)")
     g.add_argument("--base", help="the base model directory (default: <repo>/data/models/base)")
-    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     g.add_argument("--temperature", type=_finite, default=0.0, help="0: greedy (what evaluate scored)")
     g.add_argument("--top-p", type=_finite, default=1.0)
     g.add_argument("--top-k", type=int, default=0)

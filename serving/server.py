@@ -56,13 +56,12 @@ from pipelines.common import StageError
 from serving.decoding import LogprobText
 from serving.engine import BASE, Engine
 from serving.models import BadRequest, Models, NotServable, Served
-from serving.types import (DRAIN_SECONDS, MAX_LOGPROBS, MAX_TOKENS_LIMIT, POLL_SECONDS, SEEDS, Decoding, EngineClosed,
-                           Finished, Logprob, Prompt, QueueFull, Token, UnknownModel)
+from serving.types import (DEFAULT_MAX_TOKENS, DRAIN_SECONDS, MAX_LOGPROBS, MAX_TOKENS_LIMIT, POLL_SECONDS, SEEDS,
+                           Decoding, EngineClosed, Finished, Logprob, Prompt, QueueFull, Token, UnknownModel)
 
 log = logging.getLogger("ptune.serve")
 
 API_KEY_ENV = "PTUNE_API_KEY"
-DEFAULT_MAX_TOKENS = 128  # when a request names none: an E2E description is under 60 tokens
 MAX_STOP = 4  # OpenAI's own bound on stop sequences
 MAX_BODY = 1 << 20  # bytes; the largest context (8k tokens) is ~32 KB of text, so 1 MiB is generous
 DISCONNECT_CHECK_S = 0.25  # how often a waiting (not streamed) answer asks whether its client left

@@ -21,6 +21,7 @@ SEEDS = (-2**63, 2**63 - 1)  # a seed is a signed 64-bit integer (vLLM's bound):
 POLL_SECONDS = 5.0  # GTO tags are re-read this often: a promotion is served within 30 s
 MAX_VERSIONS = 8  # adapters loaded besides the prod ones; each costs only its own parameters
 MAX_TOKENS_LIMIT = 1024  # the most a request may ask for; the engine also stops at the context
+DEFAULT_MAX_TOKENS = 128  # when a request (or `ptune generate`) names none: an E2E description is under 60 tokens
 DRAIN_SECONDS = 25.0  # on SIGTERM: the requests in flight get this long (inside Kubernetes' 30 s grace period)
 
 
