@@ -225,8 +225,8 @@ class _Lines:
     ``limit``, and the lines after it are read as usual.
     """
 
-    def __init__(self, f: BinaryIO, limit: int):
-        self.f, self.limit = f, limit
+    def __init__(self, f: BinaryIO, limit: int, file: SourceFile, source: str):
+        self.f, self.limit, self.file, self.source = f, limit, file, source
         self.number = 0
         self.cut: dict[int, tuple[int, bytes]] = {}
 
@@ -235,6 +235,11 @@ class _Lines:
             self.number += 1
             if self.number == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[len(codecs.BOM_UTF8):]
+            elif self.number == 1 and line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                # Excel's "Unicode text" export: every line would be quarantined as invalid UTF-8
+                raise StageError(f"{self.file.display}: UTF-16 text (source {self.source!r}): it opens with a UTF-16 "
+                                 "byte-order mark, and sources are read as UTF-8; convert it first (iconv -f UTF-16 "
+                                 "-t UTF-8)")
             if len(line) > self.limit and not line.endswith(b"\n"):
                 size, head = len(line), line[:_HEAD]
                 while more := self.f.readline(_BLOCK):
@@ -316,7 +321,7 @@ def _read_delimited(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> It
     # A quoted field may span lines, up to max_record_bytes (a process-wide setting).
     csv.field_size_limit(max(csv.field_size_limit(), ctx.max_record_bytes))
     with _open_binary(file) as f:
-        lines = _Lines(f, ctx.max_record_bytes)
+        lines = _Lines(f, ctx.max_record_bytes, file, src.name)
         feed = _Feed(lines)
         reader = csv.reader(feed, delimiter=delimiter, quoting=quoting, strict=True)
         try:
@@ -389,11 +394,11 @@ def _unclosed_quote(first: int, last: int, problem: str | None, row: list[str] |
     return "malformed_row", f"a quoted field opened on line {first} runs to line {last}, where: {problem}; {alone}"
 
 
-def _text_lines(file: SourceFile, ctx: ReadContext
+def _text_lines(src: SourceConfig, file: SourceFile, ctx: ReadContext
                 ) -> Iterator[tuple[int, str | None, tuple[str, str] | None, str]]:
     """(line, text, problem, raw text) for every non-blank line; blank lines are counted as skipped."""
     with _open_binary(file) as f:
-        lines = _Lines(f, ctx.max_record_bytes)
+        lines = _Lines(f, ctx.max_record_bytes, file, src.name)
         for raw in lines:
             n = lines.number
             if raw is None:
@@ -413,7 +418,7 @@ def _text_lines(file: SourceFile, ctx: ReadContext
 
 
 def _read_jsonl(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
-    for n, text, problem, raw in _text_lines(file, ctx):
+    for n, text, problem, raw in _text_lines(src, file, ctx):
         location = f"{file.display}:{n}"
         if problem:
             yield SourceRow(str(n), location, None, problem, raw)
@@ -431,7 +436,7 @@ def _read_jsonl(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterat
 
 def _read_txt(src: SourceConfig, file: SourceFile, ctx: ReadContext) -> Iterator[SourceRow]:
     """One record per non-blank line, in the column ``text``."""
-    for n, text, problem, raw in _text_lines(file, ctx):
+    for n, text, problem, raw in _text_lines(src, file, ctx):
         yield SourceRow(str(n), f"{file.display}:{n}", None if problem else {"text": text}, problem, raw)
 
 

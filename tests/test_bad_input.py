@@ -322,6 +322,12 @@ ERROR_CASES = {  # name -> (files, source, task fields, message pattern)
                             r"^a\.csv: sha256 mismatch \(source 'pinned'\): expected 0{64}, got [0-9a-f]{64}"),
     "header only": ({"h.csv": b"sentence,label\n"}, source("h", "h.csv", columns=SST), SST,
                     r"^h\.csv: source 'h' holds no rows"),
+    # Excel's "Unicode text" export: each line was quarantined as invalid UTF-8, or the header unreadable
+    "UTF-16 TSV": ({"u.tsv": "sentence\tlabel\na\t1\n".encode("utf-16")}, source("x", "u.tsv", columns=SST, format="tsv"),
+                   SST, r"^u\.tsv: UTF-16 text \(source 'x'\): it opens with a UTF-16 byte-order mark, and sources are "
+                        r"read as UTF-8; convert it first \(iconv -f UTF-16 -t UTF-8\)"),
+    "UTF-16 JSONL": ({"u.jsonl": '{"sentence": "a", "label": 1}\n'.encode("utf-16")},
+                     source("x", "u.jsonl", columns=SST, format="jsonl"), SST, r"^u\.jsonl: UTF-16 text \(source 'x'\)"),
 }
 
 
