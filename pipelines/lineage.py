@@ -256,7 +256,8 @@ def lineage(repo: Path, spec: str, record_id: str | None = None) -> dict:
                        "data/eval/validation.json": _summary(committed.pop("data/eval/validation.json"))},
         "stage_metrics": committed,
         "metrics": {k: metrics.get(k) for k in ("task", "method", "primary_metric", "rows", "systems",
-                                                  "tuned", "zero_shot", "few_shot", "not_computed")
+                                                  "tuned", "zero_shot", "few_shot", "not_computed",
+                                                  "references_per_row")
                     if k in metrics} if metrics else None,
     }
     if record_id:
@@ -292,6 +293,8 @@ def format_lineage(info: dict) -> str:
         key = m.get("primary_metric")
         lines.append(f"  metrics ({m.get('rows')} test rows): " + "; ".join(
             f"{s} {key} {m[s].get(key)}" for s in m.get("systems", ["tuned", "zero_shot"]) if s in m))
+        if note := evaluation.bleu_caveat(m.get("task"), [key], m.get("references_per_row"), m.get("rows"), short=True):
+            lines.append(f"    {note}")
     if "record" in info:
         r = info["record"]
         verdict = {True: "yes", False: "no", None: "undetermined"}[r["in_training_data"]]

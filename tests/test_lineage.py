@@ -156,6 +156,7 @@ def test_lineage_names_commit_params_hashes_validation_metrics_and_membership(re
     assert held_out["record"]["split"] == "test" and held_out["record"]["in_training_data"] is False
     text = run(project, "ptune", "lineage", SPEC, "--record-id", "e2e_devel_fixed:999999").stdout
     assert f"commit {head}" in text and "in training data: no — never collected" in text
+    assert "E2E BLEU here is not comparable with the Prefix-Tuning paper's Table 1" in text
     removed = next((project / "data/clean/removed").glob("*.jsonl"))
     gone = json.loads(removed.read_text().splitlines()[0])
     record = json.loads(run(project, "ptune", "lineage", SPEC, "--json", "--record-id", gone["id"]).stdout)["record"]
