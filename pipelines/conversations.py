@@ -1,9 +1,10 @@
 """Conversations: the records of a chat task, read, checked and rendered.
 
 A chat task's record holds one field, ``messages``: a list of turns ``{"role", "content"}``
-(OpenAI's layout; a content may be OpenAI's array of text parts, stored joined). ``collect`` reads it from a column in OpenAI's layout or ShareGPT's
-(``{"from": "human" | "gpt" | "system", "value"}``), or builds it from flat columns with a
-source's ``turns`` templates, and stores it in OpenAI's layout. A conversation is an
+(OpenAI's layout). ``collect`` reads it from a column in OpenAI's layout (a content may be
+an array of text parts, stored joined) or ShareGPT's (``{"from": "human" | "gpt" |
+"system", "value"}``), or builds it from flat columns with a source's ``turns`` templates,
+and stores it in OpenAI's layout. A conversation is an
 optional system turn, then user and assistant turns alternating, starting with the user
 and ending with the assistant; anything else is quarantined with its reason
 (``problem``).

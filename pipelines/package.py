@@ -316,7 +316,7 @@ def _bleu_note(task: Task, metrics: dict, predictions: list[dict], test_records:
     tuned = [p for p in predictions if p["system"] == "tuned"]
     scored = sum(len(p["references"]) for p in tuned) / len(tuned) if tuned else None
     note = evaluation.bleu_caveat(task.name, metrics[metrics["systems"][0]], scored, len(tuned),
-                               split=references_per_input(task, test_records), bold=True)
+                                  split=references_per_input(task, test_records), bold=True)
     return [note, ""] if note else []
 
 
