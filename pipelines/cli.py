@@ -144,13 +144,9 @@ def _export(args: argparse.Namespace) -> None:
 def _quiet_loading() -> None:
     """No per-load progress bars: a server loads a version at every promotion, and its log
     should say which version, not draw bars."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # PEFT calls a transformers method deprecated in 5.x at every adapter load: not the user's to act on.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -161,3 +162,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(own).setLevel(level)
     for noisy in ("great_expectations", "httpx", "httpcore", "absl"):  # chatter even at INFO: WARNING with -v too
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # PEFT calls a transformers method deprecated in 5.x at every adapter load (tune, evaluate,
+    # package, export, serve): not the user's to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

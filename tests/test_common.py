@@ -1,6 +1,8 @@
+import warnings
+
 import pytest
 
-from pipelines.common import atomic_dir
+from pipelines.common import atomic_dir, setup_logging
 
 
 def test_atomic_dir_replaces_only_on_success_and_sweeps_killed_scratch(tmp_path):
@@ -59,3 +61,14 @@ def test_write_json_is_whole_or_absent_and_sweeps_a_killed_writers_scratch(tmp_p
     with pytest.raises(OSError):
         write_json(blocked, {"steps": 3})
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".dir.json.")]  # no scratch left
+
+
+def test_the_cli_logging_setup_silences_a_library_deprecation_no_user_can_act_on():
+    """PEFT's call of a deprecated transformers method printed a FutureWarning in every
+    `make run` (tune, evaluate, package) and `ptune export`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup_logging()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else"]
