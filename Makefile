@@ -35,7 +35,7 @@ run: $(STAMP)
 	ptune register
 	@echo
 	@echo "adapter:   data/models/adapter/   (PEFT weights, tokenizer, model card README.md, ptune_adapter.json)"
-	@echo "metrics:   data/eval/metrics.json (tuned vs zero-shot), data/eval/gate.json"
+	@echo "metrics:   data/eval/report.md    (tuned vs the zero- and few-shot prompts; metrics.json, gate.json beside it)"
 	@echo "registry:  ptune registry         (GTO tags; data pushed to the DVC remote dvc-remote/)"
 	@echo "serve:     make serve             (its prod version over an OpenAI-compatible API, http://127.0.0.1:8000/v1)"
 
