@@ -178,6 +178,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     _quiet_loading()
     fields = None
+    if args.text == "-":  # a prompt too long or too awkward to quote: `ptune generate --model m - < prompt.txt`
+        args.text = sys.stdin.read().removesuffix("\n")
     if args.field:
         if args.text is not None or args.raw:
             raise StageError("pass either TEXT or --field, not both")
@@ -388,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one request through the serving path, without a server")
     g.add_argument("text", nargs="?", metavar="TEXT",
-                   help="the task's input (E2E: the meaning representation); with --raw, the model's input as it is")
+                   help="the task's input (E2E: the meaning representation); with --raw, the model's input as it "
+                        "is; - reads it from standard input (one trailing newline dropped)")
     g.add_argument("--model", required=True, help="base, <artifact> (its prod version) or <artifact>@<version>")
     g.add_argument("--field", action="append", metavar="NAME=VALUE", help="one of the task's input fields (repeat)")
     g.add_argument("--raw", action="store_true", help="send TEXT as it is, without the adapter's template")

@@ -67,9 +67,10 @@ def make_project(tmp: Path, overrides: dict) -> Path:
     return project
 
 
-def run(project: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def run(project: Path, *cmd: str, check: bool = True, timeout: int = 900,
+        input: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=project, env=env_for(project), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

@@ -212,6 +212,9 @@ def test_generate_is_the_same_path_without_a_server(project, tmp_path, server):
     proc = run(project, "ptune", "generate", "--model", FIRST, row["mr"], "--max-tokens", str(MAX_NEW_TOKENS))
     assert first_line(proc.stdout) == row["prediction"]
     assert f"{FIRST} (lora, commit " in proc.stderr
+    piped = run(project, "ptune", "generate", "--model", FIRST, "-", "--max-tokens", str(MAX_NEW_TOKENS),
+                input=row["mr"] + "\n")  # TEXT -: standard input, its trailing newline dropped
+    assert piped.stdout == proc.stdout
     out = json.loads(run(project, "ptune", "generate", "--model", FIRST, "--field", f"mr={row['mr']}", "--json",
                          "--max-tokens", str(MAX_NEW_TOKENS), "-n", "2", "--num-beams", "2").stdout)
     assert out["model"] == FIRST and len(out["choices"]) == 2
