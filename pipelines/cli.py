@@ -72,6 +72,9 @@ def _register(args: argparse.Namespace) -> None:
 def _registry(args: argparse.Namespace) -> None:
     from pipelines import registry
 
+    if not Path(args.params).is_file():  # not a project: "no registered versions yet" would mislead
+        raise StageError(f"no {args.params} in {Path.cwd()}: run `ptune registry` in the project, whose git "
+                         "tags (GTO) are the registry")
     artifacts = registry.artifacts(Path("."))
     if not artifacts:
         print("no registered versions yet (`make run` registers the first)")

@@ -663,3 +663,11 @@ def test_numeric_flags_out_of_range_are_refused_by_name_before_any_work(capsys, 
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and f"ptune {argv[0]}: error: {said}" in capsys.readouterr().err
+
+
+def test_the_registry_listed_outside_a_project_says_so(tmp_path, monkeypatch, capsys):
+    """It said "no registered versions yet (`make run` registers the first)" in any directory."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["registry"]) == 1
+    assert capsys.readouterr().err == (f"ptune registry: error: no params.yaml in {tmp_path}: run `ptune registry` in "
+                                       "the project, whose git tags (GTO) are the registry\n")
